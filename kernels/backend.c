@@ -1,0 +1,55 @@
+/* The backend tables and their lookup. */
+#include <stdio.h>
+#include <string.h>
+
+#include "backend.h"
+#include "cpu/cpu.h"
+#ifdef TERRASEG_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#endif
+
+#define TS_CPU_ENTRY(op) .op = ts_cpu_##op,
+static const ts_backend cpu_backend = {
+    .name = "cpu",
+    TS_BACKEND_OPS(TS_CPU_ENTRY)
+};
+
+const ts_backend *ts_backend_cpu(void) { return &cpu_backend; }
+
+ts_status ts_backend_get(const char *name, const ts_backend **out)
+{
+    *out = NULL;
+    if (strcmp(name, "cpu") == 0) {
+        *out = &cpu_backend;
+        return TS_OK;
+    }
+    if (strcmp(name, "cuda") == 0) {
+#ifdef TERRASEG_HAVE_CUDA
+        return ts_cuda_backend(out);
+#else
+        return ts_error(TS_ERR_UNSUPPORTED,
+                        "backend \"cuda\": this terraseg was built without CUDA (TERRASEG_CUDA=OFF or no nvcc/cuDNN "
+                        "found at configure time); rebuild with -DTERRASEG_CUDA=ON on a machine with the CUDA "
+                        "toolkit, or use --backend cpu");
+#endif
+    }
+    return ts_error(TS_ERR_INVALID_ARG, "unknown backend \"%s\": choose cpu or cuda", name);
+}
+
+ts_status ts_backend_check(const ts_backend *b)
+{
+    char missing[1024] = "";
+    size_t len = 0;
+    int count = 0;
+#define TS_CHECK_ENTRY(op)                                                                  \
+    if (!b->op) {                                                                           \
+        int k = snprintf(missing + len, sizeof missing - len, "%s%s", count ? ", " : "", #op); \
+        if (k > 0 && (size_t)k < sizeof missing - len) len += (size_t)k;                    \
+        count++;                                                                            \
+    }
+    TS_BACKEND_OPS(TS_CHECK_ENTRY)
+#undef TS_CHECK_ENTRY
+    if (count)
+        return ts_error(TS_ERR_UNSUPPORTED, "backend \"%s\" lacks %d op(s): %s", b->name, count, missing);
+    return TS_OK;
+}

@@ -1,0 +1,245 @@
+/* The backend interface: one function pointer per op.
+ *
+ * nn/ and train/ call ops only through a ts_backend table, so they never know
+ * whether the CPU (OpenBLAS) or the CUDA (cuDNN/cuBLAS) backend runs them.
+ * Both backends implement the same signatures; a backend that lacks an op
+ * leaves its pointer NULL and ts_backend_check() reports it by name, so a
+ * missing GPU path fails loudly instead of falling back to the CPU.
+ *
+ * Conventions, kept by every op:
+ *  - Outputs come first, then inputs, then a small parameter struct.
+ *  - Shapes are checked; a mismatch returns TS_ERR_INVALID_ARG with a message
+ *    naming the op and the shapes. Nothing a caller passes aborts the process.
+ *  - Forward ops overwrite their outputs.
+ *  - Backward ops ACCUMULATE (+=) into every gradient they write, input
+ *    gradients as well as parameter gradients, so a tensor that feeds several
+ *    consumers (a residual, a skip) just collects their contributions. The
+ *    caller zeroes gradient buffers once per step.
+ *  - Gradients have their true sign; the batch-mean scaling is done in the loss.
+ *  - Per-channel vectors (bias, gamma, beta, BN statistics) are float arrays of
+ *    the channel count of the tensor they belong to.
+ *  - Class labels are int32 [n, h, w]; a label equal to ignore_index is
+ *    skipped. Labels are >= 0, so a negative ignore_index (PyTorch's default is
+ *    -100) ignores nothing. */
+#ifndef TS_BACKEND_H
+#define TS_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "status.h"
+#include "tensor.h"
+
+typedef struct ts_backend ts_backend;
+
+/* Per-run state an op may need: the backend and a bounded scratch buffer
+ * (the conv column buffer), grown on first use and then reused. */
+typedef struct ts_ctx {
+    const ts_backend *backend;
+    void *scratch;
+    size_t scratch_bytes;
+} ts_ctx;
+
+ts_status ts_ctx_init(ts_ctx *ctx, const ts_backend *backend);
+void ts_ctx_free(ts_ctx *ctx);
+/* A scratch buffer of at least `bytes`; valid until the next call. */
+ts_status ts_ctx_scratch(ts_ctx *ctx, size_t bytes, void **out);
+
+/* ---- op parameters ---------------------------------------------------- */
+
+/* 2-D cross-correlation as torch.nn.Conv2d, dilation 1, groups 1. The kernel
+ * size comes from the weight tensor [out, in, kh, kw]. */
+typedef struct ts_conv2d_params {
+    int stride_h, stride_w;
+    int pad_h, pad_w;
+} ts_conv2d_params;
+
+/* floor((in + 2 pad - k) / stride) + 1, or 0 when the kernel does not fit. */
+int ts_conv_out_size(int in, int kernel, int stride, int pad);
+
+/* Max pooling as torch.nn.MaxPool2d, dilation 1, ceil_mode False. */
+typedef struct ts_pool2d_params {
+    int kernel_h, kernel_w;
+    int stride_h, stride_w;
+    int pad_h, pad_w;
+} ts_pool2d_params;
+
+/* BatchNorm2d: eps 1e-5 and momentum 0.1 are PyTorch's defaults. */
+typedef struct ts_bn_params {
+    float eps;
+    float momentum;
+} ts_bn_params;
+
+/* Softmax cross-entropy, reduction "mean" as torch.nn.CrossEntropyLoss:
+ * -sum_valid w[y] log softmax(z)[y] / sum_valid w[y] (w = 1 without weights). */
+typedef struct ts_ce_params {
+    int ignore_index;
+    const float *class_weights; /* [C] or NULL */
+} ts_ce_params;
+
+/* The two Dice losses of shared/specs/smp-unet.md section 6. */
+typedef enum ts_dice_mode {
+    /* smp.losses.DiceLoss(mode="multiclass"), SMP >= 0.4: one dice per class
+     * over batch and pixels together, dice_c = (I + smooth) /
+     * max(I + fp/2 + fn/2 + smooth, eps), classes absent from the target are
+     * masked to 0, then the mean over all C (or the class-weighted mean). */
+    TS_DICE_SMP = 0,
+    /* The tutorial's per-image dice: dice_bc = (2 sum p t + eps) /
+     * (sum p + sum t + eps) over pixels, loss = 1 - mean over (b, c).
+     * smooth, log_loss and class_weights are not used. */
+    TS_DICE_PER_IMAGE = 1,
+} ts_dice_mode;
+
+typedef struct ts_dice_params {
+    ts_dice_mode mode;
+    int ignore_index;
+    float smooth;               /* SMP: 0 by default */
+    float eps;                  /* 1e-7 in both forms */
+    int log_loss;               /* SMP: loss_c = -log(max(dice_c, eps)) instead of 1 - dice_c */
+    const float *class_weights; /* SMP: [C] or NULL */
+} ts_dice_params;
+
+/* The user's AdamW settings (torch.optim.AdamW defaults: 1e-3, 0.9, 0.999,
+ * 1e-8, 1e-2). */
+typedef struct ts_adamw_hparams {
+    double lr, beta1, beta2, eps, weight_decay;
+} ts_adamw_hparams;
+
+/* Everything one AdamW step needs per element, computed once on the host in
+ * double by ts_adamw_prepare() exactly where PyTorch uses Python floats, then
+ * rounded to float as PyTorch's kernels do. */
+typedef struct ts_adamw_step {
+    float decay;           /* 1 - lr * weight_decay */
+    float beta1_weight;    /* 1 - beta1: the lerp weight for exp_avg */
+    float beta2;           /* exp_avg_sq *= beta2 */
+    float one_minus_beta2; /* exp_avg_sq += (1 - beta2) g^2 */
+    float bc2_sqrt;        /* sqrt(1 - beta2^t) */
+    float eps;             /* added after the bias-corrected square root */
+    float neg_step_size;   /* -lr / (1 - beta1^t) */
+} ts_adamw_step;
+
+/* t is the 1-based step number after increment, as PyTorch's state["step"]. */
+ts_status ts_adamw_prepare(ts_adamw_step *s, const ts_adamw_hparams *h, long t);
+
+/* ---- the table ------------------------------------------------------- */
+
+struct ts_backend {
+    const char *name;
+
+    /* y = conv(x, w) (+ bias). x [N,Cin,H,W], w [Cout,Cin,kh,kw], bias [Cout] or NULL. */
+    ts_status (*conv2d_forward)(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w,
+                                const float *bias, const ts_conv2d_params *p);
+    /* dx += conv_transpose(dy, w). */
+    ts_status (*conv2d_backward_data)(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *w,
+                                      const ts_conv2d_params *p);
+    /* dw += dy (*) x. */
+    ts_status (*conv2d_backward_filter)(ts_ctx *ctx, ts_tensor *dw, const ts_tensor *dy, const ts_tensor *x,
+                                        const ts_conv2d_params *p);
+    /* dbias[c] += sum over n, h, w of dy[n, c]. */
+    ts_status (*conv2d_backward_bias)(ts_ctx *ctx, float *dbias, const ts_tensor *dy);
+
+    /* Training mode: normalizes with the batch statistics, saves the batch
+     * mean and 1/sqrt(var_biased + eps) per channel for backward, and updates
+     * running_mean/running_var (unbiased variance) unless they are NULL. */
+    ts_status (*batchnorm_forward_train)(ts_ctx *ctx, ts_tensor *y, float *save_mean, float *save_invstd,
+                                         const ts_tensor *x, const float *gamma, const float *beta,
+                                         float *running_mean, float *running_var, const ts_bn_params *p);
+    /* Eval mode: normalizes with the running statistics. */
+    ts_status (*batchnorm_forward_eval)(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const float *gamma,
+                                        const float *beta, const float *running_mean, const float *running_var,
+                                        const ts_bn_params *p);
+    /* Training-mode backward: dx, dgamma, dbeta += ... */
+    ts_status (*batchnorm_backward)(ts_ctx *ctx, ts_tensor *dx, float *dgamma, float *dbeta, const ts_tensor *dy,
+                                    const ts_tensor *x, const float *gamma, const float *save_mean,
+                                    const float *save_invstd);
+
+    /* y = max(x, 0); y may be x (in place). */
+    ts_status (*relu_forward)(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x);
+    /* dx += dy * (y > 0), with y the forward output; dx must not alias dy. */
+    ts_status (*relu_backward)(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *y);
+
+    /* Max pooling; index[i] is the arg-max of output i within its (n, c)
+     * plane (ih * W + iw), PyTorch's first-in-scan-order tie rule. */
+    ts_status (*maxpool2d_forward)(ts_ctx *ctx, ts_tensor *y, int32_t *index, const ts_tensor *x,
+                                   const ts_pool2d_params *p);
+    /* dx[index] += dy: the whole gradient goes to the one arg-max. */
+    ts_status (*maxpool2d_backward)(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const int32_t *index,
+                                    const ts_pool2d_params *p);
+
+    /* Nearest upsampling to the size of y, with PyTorch's "nearest" index
+     * rule: out == in copies, out == 2 in takes dst >> 1 (the exact 2x of
+     * scale_factor=2), otherwise min(floor(dst * (float)in / out), in - 1)
+     * (SMP >= 0.5's size= path). */
+    ts_status (*upsample_nearest_forward)(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x);
+    ts_status (*upsample_nearest_backward)(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy);
+
+    /* y = cat([a, b], dim=1); backward splits dy back: da += dy[:, :Ca], db += dy[:, Ca:]. */
+    ts_status (*concat_forward)(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b);
+    ts_status (*concat_backward)(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy);
+
+    /* y = a + b (y may be a or b); backward: da += dy, db += dy. */
+    ts_status (*add_forward)(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b);
+    ts_status (*add_backward)(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy);
+
+    /* Losses take logits [N,C,H,W] and labels [N,H,W]. forward returns the
+     * loss; backward adds dloss * d(loss)/d(logits) into dlogits. */
+    ts_status (*cross_entropy_forward)(ts_ctx *ctx, double *loss, const ts_tensor *logits, const int32_t *target,
+                                       const ts_ce_params *p);
+    ts_status (*cross_entropy_backward)(ts_ctx *ctx, ts_tensor *dlogits, const ts_tensor *logits,
+                                        const int32_t *target, const ts_ce_params *p, float dloss);
+    ts_status (*dice_forward)(ts_ctx *ctx, double *loss, const ts_tensor *logits, const int32_t *target,
+                              const ts_dice_params *p);
+    ts_status (*dice_backward)(ts_ctx *ctx, ts_tensor *dlogits, const ts_tensor *logits, const int32_t *target,
+                               const ts_dice_params *p, float dloss);
+
+    /* One AdamW step over n parameters, in place. */
+    ts_status (*adamw_update)(ts_ctx *ctx, float *param, const float *grad, float *exp_avg, float *exp_avg_sq,
+                              size_t n, const ts_adamw_step *s);
+
+    /* p[0..n) = 0 (gradient buffers, once per step). */
+    ts_status (*zero)(ts_ctx *ctx, float *p, size_t n);
+};
+
+/* Every op of struct ts_backend, in order: the list that builds the CPU table
+ * and lets ts_backend_check() name a missing op. The static_assert keeps it in
+ * step with the struct. */
+#define TS_BACKEND_OPS(X) \
+    X(conv2d_forward) \
+    X(conv2d_backward_data) \
+    X(conv2d_backward_filter) \
+    X(conv2d_backward_bias) \
+    X(batchnorm_forward_train) \
+    X(batchnorm_forward_eval) \
+    X(batchnorm_backward) \
+    X(relu_forward) \
+    X(relu_backward) \
+    X(maxpool2d_forward) \
+    X(maxpool2d_backward) \
+    X(upsample_nearest_forward) \
+    X(upsample_nearest_backward) \
+    X(concat_forward) \
+    X(concat_backward) \
+    X(add_forward) \
+    X(add_backward) \
+    X(cross_entropy_forward) \
+    X(cross_entropy_backward) \
+    X(dice_forward) \
+    X(dice_backward) \
+    X(adamw_update) \
+    X(zero)
+
+#define TS_BACKEND_COUNT_OP(op) +1
+enum { TS_BACKEND_OP_COUNT = 0 TS_BACKEND_OPS(TS_BACKEND_COUNT_OP) };
+_Static_assert(sizeof(struct ts_backend) == sizeof(const char *) + TS_BACKEND_OP_COUNT * sizeof(void (*)(void)),
+               "TS_BACKEND_OPS must list every op of struct ts_backend");
+
+/* The CPU backend (always built). */
+const ts_backend *ts_backend_cpu(void);
+/* Looks a backend up by name ("cpu", "cuda"); an unknown or unbuilt one is an
+ * error that says which backends this build has. */
+ts_status ts_backend_get(const char *name, const ts_backend **out);
+/* TS_OK if every op of the table is implemented, else an error listing the
+ * missing ones. */
+ts_status ts_backend_check(const ts_backend *b);
+
+#endif

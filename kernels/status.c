@@ -1,0 +1,35 @@
+#include "status.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+
+/* One message per thread, so parallel callers do not overwrite each other. */
+static _Thread_local char last_error[1024];
+
+static const char *const status_names[TS_STATUS_COUNT] = {
+    [TS_OK] = "ok",
+    [TS_ERR_INVALID_ARG] = "invalid argument",
+    [TS_ERR_NOMEM] = "out of memory",
+    [TS_ERR_IO] = "I/O error",
+    [TS_ERR_UNSUPPORTED] = "unsupported",
+    [TS_ERR_BACKEND] = "backend error",
+};
+
+const char *ts_status_name(ts_status s)
+{
+    if ((int)s < 0 || s >= TS_STATUS_COUNT) return "unknown status";
+    return status_names[s];
+}
+
+ts_status ts_error(ts_status s, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+const char *ts_last_error(void) { return last_error; }
+
+void ts_clear_error(void) { last_error[0] = '\0'; }

@@ -1,0 +1,37 @@
+#!/bin/sh
+# Installs the Debian packages terraseg builds against. Idempotent: packages
+# already present are not touched, and apt is only called when one is missing.
+# Runs as root, or through sudo when it is available.
+set -eu
+
+# libopenblas-openmp-dev: the OpenMP build of OpenBLAS, chosen on purpose.
+# terraseg's own loops use OpenMP too, so both share one libgomp thread pool:
+# an sgemm called inside one of our parallel regions runs on the calling
+# thread instead of waking a second pool (see docs/architecture.md).
+PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev"
+
+missing=""
+for p in $PACKAGES; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $p"
+    fi
+done
+
+if [ -z "$missing" ]; then
+    echo "setup: all Debian packages present ($PACKAGES)"
+    exit 0
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=""
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO="sudo"
+else
+    echo "setup: missing packages:$missing" >&2
+    echo "setup: run this script as root, or install sudo, to install them" >&2
+    exit 1
+fi
+
+echo "setup: installing$missing"
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
