@@ -119,7 +119,7 @@ int tu_check_close(const char *op, const char *what, const ts_tensor *shape, con
     for (size_t i = 0; i < n; i++) {
         double err = fabs((double)got[i] - want[i]);
         double tol = atol + rtol * fabs(want[i]);
-        double ratio = err / tol;
+        double ratio = err == 0 ? 0 : err / tol; /* exact matches rank best, also when tol is 0 */
         if (!(err <= tol)) bad++; /* NaN counts as bad */
         if (!(ratio <= worst_ratio)) {
             worst_ratio = isnan(ratio) ? INFINITY : ratio;
@@ -138,7 +138,7 @@ int tu_check_close_d(const char *op, const char *what, const double *got, const 
     for (size_t i = 0; i < n; i++) {
         double err = fabs(got[i] - want[i]);
         double tol = atol + rtol * fabs(want[i]);
-        double ratio = err / tol;
+        double ratio = err == 0 ? 0 : err / tol; /* exact matches rank best, also when tol is 0 */
         if (!(err <= tol)) bad++;
         if (!(ratio <= worst_ratio)) {
             worst_ratio = isnan(ratio) ? INFINITY : ratio;
