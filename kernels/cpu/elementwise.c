@@ -1,0 +1,181 @@
+/* Elementwise ops on the CPU: ReLU, add, channel concat and zero, each
+ * forward next to its backward.
+ *
+ * These loops are memory-bound, so they only go parallel above a size where
+ * waking the OpenMP team costs less than it saves; small tensors (the deep
+ * decoder stages, the tests) stay on the calling thread. Every element is
+ * written by exactly one iteration, so the split never changes a result. */
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#include "cpu.h"
+
+/* About 256 KiB of floats: below this one core streams the data faster than
+ * a parallel region starts. */
+#define EW_PARALLEL_MIN ((ptrdiff_t)1 << 16)
+
+static int ew_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
+
+static ts_status ew_check_same(const char *op, const char *an, const ts_tensor *a, const char *bn, const ts_tensor *b)
+{
+    if (!ew_tensor_ok(a) || !ew_tensor_ok(b))
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, an, bn);
+    if (!ts_tensor_same_shape(a, b)) {
+        char sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s does not match %s shape %s", op, an, ts_shape_str(a, sa),
+                        bn, ts_shape_str(b, sb));
+    }
+    return TS_OK;
+}
+
+/* ---- ReLU ---------------------------------------------------------------- */
+
+ts_status ts_cpu_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x)
+{
+    (void)ctx;
+    ts_status st = ew_check_same("relu_forward", "y", y, "x", x);
+    if (st != TS_OK) return st;
+    const ptrdiff_t n = (ptrdiff_t)ts_tensor_numel(x);
+    const float *xd = x->data;
+    float *yd = y->data; /* may equal xd: each element reads then writes itself */
+#pragma omp parallel for schedule(static) if (n >= EW_PARALLEL_MIN)
+    for (ptrdiff_t i = 0; i < n; i++) {
+        float v = xd[i];
+        /* torch.relu is clamp_min(x, 0), which propagates NaN. */
+        yd[i] = (v > 0.0f || isnan(v)) ? v : 0.0f;
+    }
+    return TS_OK;
+}
+
+ts_status ts_cpu_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *y)
+{
+    (void)ctx;
+    ts_status st = ew_check_same("relu_backward", "dy", dy, "y", y);
+    if (st != TS_OK) return st;
+    st = ew_check_same("relu_backward", "dx", dx, "y", y);
+    if (st != TS_OK) return st;
+    if (dx->data == dy->data) return ts_error(TS_ERR_INVALID_ARG, "relu_backward: dx must not alias dy");
+    const ptrdiff_t n = (ptrdiff_t)ts_tensor_numel(y);
+    const float *gd = dy->data, *yd = y->data;
+    float *dd = dx->data;
+#pragma omp parallel for schedule(static) if (n >= EW_PARALLEL_MIN)
+    for (ptrdiff_t i = 0; i < n; i++) {
+        /* threshold_backward(grad, output, 0): output <= 0 ? 0 : grad. A
+         * select, not dy * (y > 0), so an infinite dy at y == 0 gives 0. */
+        if (!(yd[i] <= 0.0f)) dd[i] += gd[i];
+    }
+    return TS_OK;
+}
+
+/* ---- add ----------------------------------------------------------------- */
+
+ts_status ts_cpu_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
+{
+    (void)ctx;
+    ts_status st = ew_check_same("add_forward", "a", a, "b", b);
+    if (st != TS_OK) return st;
+    st = ew_check_same("add_forward", "y", y, "a", a);
+    if (st != TS_OK) return st;
+    const ptrdiff_t n = (ptrdiff_t)ts_tensor_numel(a);
+    const float *ad = a->data, *bd = b->data;
+    float *yd = y->data; /* may equal ad or bd (the residual adds in place) */
+#pragma omp parallel for schedule(static) if (n >= EW_PARALLEL_MIN)
+    for (ptrdiff_t i = 0; i < n; i++) yd[i] = ad[i] + bd[i];
+    return TS_OK;
+}
+
+ts_status ts_cpu_add_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
+{
+    (void)ctx;
+    ts_status st = ew_check_same("add_backward", "da", da, "dy", dy);
+    if (st != TS_OK) return st;
+    st = ew_check_same("add_backward", "db", db, "dy", dy);
+    if (st != TS_OK) return st;
+    if (da->data == dy->data || db->data == dy->data)
+        return ts_error(TS_ERR_INVALID_ARG, "add_backward: da and db must not alias dy");
+    const ptrdiff_t n = (ptrdiff_t)ts_tensor_numel(dy);
+    const float *gd = dy->data;
+    float *pa = da->data, *pb = db->data;
+    /* da == db (y = a + a) is fine: the same iteration adds dy twice. */
+#pragma omp parallel for schedule(static) if (n >= EW_PARALLEL_MIN)
+    for (ptrdiff_t i = 0; i < n; i++) {
+        float g = gd[i];
+        pa[i] += g;
+        pb[i] += g;
+    }
+    return TS_OK;
+}
+
+/* ---- concat along channels ------------------------------------------------ */
+
+/* y [N, Ca + Cb, H, W] against a [N, Ca, H, W] and b [N, Cb, H, W]. */
+static ts_status concat_check(const char *op, const char *yn, const ts_tensor *y, const char *an, const ts_tensor *a,
+                              const char *bn, const ts_tensor *b)
+{
+    if (!ew_tensor_ok(y) || !ew_tensor_ok(a) || !ew_tensor_ok(b))
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s, %s and %s must be non-NULL tensors with dimensions >= 1", op, yn,
+                        an, bn);
+    if (a->n != b->n || a->h != b->h || a->w != b->w || y->n != a->n || y->h != a->h || y->w != a->w ||
+        (long)y->c != (long)a->c + b->c) {
+        char sy[TS_SHAPE_STR], sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "%s: %s %s must be %s %s and %s %s joined along channels (same n, h, w; channels add up)", op,
+                        yn, ts_shape_str(y, sy), an, ts_shape_str(a, sa), bn, ts_shape_str(b, sb));
+    }
+    return TS_OK;
+}
+
+ts_status ts_cpu_concat_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
+{
+    (void)ctx;
+    ts_status st = concat_check("concat_forward", "y", y, "a", a, "b", b);
+    if (st != TS_OK) return st;
+    const size_t na = (size_t)a->c * a->h * a->w, nb = (size_t)b->c * b->h * b->w;
+    const int N = y->n;
+    /* torch.cat([a, b], dim=1): per image, a's channels then b's. */
+#pragma omp parallel for schedule(static) if ((ptrdiff_t)(N * (na + nb)) >= EW_PARALLEL_MIN)
+    for (int n = 0; n < N; n++) {
+        float *yp = y->data + (size_t)n * (na + nb);
+        memcpy(yp, a->data + (size_t)n * na, na * sizeof(float));
+        memcpy(yp + na, b->data + (size_t)n * nb, nb * sizeof(float));
+    }
+    return TS_OK;
+}
+
+ts_status ts_cpu_concat_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
+{
+    (void)ctx;
+    ts_status st = concat_check("concat_backward", "dy", dy, "da", da, "db", db);
+    if (st != TS_OK) return st;
+    const size_t na = (size_t)da->c * da->h * da->w, nb = (size_t)db->c * db->h * db->w;
+    const size_t per = na + nb;
+    const int N = dy->n;
+    const float *gd = dy->data;
+    float *pa = da->data, *pb = db->data;
+    /* Every thread walks the images; the work-sharing loops inside split each
+     * image's two halves, so N == 1 still uses all threads. Each dy element
+     * goes to exactly one of da, db, so nowait is safe. */
+#pragma omp parallel if ((ptrdiff_t)((size_t)N * per) >= EW_PARALLEL_MIN)
+    for (int n = 0; n < N; n++) {
+        const float *g = gd + (size_t)n * per;
+        float *a = pa + (size_t)n * na, *b = pb + (size_t)n * nb;
+#pragma omp for schedule(static) nowait
+        for (ptrdiff_t r = 0; r < (ptrdiff_t)na; r++) a[r] += g[r];
+#pragma omp for schedule(static) nowait
+        for (ptrdiff_t r = 0; r < (ptrdiff_t)nb; r++) b[r] += g[na + r];
+    }
+    return TS_OK;
+}
+
+/* ---- zero ---------------------------------------------------------------- */
+
+ts_status ts_cpu_zero(ts_ctx *ctx, float *p, size_t n)
+{
+    (void)ctx;
+    if (n == 0) return TS_OK;
+    if (!p) return ts_error(TS_ERR_INVALID_ARG, "zero: NULL buffer for %zu floats", n);
+    /* All-zero bytes are +0.0f in IEEE 754. */
+    memset(p, 0, n * sizeof(float));
+    return TS_OK;
+}
