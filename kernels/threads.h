@@ -20,4 +20,13 @@ void ts_blas_describe(char *buf, size_t size);
 /* 0 sequential, 1 pthreads, 2 OpenMP, as OpenBLAS reports it. */
 int ts_blas_threading(void);
 
+/* OpenBLAS picks its kernels when it loads, from the CPU model. Debian's
+ * 0.3.21 does not know newer Xeons (e.g. family 6 model 207) and falls back
+ * to its generic "Prescott" kernels, about 5x slower than the AVX-512 ones
+ * on the same machine (docs/benchmarks.md). This returns the OPENBLAS_CORETYPE
+ * the CPU's own feature flags support ("SkylakeX" with AVX-512, "Haswell"
+ * with AVX2+FMA) when OpenBLAS fell back to a generic core, else NULL. The
+ * choice only takes effect in a new process (the command re-executes itself). */
+const char *ts_blas_better_coretype(void);
+
 #endif

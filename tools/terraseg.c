@@ -1,0 +1,145 @@
+/* The terraseg command: a thin main over the library (GDAL's _bin/_lib
+ * split). Each subcommand has one option table (tools/cli.h) that gives both
+ * its parser and its --help text. The library never exits; this file turns
+ * statuses into exit codes: 0 success, 1 failure, 2 usage error. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kernels/backend.h"
+#include "kernels/threads.h"
+#include "tools/bench/bench.h"
+#include "tools/cli.h"
+#ifdef TERRASEG_HAVE_CUDA
+#include "kernels/cuda/cuda_backend.h"
+#endif
+
+static const char *prog = "terraseg";
+
+/* ---- terraseg version ---- */
+static int run_version(int argc, char **argv)
+{
+    (void)argv;
+    if (argc > 0) {
+        fprintf(stderr, "%s version: takes no arguments\n", prog);
+        return 2;
+    }
+    char buf[512];
+    ts_threads_init(0);
+    printf("terraseg %s\n", TERRASEG_VERSION);
+    ts_blas_describe(buf, sizeof buf);
+    printf("  cpu backend: %s\n", buf);
+#ifdef TERRASEG_HAVE_CUDA
+    ts_cuda_describe(buf, sizeof buf);
+    printf("  cuda backend: built; %s\n", buf);
+#else
+    printf("  cuda backend: not built\n");
+#endif
+    printf("  GDAL: not linked in this build\n");
+    printf("  GEOS: not linked in this build\n");
+    if (getenv("TERRASEG_CORETYPE_SET"))
+        printf("  note: OpenBLAS did not recognise this CPU; terraseg set OPENBLAS_CORETYPE=%s from its feature flags\n",
+               getenv("TERRASEG_CORETYPE_SET"));
+    else if (ts_blas_better_coretype())
+        printf("  warning: OpenBLAS runs generic kernels on this CPU; set OPENBLAS_CORETYPE=%s for speed\n",
+               ts_blas_better_coretype());
+    /* Our loops and OpenBLAS must share the OpenMP pool (docs/architecture.md). */
+    if (ts_blas_threading() != 2)
+        printf("  warning: OpenBLAS is not the OpenMP build; its threads and terraseg's may oversubscribe the cores\n");
+    return 0;
+}
+
+static cli_option version_options[] = {{0}};
+
+/* ---- terraseg bench ---- */
+static ts_bench_opts bench_opts = {.batch = 1, .size = 256, .in_channels = 3, .classes = 2, .iters = 3};
+static int bench_threads = 0;
+
+static cli_option bench_options[] = {
+    {"batch", 'b', CLI_INT, &bench_opts.batch, "N", "images per batch", 1, 1024},
+    {"size", 's', CLI_INT, &bench_opts.size, "PX", "tile height and width of the synthetic tile", 32, 8192},
+    {"in-channels", 0, CLI_INT, &bench_opts.in_channels, "N", "input bands", 1, 256},
+    {"classes", 0, CLI_INT, &bench_opts.classes, "K", "output classes", 1, 1024},
+    {"iters", 'n', CLI_INT, &bench_opts.iters, "N", "timed repetitions per measurement", 1, 10000},
+    {"threads", 't', CLI_INT, &bench_threads, "N", "threads (0: TERRASEG_THREADS or all cores)", 0, 1024},
+    {"csv", 0, CLI_STRING, &bench_opts.csv, "FILE", "also write the measurements as CSV (for tools/bench scripts)", 0, 0},
+    {0},
+};
+
+static int run_bench(int argc, char **argv)
+{
+    const char *what = argc > 0 ? argv[0] : "conv";
+    if (argc > 1) {
+        fprintf(stderr, "%s bench: expected one benchmark name, got %d arguments\n", prog, argc);
+        return 2;
+    }
+    int threads = ts_threads_init(bench_threads);
+    printf("terraseg bench %s: %dx%d synthetic tile, batch %d, %d in, %d classes, %d threads, %d iterations\n", what,
+           bench_opts.size, bench_opts.size, bench_opts.batch, bench_opts.in_channels, bench_opts.classes, threads,
+           bench_opts.iters);
+    if (strcmp(what, "conv") == 0) return ts_bench_conv(&bench_opts);
+    fprintf(stderr, "%s bench: unknown benchmark \"%s\"; available: conv\n", prog, what);
+    return 2;
+}
+
+/* ---- the command table ---- */
+static const cli_command commands[] = {
+    {"version", NULL, "Print the version and what was built in (BLAS, CUDA/cuDNN, GDAL, GEOS).", version_options,
+     run_version},
+    {"bench", "[conv]",
+     "Measure kernels on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, "
+     "forward and backward GFLOP/s next to this machine's sgemm GFLOP/s.",
+     bench_options, run_bench},
+};
+#define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
+
+static void print_main_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: %s <command> [options]\n\n"
+            "terraseg trains and runs U-Net ResNet-34 segmentation on geospatial rasters.\n\ncommands:\n",
+            prog);
+    for (int i = 0; i < N_COMMANDS; i++) fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "\n'%s <command> --help' lists a command's options.\n", prog);
+}
+
+/* If OpenBLAS did not recognise this CPU and fell back to generic kernels,
+ * run again with OPENBLAS_CORETYPE set to what the CPU supports: OpenBLAS
+ * reads it only when it loads. A user's own OPENBLAS_CORETYPE always wins,
+ * and TERRASEG_CORETYPE_SET marks the second run so this happens once. */
+static void fix_blas_coretype(char **argv)
+{
+    if (getenv("OPENBLAS_CORETYPE") || getenv("TERRASEG_CORETYPE_SET")) return;
+    const char *better = ts_blas_better_coretype();
+    if (!better) return;
+    if (setenv("OPENBLAS_CORETYPE", better, 1) || setenv("TERRASEG_CORETYPE_SET", better, 1)) return;
+    execv("/proc/self/exe", argv);
+    /* exec failed: carry on with the generic kernels; `version` warns. */
+    unsetenv("OPENBLAS_CORETYPE");
+}
+
+int main(int argc, char **argv)
+{
+    fix_blas_coretype(argv);
+    if (argc < 2) {
+        print_main_usage(stderr);
+        return 2;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+        print_main_usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "--version") == 0) return run_version(0, NULL);
+    for (int i = 0; i < N_COMMANDS; i++) {
+        if (strcmp(argv[1], commands[i].name) != 0) continue;
+        int first = 0;
+        int rc = cli_parse(prog, &commands[i], argc - 1, argv + 1, &first);
+        if (rc == 1) return 0; /* --help */
+        if (rc) return rc;
+        return commands[i].run(argc - 1 - first, argv + 1 + first);
+    }
+    fprintf(stderr, "%s: unknown command \"%s\"\n\n", prog, argv[1]);
+    print_main_usage(stderr);
+    return 2;
+}
