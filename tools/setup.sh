@@ -8,7 +8,10 @@ set -eu
 # terraseg's own loops use OpenMP too, so both share one libgomp thread pool:
 # an sgemm called inside one of our parallel regions runs on the calling
 # thread instead of waking a second pool (see docs/architecture.md).
-PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev"
+# libcjson-dev: JSON for safetensors headers and SMP config.json (cJSON keeps
+# duplicate keys visible, so strict readers can reject them).
+# clang + libclang-rt-14-dev: libFuzzer for the fuzz targets in tests/fuzz/.
+PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev clang libclang-rt-14-dev"
 
 missing=""
 for p in $PACKAGES; do

@@ -1,0 +1,22 @@
+#!/bin/sh
+# Sets up, builds and runs every test, in two configurations:
+#   build/       Release, warnings as errors, CUDA when nvcc and cuDNN are found
+#   build-asan/  Debug with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only)
+# Usage: tools/test.sh            (from anywhere; .ci/run calls it)
+set -eu
+cd "$(dirname "$0")/.."
+tools/setup.sh
+jobs=$(nproc)
+
+echo "== Release build and tests"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DTERRASEG_WERROR=ON
+cmake --build build -j"$jobs"
+ctest --test-dir build --output-on-failure
+
+echo "== ASan+UBSan build and tests"
+# CUDA is off here: the CUDA runtime and ASan's shadow memory do not mix, and
+# the CPU code is what the sanitizers check.
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DTERRASEG_SANITIZE=ON -DTERRASEG_WERROR=ON -DTERRASEG_CUDA=OFF
+cmake --build build-asan -j"$jobs"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+    ctest --test-dir build-asan --output-on-failure
