@@ -1,0 +1,98 @@
+/* smp.Unet("resnet34"): the model, its parameter table, forward and backward.
+ * The architecture is shared/specs/smp-unet.md; key names are SMP's
+ * state_dict names (shared/specs/smp_unet_resnet34_keys.tsv).
+ *
+ * The parameter table is the single source of truth: one entry per
+ * state_dict key, in state_dict order, with its shape, kind and offset into
+ * one of three contiguous arrays (trainable floats, float buffers, int64
+ * counters). Allocation, loading, saving, zeroing gradients and the
+ * optimizer all walk this table; the layers only hold offsets into it. */
+#ifndef TS_UNET_H
+#define TS_UNET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/arena.h"
+#include "kernels/backend.h"
+
+#define TS_UNET_MAX_DEPTH 5
+
+typedef struct ts_unet_config {
+    int in_channels;                           /* SMP default 3 */
+    int classes;                               /* SMP default 1 */
+    int encoder_depth;                         /* 3..5, SMP default 5 */
+    int decoder_channels[TS_UNET_MAX_DEPTH];   /* first encoder_depth used; default 256,128,64,32,16 */
+    int decoder_use_batchnorm;                 /* 1: conv (no bias) + BN, SMP's default; 0: conv with bias */
+} ts_unet_config;
+
+/* SMP's defaults with the given bands and classes. */
+ts_unet_config ts_unet_default_config(int in_channels, int classes);
+/* Checks ranges and that decoder_channels has encoder_depth entries > 0. */
+ts_status ts_unet_config_check(const ts_unet_config *cfg);
+
+typedef enum ts_param_kind {
+    TS_PARAM_WEIGHT = 0, /* trainable float: conv weights and biases, BN weight/bias */
+    TS_PARAM_BUFFER,     /* float buffer: BN running_mean / running_var */
+    TS_PARAM_COUNTER,    /* int64 scalar: BN num_batches_tracked */
+} ts_param_kind;
+
+typedef struct ts_param {
+    char name[80];   /* SMP state_dict key, e.g. "encoder.layer2.0.downsample.1.running_var" */
+    ts_param_kind kind;
+    int ndim;        /* 4 for conv weights, 1 for vectors, 0 for counters */
+    int shape[4];
+    size_t numel;
+    size_t offset;   /* into weights/grads (WEIGHT), buffers (BUFFER) or counters (COUNTER) */
+    int used;        /* 0 for the stages a shallow encoder never runs: loaded and
+                        saved verbatim, never updated (PyTorch's grad is None) */
+} ts_param;
+
+typedef struct ts_unet_layers ts_unet_layers; /* private: the layer graph */
+
+typedef struct ts_unet {
+    ts_unet_config cfg;
+    ts_param *params;  /* the table, state_dict order */
+    int n_params;
+    float *weights;    /* n_weights trainable floats */
+    float *grads;      /* same layout as weights; backward accumulates here */
+    size_t n_weights;
+    float *buffers;    /* n_buffers floats */
+    size_t n_buffers;
+    int64_t *counters; /* n_counters int64 */
+    size_t n_counters;
+    ts_unet_layers *layers;
+    ts_arena arena;    /* activations, planned for (plan_n, plan_h, plan_w) */
+    int plan_n, plan_h, plan_w;
+} ts_unet;
+
+/* Builds the table for cfg and allocates zeroed parameters (BN weight 1,
+ * running_var 1 as PyTorch initialises them). */
+ts_status ts_unet_init(ts_unet *m, const ts_unet_config *cfg);
+void ts_unet_free(ts_unet *m);
+/* PyTorch/SMP's initialisation (smp-unet.md 1.6) from a seed: encoder convs
+ * kaiming_normal fan_out, decoder convs kaiming_uniform fan_in, head
+ * xavier_uniform, biases 0, BN 1/0. */
+ts_status ts_unet_init_random(ts_unet *m, uint64_t seed);
+
+const ts_param *ts_unet_find(const ts_unet *m, const char *name);
+/* The data of one table entry (float for WEIGHT and BUFFER). */
+float *ts_unet_param_f32(const ts_unet *m, const ts_param *p);
+/* Trainable scalars in the table (24,440,230 for in 4, classes 6, depth 5). */
+size_t ts_unet_count_trainable(const ts_unet *m);
+
+/* Forward pass of a batch x [N, in_channels, H, W], any H, W >= 1 (SMP >= 0.5's
+ * size-based upsampling when not divisible by 32). train = 1: BN uses batch
+ * statistics and updates running stats and num_batches_tracked, and
+ * everything backward needs is kept. train = 0: BN uses running statistics.
+ * *logits is a view [N, classes, H, W] valid until the next call. Plans the
+ * activation arena on the first call and when (N, H, W) changes. */
+ts_status ts_unet_forward(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int train, ts_tensor *logits);
+/* Backward of the last train-mode forward: dlogits [N, classes, H, W];
+ * accumulates into m->grads (call ts_unet_zero_grad once per step). */
+ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits);
+ts_status ts_unet_zero_grad(ts_unet *m, ts_ctx *ctx);
+/* Bytes of activation memory a (n, h, w) batch needs in train or eval mode. */
+ts_status ts_unet_activation_bytes(const ts_unet_config *cfg, int n, int h, int w, int train, size_t *bytes);
+
+#endif
