@@ -57,14 +57,16 @@ const ts_named_tensor *ts_dict_find(const ts_dict *d, const char *name)
     return NULL;
 }
 
-ts_status ts_dict_add_owned(ts_dict *d, const char *name, ts_dtype dtype, int ndim, const int64_t *shape, void *data)
+static ts_status add_owned(ts_dict *d, const char *name, ts_dtype dtype, int ndim, const int64_t *shape, void *data,
+                           int check_duplicate)
 {
     if ((int)dtype < 0 || dtype >= TS_DTYPE_COUNT)
         return ts_error(TS_ERR_INVALID_ARG, "tensor \"%s\": unknown dtype %d", name, (int)dtype);
     if (ndim < 0 || ndim > TS_MAX_DIMS)
         return ts_error(TS_ERR_INVALID_ARG, "tensor \"%s\": %d dimensions (at most %d supported)", name, ndim,
                         TS_MAX_DIMS);
-    if (ts_dict_find(d, name)) return ts_error(TS_ERR_INVALID_ARG, "tensor \"%s\" appears twice", name);
+    if (check_duplicate && ts_dict_find(d, name))
+        return ts_error(TS_ERR_INVALID_ARG, "tensor \"%s\" appears twice", name);
     ts_named_tensor t = {.dtype = dtype, .ndim = ndim, .data = data};
     size_t numel = 1;
     for (int i = 0; i < ndim; i++) {
@@ -87,6 +89,17 @@ ts_status ts_dict_add_owned(ts_dict *d, const char *name, ts_dtype dtype, int nd
     if (!t.name) return ts_error(TS_ERR_NOMEM, "tensor dictionary: out of memory");
     d->items[d->count++] = t;
     return TS_OK;
+}
+
+ts_status ts_dict_add_owned(ts_dict *d, const char *name, ts_dtype dtype, int ndim, const int64_t *shape, void *data)
+{
+    return add_owned(d, name, dtype, ndim, shape, data, 1);
+}
+
+ts_status ts_dict_add_owned_unique(ts_dict *d, const char *name, ts_dtype dtype, int ndim, const int64_t *shape,
+                                   void *data)
+{
+    return add_owned(d, name, dtype, ndim, shape, data, 0);
 }
 
 ts_status ts_dict_add(ts_dict *d, const char *name, ts_dtype dtype, int ndim, const int64_t *shape, const void *data)

@@ -59,6 +59,11 @@ void ts_dict_free(ts_dict *d);
 ts_status ts_dict_add(ts_dict *d, const char *name, ts_dtype dtype, int ndim, const int64_t *shape, const void *data);
 /* Takes ownership of data (allocated with malloc) instead of copying. */
 ts_status ts_dict_add_owned(ts_dict *d, const char *name, ts_dtype dtype, int ndim, const int64_t *shape, void *data);
+/* ts_dict_add_owned for a caller that has already made sure that name is not
+ * in d (a file reader that checked all its names at once): skips the linear
+ * duplicate search, so filling a dictionary of N tensors stays O(N). */
+ts_status ts_dict_add_owned_unique(ts_dict *d, const char *name, ts_dtype dtype, int ndim, const int64_t *shape,
+                                   void *data);
 const ts_named_tensor *ts_dict_find(const ts_dict *d, const char *name);
 /* Sets (or replaces) a metadata entry. */
 ts_status ts_dict_set_meta(ts_dict *d, const char *key, const char *value);
