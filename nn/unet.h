@@ -86,13 +86,32 @@ size_t ts_unet_count_trainable(const ts_unet *m);
  * statistics and updates running stats and num_batches_tracked, and
  * everything backward needs is kept. train = 0: BN uses running statistics.
  * *logits is a view [N, classes, H, W] valid until the next call. Plans the
- * activation arena on the first call and when (N, H, W) changes. */
+ * activation arena on the first call and when (N, H, W) changes; an eval
+ * forward gets a smaller plan that reuses storage, which a later train
+ * forward replaces (a train plan also serves eval forwards). Errors name the
+ * layer (e.g. "encoder.layer4.0.bn1") and leave the model usable. */
 ts_status ts_unet_forward(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int train, ts_tensor *logits);
 /* Backward of the last train-mode forward: dlogits [N, classes, H, W];
- * accumulates into m->grads (call ts_unet_zero_grad once per step). */
+ * accumulates into m->grads (call ts_unet_zero_grad once per step). The
+ * forward's input x is read again (conv1's weight gradient), so its data
+ * must stay unchanged until backward returns. An eval forward in between
+ * discards the train activations (backward then fails). */
 ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits);
 ts_status ts_unet_zero_grad(ts_unet *m, ts_ctx *ctx);
-/* Bytes of activation memory a (n, h, w) batch needs in train or eval mode. */
+/* Bytes of activation memory a (n, h, w) batch needs in train or eval mode.
+ * Train mode gives every activation and activation gradient its own slot;
+ * eval mode reuses storage once the last reader of a tensor has run. */
 ts_status ts_unet_activation_bytes(const ts_unet_config *cfg, int n, int h, int w, int train, size_t *bytes);
+
+/* Inference with every BatchNorm folded into the conv before it (encoder
+ * convs, decoder convs when decoder_use_batchnorm): w' = w * s, b' = beta +
+ * (b - running_mean) * s with s = gamma / sqrt(running_var + eps), computed
+ * in double from the current weights and running statistics. Call
+ * ts_unet_fold_bn again whenever they change (loading, training): the folded
+ * copy is not tracked. ts_unet_forward_folded is then an eval forward that
+ * skips the BN ops; it agrees with ts_unet_forward(train = 0) to float
+ * rounding. */
+ts_status ts_unet_fold_bn(ts_unet *m);
+ts_status ts_unet_forward_folded(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits);
 
 #endif
