@@ -11,6 +11,7 @@
 #include "kernels/threads.h"
 #include "tools/bench/bench.h"
 #include "tools/cli.h"
+#include "tools/commands.h"
 #ifdef TERRASEG_HAVE_CUDA
 #include "kernels/cuda/cuda_backend.h"
 #endif
@@ -79,7 +80,8 @@ static int run_bench(int argc, char **argv)
            bench_opts.size, bench_opts.size, bench_opts.batch, bench_opts.in_channels, bench_opts.classes, threads,
            bench_opts.iters);
     if (strcmp(what, "conv") == 0) return ts_bench_conv(&bench_opts);
-    fprintf(stderr, "%s bench: unknown benchmark \"%s\"; available: conv\n", prog, what);
+    if (strcmp(what, "model") == 0) return ts_bench_model(&bench_opts);
+    fprintf(stderr, "%s bench: unknown benchmark \"%s\"; available: conv, model\n", prog, what);
     return 2;
 }
 
@@ -87,9 +89,16 @@ static int run_bench(int argc, char **argv)
 static const cli_command commands[] = {
     {"version", NULL, "Print the version and what was built in (BLAS, CUDA/cuDNN, GDAL, GEOS).", version_options,
      run_version},
-    {"bench", "[conv]",
-     "Measure kernels on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, "
-     "forward and backward GFLOP/s next to this machine's sgemm GFLOP/s.",
+    {"info", "MODEL",
+     "Describe a model file (.safetensors, .pth/.ckpt or SMP directory): architecture, parameters, model card, "
+     "activation memory per tile.",
+     info_options, run_info},
+    {"convert", "IN OUT", "Convert a model between .pth, .safetensors and an SMP save_pretrained directory.",
+     convert_options, run_convert},
+    {"bench", "[conv|model]",
+     "Measure on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, forward and "
+     "backward GFLOP/s next to this machine's sgemm GFLOP/s. model: the whole U-Net, eval forward and train "
+     "forward+backward per tile.",
      bench_options, run_bench},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])

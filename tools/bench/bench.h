@@ -17,4 +17,8 @@ typedef struct ts_bench_opts {
  * sgemm GFLOP/s. */
 int ts_bench_conv(const ts_bench_opts *o);
 
+/* The whole model on a synthetic tile: eval forward and train forward +
+ * backward time per tile, at o->batch and at batch 4. */
+int ts_bench_model(const ts_bench_opts *o);
+
 #endif
