@@ -60,9 +60,9 @@ Records of each case (TSFX format, tests/fixture.h), in file order:
   adamw_running f32 [R]   running_mean/var concatenation after the 3 steps
 
 --full-check DIR TERRASEG_BIN writes full-size models (save_pretrained
-directory, torch.save of the state_dict and of the whole model) into DIR for a
-manual check against the product's weight readers; see full_check() for what
-runs there. Not run by CI.
+directory, torch.save of the state_dict and of the whole model) into DIR and
+checks terraseg's info and convert against them with torch and SMP (see
+full_check()). Not run by CI.
 """
 import argparse
 import hashlib
@@ -484,54 +484,98 @@ def check_file(path, case, info):
 
 
 def full_check(torch, smp, outdir, terraseg):
-    """Writes full-size filled models in the formats users have, then runs
-    `terraseg info` / `terraseg convert` on them.
-
-    TODO: the weight CLI (`terraseg info FILE`, `terraseg convert IN OUT`) does
-    not exist yet; the commands below are the intended calls and are reported,
-    not asserted, until it lands. The written files are complete and usable
-    today with any reader."""
+    """Checks terraseg against full-size files written by real SMP and PyTorch
+    (for anyone with torch and SMP installed; CI runs the C parity tests
+    instead). For each architecture it writes save_pretrained, torch.save of
+    the state_dict and of the whole model, then asserts:
+      - `terraseg info` reads the SMP directory and the state_dict;
+      - `terraseg convert` to .pth: torch.load(weights_only=True) gives the
+        same keys, in order, with bit-identical values;
+      - `terraseg convert` to an SMP directory: smp.from_pretrained loads it
+        and gives bit-identical eval logits;
+      - `terraseg convert` to .safetensors: safetensors' load_file gives the
+        same tensors;
+      - a whole pickled model is refused, naming state_dict as the fix.
+    Logit parity for the same weights is what tests/test_unet.c checks."""
+    from safetensors.torch import load_file
     os.makedirs(outdir, exist_ok=True)
-    written = []
+    failures = []
+
+    def run(*cmd):
+        p = subprocess.run([terraseg, *cmd], capture_output=True, text=True)
+        print("$ terraseg", " ".join(cmd), "->", p.returncode)
+        return p
+
+    def same_state(a, b, what, ordered=True):
+        if (list(a.keys()) if ordered else sorted(a.keys())) != (list(b.keys()) if ordered else sorted(b.keys())):
+            failures.append(f"{what}: keys differ")
+            return
+        for k in a:
+            if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k]):
+                failures.append(f"{what}: {k} differs")
+                return
+        print(f"  {what}: {len(a)} entries bit-identical")
+
     for tag, cin, k, depth, dec, use_bn in [("in4_k6_d5", 4, 6, 5, (256, 128, 64, 32, 16), True),
                                             ("in3_k1_d5", 3, 1, 5, (256, 128, 64, 32, 16), True),
                                             ("in3_k6_d4_nobn", 3, 6, 4, (128, 64, 32, 16), False)]:
         model = build_model(smp, cin, k, depth, dec, use_bn)
         fill_model(torch, model)
+        model.eval()
+        ref = model.state_dict()
         d = os.path.join(outdir, tag)
-        model.save_pretrained(d)  # config.json + model.safetensors
-        torch.save(model.state_dict(), os.path.join(outdir, tag + ".state_dict.pth"))
-        torch.save(model, os.path.join(outdir, tag + ".model.pth"))
-        sums = {key: (float(int(v)) if key.endswith("num_batches_tracked") else float(v.double().sum()))
-                for key, v in model.state_dict().items()}
-        with open(os.path.join(outdir, tag + ".sums.txt"), "w") as fp:
-            for key, s in sums.items():
-                fp.write(f"{key} {s!r}\n")
-        written += [d, os.path.join(outdir, tag + ".state_dict.pth"), os.path.join(outdir, tag + ".model.pth")]
-        print(f"wrote {d}/, {tag}.state_dict.pth, {tag}.model.pth, {tag}.sums.txt")
-    rc = 0
-    for path in written:
-        for cmd in ([terraseg, "info", path], [terraseg, "convert", path, path.rstrip("/") + ".terraseg"]):
-            print("$", " ".join(cmd))
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True)
-            except OSError as e:
-                print("  cannot run:", e)
-                rc = 1
-                continue
-            print("  exit", p.returncode)
-            sys.stdout.write("".join("  " + line + "\n" for line in (p.stdout + p.stderr).splitlines()[:20]))
-            rc |= p.returncode != 0
-    print("full check:", "commands failed (expected until the weight CLI exists)" if rc else "all commands ran")
-    return rc
+        model.save_pretrained(d)
+        sd = os.path.join(outdir, tag + ".state_dict.pth")
+        torch.save(ref, sd)
+        whole = os.path.join(outdir, tag + ".model.pth")
+        torch.save(model, whole)
+
+        for path in (d, sd):
+            p = run("info", path)
+            if p.returncode != 0 or f"in_channels={cin}, classes={k}, encoder_depth={depth}" not in p.stdout:
+                failures.append(f"info {path}: {p.stdout}{p.stderr}")
+
+        out_pth = os.path.join(outdir, tag + ".terraseg.pth")
+        if run("convert", d, out_pth).returncode == 0:
+            same_state(ref, torch.load(out_pth, weights_only=True), f"{tag}: SMP dir -> .pth -> torch.load")
+        else:
+            failures.append(f"convert {d} -> {out_pth}")
+
+        out_dir = os.path.join(outdir, tag + ".terraseg_smp")
+        if run("convert", sd, out_dir, "--format", "smp").returncode == 0:
+            back = smp.from_pretrained(out_dir).eval()
+            same_state(ref, back.state_dict(), f"{tag}: .pth -> SMP dir -> smp.from_pretrained")
+            x = torch.from_numpy(fill_input(2 * cin * 64 * 64).reshape(2, cin, 64, 64))
+            with torch.no_grad():
+                if not torch.equal(model(x), back(x)):
+                    failures.append(f"{tag}: logits differ after the SMP directory round trip")
+                else:
+                    print(f"  {tag}: eval logits identical after smp.from_pretrained")
+        else:
+            failures.append(f"convert {sd} -> {out_dir}")
+
+        out_st = os.path.join(outdir, tag + ".terraseg.safetensors")
+        if run("convert", sd, out_st).returncode == 0:
+            # safetensors stores tensors sorted by dtype, then name: compare as a mapping.
+            same_state(ref, load_file(out_st), f"{tag}: .pth -> .safetensors -> load_file", ordered=False)
+        else:
+            failures.append(f"convert {sd} -> {out_st}")
+
+        p = run("info", whole)
+        if p.returncode == 0 or "state_dict" not in p.stderr:
+            failures.append(f"info {whole} should refuse a pickled model: {p.stdout}{p.stderr}")
+
+    for f in failures:
+        print("FAIL", f)
+    print(f"full check: {len(failures)} failure(s)")
+    return 1 if failures else 0
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outdir", nargs="?", default=DEFAULT_OUT)
     ap.add_argument("--full-check", nargs=2, metavar=("DIR", "TERRASEG_BIN"),
-                    help="write full-size models to DIR and run TERRASEG_BIN info/convert on them "
-                         "(TODO: that CLI does not exist yet; the files are written either way)")
+                    help="write full-size models to DIR and check TERRASEG_BIN info/convert against them")
     ap.add_argument("--self-check", action="store_true", help="only check the fill formula and exit")
     args = ap.parse_args()
 
