@@ -30,7 +30,7 @@ expect 2 "unknown command \"frobnicate\"" frobnicate
 expect 0 "^terraseg [0-9]+\.[0-9]+\.[0-9]+" version
 expect 0 "cpu backend: OpenBLAS .*threading: OpenMP" version
 expect 0 "cuda backend: (not built|built; CUDA runtime [0-9]+\.[0-9]+.*cuDNN [0-9]+\.[0-9]+)" version
-expect 0 "GDAL" version
+expect 0 "geospatial: GDAL [0-9]+\.[0-9]+.*GEOS [0-9]+\.[0-9]+" version
 expect 2 "takes no arguments" version extra
 expect 0 "--batch N +images per batch \(default: 1\)" bench --help
 expect 0 "--size PX" bench --help

@@ -11,7 +11,8 @@ set -eu
 # libcjson-dev: JSON for safetensors headers and SMP config.json (cJSON keeps
 # duplicate keys visible, so strict readers can reject them).
 # clang + libclang-rt-14-dev: libFuzzer for the fuzz targets in tests/fuzz/.
-PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev clang libclang-rt-14-dev"
+# libgdal-dev, libgeos-dev: rasters, vectors and geometry (io/).
+PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev clang libclang-rt-14-dev libgdal-dev libgeos-dev"
 
 missing=""
 for p in $PACKAGES; do

@@ -9,6 +9,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/threads.h"
+#include "io/io.h"
 #include "tools/bench/bench.h"
 #include "tools/cli.h"
 #include "tools/commands.h"
@@ -37,8 +38,9 @@ static int run_version(int argc, char **argv)
 #else
     printf("  cuda backend: not built\n");
 #endif
-    printf("  GDAL: not linked in this build\n");
-    printf("  GEOS: not linked in this build\n");
+    ts_gdal_init();
+    ts_gdal_describe(buf, sizeof buf);
+    printf("  geospatial: %s\n", buf);
     if (getenv("TERRASEG_CORETYPE_SET"))
         printf("  note: OpenBLAS did not recognise this CPU; terraseg set OPENBLAS_CORETYPE=%s from its feature flags\n",
                getenv("TERRASEG_CORETYPE_SET"));
