@@ -52,6 +52,10 @@ ts_status ts_ctx_scratch(ts_ctx *ctx, size_t bytes, void **out);
 typedef struct ts_conv2d_params {
     int stride_h, stride_w;
     int pad_h, pad_w;
+    /* Forward only: y = max(conv + bias, 0) in the same pass over y, the
+     * fused epilogue of inference (conv + folded BN + ReLU). The backward ops
+     * refuse it: training keeps ReLU as its own op, whose backward needs it. */
+    int relu;
 } ts_conv2d_params;
 
 /* floor((in + 2 pad - k) / stride) + 1, or 0 when the kernel does not fit. */

@@ -936,7 +936,7 @@ static ts_status run_forward(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int tr
         ts_tensor a = tval(m, nd->in0), y = tval(m, nd->out);
         switch (nd->kind) {
         case OP_CONV: {
-            ts_conv2d_params cp = {nd->stride, nd->stride, nd->pad, nd->pad};
+            ts_conv2d_params cp = {.stride_h = nd->stride, .stride_w = nd->stride, .pad_h = nd->pad, .pad_w = nd->pad};
             if (folded && nd->folded) {
                 /* conv + BN in one: write the BN's output and skip the BN node. */
                 const unet_node *bn = &g->nodes[i + 1];
@@ -944,9 +944,16 @@ static ts_status run_forward(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int tr
                 ts_tensor fw = ts_tensor_view(g->folded + nd->fold_w, wp->shape[0], wp->shape[1], wp->shape[2],
                                               wp->shape[3]);
                 ts_tensor yb = tval(m, bn->out);
+                /* An in-place ReLU right after the BN runs in the conv's
+                 * epilogue (bias + ReLU in one pass over the output). */
+                const unet_node *rl = i + 2 < g->n_nodes ? &g->nodes[i + 2] : NULL;
+                int bn_root = g->tensors[bn->out].alias >= 0 ? g->tensors[bn->out].alias : bn->out;
+                int fuse = rl && rl->kind == OP_RELU && rl->in0 == bn->out &&
+                           (rl->out == bn->out || g->tensors[rl->out].alias == bn_root);
+                cp.relu = fuse;
                 st = B->conv2d_forward(ctx, &yb, &a, &fw, g->folded + nd->fold_b, &cp);
                 if (st != TS_OK) return wrap_error(st, "forward", nd);
-                i++;
+                i += fuse ? 2 : 1;
                 continue;
             }
             ts_tensor wt = pweight(m, nd->w, m->weights);
@@ -1028,7 +1035,7 @@ ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
         ts_tensor dx = need_dx ? tgrad(m, nd->in0) : dy;
         switch (nd->kind) {
         case OP_CONV: {
-            ts_conv2d_params cp = {nd->stride, nd->stride, nd->pad, nd->pad};
+            ts_conv2d_params cp = {.stride_h = nd->stride, .stride_w = nd->stride, .pad_h = nd->pad, .pad_w = nd->pad};
             ts_tensor x = tval(m, nd->in0);
             ts_tensor dw = pweight(m, nd->w, m->grads);
             st = B->conv2d_backward_filter(ctx, &dw, &dy, &x, &cp);

@@ -56,7 +56,8 @@ typedef struct net {
     int32_t target[N * H * W];
 } net;
 
-static const ts_conv2d_params conv_s2 = {2, 2, 1, 1}, conv_s1 = {1, 1, 1, 1}, conv_1x1 = {1, 1, 0, 0};
+#define CONV_P(s, p) {.stride_h = (s), .stride_w = (s), .pad_h = (p), .pad_w = (p)}
+static const ts_conv2d_params conv_s2 = CONV_P(2, 1), conv_s1 = CONV_P(1, 1), conv_1x1 = CONV_P(1, 0);
 static const ts_pool2d_params pool = {3, 3, 2, 2, 1, 1};
 static const ts_bn_params bn = {1e-5f, 0.1f};
 static const ts_ce_params ce = {.ignore_index = 255, .class_weights = NULL};

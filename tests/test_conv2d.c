@@ -263,7 +263,7 @@ static void run_case(ts_ctx *ctx, const conv_case *c, tu_rng *rng)
 static void error_cases(ts_ctx *ctx)
 {
     const char *op = "conv2d errors";
-    const ts_conv2d_params p1 = {1, 1, 1, 1};
+    const ts_conv2d_params p1 = {.stride_h = 1, .stride_w = 1, .pad_h = 1, .pad_w = 1};
     ts_tensor x = tu_tensor(2, 3, 8, 8), w = tu_tensor(4, 3, 3, 3), y = tu_tensor(2, 4, 8, 8);
     ts_tensor w_bad_c = tu_tensor(4, 5, 3, 3), y_bad_h = tu_tensor(2, 4, 7, 8), y_bad_c = tu_tensor(2, 5, 8, 8);
     ts_tensor y_bad_n = tu_tensor(1, 4, 8, 8), w_big = tu_tensor(4, 3, 11, 11), dw_bad = tu_tensor(4, 3, 5, 5);
@@ -279,11 +279,11 @@ static void error_cases(ts_ctx *ctx)
                     "forward: y channels != w.n", "conv2d_forward", "[2,5,8,8]", NULL);
     tu_expect_error(ts_cpu_conv2d_forward(ctx, &y_bad_n, &x, &w, NULL, &p1), TS_ERR_INVALID_ARG,
                     "forward: batch mismatch", "conv2d_forward", "batch", NULL);
-    tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w, NULL, &(ts_conv2d_params){0, 1, 1, 1}),
+    tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w, NULL, &(ts_conv2d_params){.stride_h = 0, .stride_w = 1, .pad_h = 1, .pad_w = 1}),
                     TS_ERR_INVALID_ARG, "forward: stride 0", "conv2d_forward", "stride", NULL);
-    tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w, NULL, &(ts_conv2d_params){1, 1, -1, 1}),
+    tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w, NULL, &(ts_conv2d_params){.stride_h = 1, .stride_w = 1, .pad_h = -1, .pad_w = 1}),
                     TS_ERR_INVALID_ARG, "forward: negative pad", "conv2d_forward", "pad", NULL);
-    tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w_big, NULL, &(ts_conv2d_params){1, 1, 1, 1}),
+    tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w_big, NULL, &(ts_conv2d_params){.stride_h = 1, .stride_w = 1, .pad_h = 1, .pad_w = 1}),
                     TS_ERR_INVALID_ARG, "forward: kernel larger than padded input", "conv2d_forward", "11x11",
                     "does not fit", NULL);
     tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w, NULL, NULL), TS_ERR_INVALID_ARG,
@@ -321,6 +321,58 @@ static void error_cases(ts_ctx *ctx)
     tu_free(db, op, "db");
 }
 
+/* The fused inference epilogue: y = max(conv + bias, 0) in the conv's own
+ * pass, against max(reference, 0); and the backward ops refuse the flag. */
+static void fused_relu_cases(ts_ctx *ctx, tu_rng *rng)
+{
+    static const char op[] = "conv2d_forward (fused relu)";
+    const int picks[] = {3, 7, 9, 10, 14}; /* bias cases: generic, pointwise, head, asymmetric, chunked */
+    for (size_t k = 0; k < sizeof picks / sizeof picks[0]; k++) {
+        const conv_case *c = &cases[picks[k]];
+        ref_problem rp = {.cc = c};
+        rp.ho = ts_conv_out_size(c->h, c->kh, c->sh, c->ph);
+        rp.wo = ts_conv_out_size(c->w, c->kw, c->sw, c->pw);
+        ts_tensor x = tu_tensor(c->n, c->cin, c->h, c->w), w = tu_tensor(c->cout, c->cin, c->kh, c->kw);
+        ts_tensor y = tu_tensor(c->n, c->cout, rp.ho, rp.wo);
+        float *b = tu_alloc_f((size_t)c->cout);
+        tu_fill(rng, x.data, ts_tensor_numel(&x), -1, 1);
+        tu_fill(rng, w.data, ts_tensor_numel(&w), -1, 1);
+        tu_fill(rng, b, (size_t)c->cout, -1, 1);
+        for (size_t i = 0; i < ts_tensor_numel(&y); i++) y.data[i] = NAN;
+        rp.x = to_double(x.data, ts_tensor_numel(&x));
+        rp.w = to_double(w.data, ts_tensor_numel(&w));
+        rp.b = to_double(b, (size_t)c->cout);
+        double *want = zeros_d(ts_tensor_numel(&y));
+        ref_conv(&rp, rp.x, rp.w, rp.b, want, NULL, NULL);
+        size_t pos = 0;
+        for (size_t i = 0; i < ts_tensor_numel(&y); i++) {
+            pos += want[i] > 0;
+            want[i] = want[i] > 0 ? want[i] : 0.0;
+        }
+        ts_conv2d_params p = {.stride_h = c->sh, .stride_w = c->sw, .pad_h = c->ph, .pad_w = c->pw, .relu = 1};
+        char what[160];
+        snprintf(what, sizeof what, "%s: forward", c->name);
+        if (tu_expect_ok(ts_cpu_conv2d_forward(ctx, &y, &x, &w, b, &p), what)) {
+            double atol = 1e-5 * sqrt((double)c->cin * c->kh * c->kw);
+            tu_check_close(op, what, &y, y.data, want, ts_tensor_numel(&y), atol, 1e-4);
+            tu_expect(pos > 0 && pos < ts_tensor_numel(&y), "%s: the case has positive and clipped outputs", what);
+        }
+        snprintf(what, sizeof what, "%s: backward refuses the fused relu", c->name);
+        tu_expect_error(ts_cpu_conv2d_backward_data(ctx, &x, &y, &w, &p), TS_ERR_INVALID_ARG, what, "forward-only",
+                        NULL);
+        tu_expect_error(ts_cpu_conv2d_backward_filter(ctx, &w, &y, &x, &p), TS_ERR_INVALID_ARG, what, "forward-only",
+                        NULL);
+        free(rp.x);
+        free(rp.w);
+        free(rp.b);
+        free(want);
+        tu_free(b, op, "bias");
+        tu_tensor_free(&x, op, "x");
+        tu_tensor_free(&w, op, "w");
+        tu_tensor_free(&y, op, "y");
+    }
+}
+
 int main(void)
 {
     ts_ctx ctx;
@@ -342,6 +394,7 @@ int main(void)
         run_case(&ctx, c, &rng);
     }
     error_cases(&ctx);
+    fused_relu_cases(&ctx, &rng);
 
     ts_ctx_free(&ctx);
     return tu_finish("test_conv2d");

@@ -95,6 +95,8 @@ static ts_status conv_check(const char *op, conv_geom *g, const ts_tensor *x, co
         CONV_FAIL("a tensor is NULL, has no data or has a dimension < 1");
     if (p->stride_h < 1 || p->stride_w < 1) CONV_FAIL("strides must be >= 1");
     if (p->pad_h < 0 || p->pad_w < 0) CONV_FAIL("padding must be >= 0");
+    if (p->relu && strcmp(op, "conv2d_forward") != 0)
+        CONV_FAIL("the fused ReLU is forward-only (inference); train with a separate relu op");
     if (x->c != w->c) CONV_FAIL("%s has %d input channels but %s expects %d", xn, x->c, wn, w->c);
     int ho = ts_conv_out_size(x->h, w->h, p->stride_h, p->pad_h);
     int wo = ts_conv_out_size(x->w, w->w, p->stride_w, p->pad_w);
@@ -228,6 +230,26 @@ static ts_status col_buffer(ts_ctx *ctx, const char *op, const conv_geom *g, int
 
 /* ---- forward --------------------------------------------------------------- */
 
+/* The forward epilogue on a [cout, pc] block of y with row stride ld: add
+ * the bias (after the GEMM rather than pre-filling y with beta = 1, so the
+ * sgemm always overwrites y whatever it held) and apply the fused ReLU. */
+static void epilogue(float *y, int ld, int cout, int pc, const float *bias, int relu)
+{
+    if (!bias && !relu) return;
+#pragma omp parallel for schedule(static) if ((size_t)cout * pc >= PAR_MIN_WORK)
+    for (int c = 0; c < cout; c++) {
+        float *yp = y + (size_t)c * ld;
+        const float b = bias ? bias[c] : 0.0f;
+        if (relu)
+            for (int q = 0; q < pc; q++) {
+                float v = yp[q] + b;
+                yp[q] = v > 0.0f ? v : 0.0f;
+            }
+        else
+            for (int q = 0; q < pc; q++) yp[q] += b;
+    }
+}
+
 ts_status ts_cpu_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w, const float *bias,
                                 const ts_conv2d_params *p)
 {
@@ -239,9 +261,11 @@ ts_status ts_cpu_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, c
 
     if (g.pointwise) {
         /* y_n[Cout, P] = W[Cout, Cin] · x_n[Cin, P]. */
-        for (int n = 0; n < g.n; n++)
+        for (int n = 0; n < g.n; n++) {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, g.cout, g.p, g.cin, 1.0f, w->data, g.k,
                         x->data + n * x_img, g.p, 0.0f, y->data + n * y_img, g.p);
+            epilogue(y->data + n * y_img, g.p, g.cout, g.p, bias, p->relu);
+        }
     } else {
         const int pc_max = chunk_pixels(&g);
         float *col = NULL;
@@ -253,19 +277,9 @@ ts_status ts_cpu_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, c
                 /* y_n[:, p0:p0+pc] = W[Cout, K] · col[K, pc], written in place (ldc = P). */
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, g.cout, pc, g.k, 1.0f, w->data, g.k, col,
                             pc, 0.0f, y->data + n * y_img + p0, g.p);
+                /* Bias and ReLU while the chunk is still in cache. */
+                epilogue(y->data + n * y_img + p0, g.p, g.cout, pc, bias, p->relu);
             }
-        }
-    }
-
-    if (bias) {
-        /* Added after the GEMM (rather than pre-filling y and using beta = 1)
-         * so the sgemm above always overwrites y, whatever y held. */
-        const int planes = g.n * g.cout;
-#pragma omp parallel for schedule(static) if ((size_t)planes * g.p >= PAR_MIN_WORK)
-        for (int nc = 0; nc < planes; nc++) {
-            float *yp = y->data + (size_t)nc * g.p;
-            const float b = bias[nc % g.cout];
-            for (int q = 0; q < g.p; q++) yp[q] += b;
         }
     }
     return TS_OK;
