@@ -731,6 +731,7 @@ void ts_unet_free(ts_unet *m)
     ts_aligned_free(m->counters);
     layers_free(m->layers);
     ts_arena_reset(&m->arena);
+    free(m->card);
     memset(m, 0, sizeof *m);
 }
 

@@ -64,6 +64,7 @@ typedef struct ts_unet {
     ts_unet_layers *layers;
     ts_arena arena;    /* activations, planned for (plan_n, plan_h, plan_w) */
     int plan_n, plan_h, plan_w;
+    char *card;        /* the model card as compact JSON (weights/card.h), or NULL */
 } ts_unet;
 
 /* Builds the table for cfg and allocates zeroed parameters (BN weight 1,

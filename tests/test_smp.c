@@ -370,6 +370,85 @@ static void test_detect(void)
     tu_expect_error(ts_model_load(dir, &m, NULL), TS_ERR_UNSUPPORTED, "load an FPN directory", "FPN", (char *)NULL);
 }
 
+static void test_card(void)
+{
+    const char *json = "{\"classes\":[{\"id\":0,\"name\":\"background\"},{\"id\":1,\"name\":\"building\"},"
+                       "{\"id\":2,\"name\":\"road\"},{\"id\":3,\"name\":\"water\"},{\"id\":4,\"name\":\"tree\"},"
+                       "{\"id\":5,\"name\":\"crop\"}],\"bands\":[{\"index\":4,\"name\":\"red\",\"offset\":0,"
+                       "\"scale\":10000},{\"index\":3,\"name\":\"green\",\"offset\":0.125,\"scale\":0.5,\"clip\":[0,"
+                       "3000]},{\"index\":2,\"offset\":-1.5,\"scale\":2.25},{\"index\":8,\"name\":\"nir\",\"offset\":0,"
+                       "\"scale\":1}],\"tile_size\":256,\"ignore_index\":255}";
+    ts_model_card c;
+    if (!tu_expect_ok(ts_card_parse(json, "card.json", &c), "parse a full model card")) return;
+    tu_expect(c.n_classes == 6 && c.n_bands == 4 && c.tile_size == 256 && c.ignore_index == 255 &&
+                  strcmp(c.classes[3].name, "water") == 0 && c.bands[1].has_clip && c.bands[1].clip_hi == 3000 &&
+                  c.bands[2].name == NULL && c.bands[2].scale == 2.25,
+              "card: fields parsed");
+    char *back = NULL;
+    tu_expect_ok(ts_card_format(&c, &back), "format card");
+    tu_expect(back && strcmp(back, json) == 0, "card: parse -> format gives the same text:\n%s\n%s", json,
+              back ? back : "(null)");
+    free(back);
+
+    /* Stored with the model: safetensors metadata and the SMP directory keep
+     * it; a .pth cannot. */
+    ts_unet_config cfg = ts_unet_default_config(4, 6);
+    ts_unet m, r;
+    ts_unet_init(&m, &cfg);
+    tu_expect_ok(ts_unet_set_card(&m, &c), "set card");
+    const char *outs[] = {"card.safetensors", "card_smp", "card.pth"};
+    for (int i = 0; i < 3; i++) {
+        char path[256];
+        snprintf(path, sizeof path, "%s/%s", tmpdir, outs[i]);
+        tu_expect_ok(ts_model_save(path, &m, ts_model_format_for_output(path)), path);
+        if (!tu_expect_ok(ts_model_load(path, &r, NULL), path)) continue;
+        if (i < 2)
+            tu_expect(r.card && strcmp(r.card, m.card) == 0, "%s keeps the model card", outs[i]);
+        else
+            tu_expect(r.card == NULL, "%s holds weights only", outs[i]);
+        ts_unet_free(&r);
+    }
+    ts_card_free(&c);
+
+    /* Against the model: bands must match in_channels, names the classes. */
+    ts_card_parse("{\"bands\":[{\"index\":1},{\"index\":2},{\"index\":3}]}", "c", &c);
+    tu_expect_error(ts_unet_set_card(&m, &c), TS_ERR_INVALID_ARG, "card with 3 bands on a 4-band model", "3 bands",
+                    "4 input channels", (char *)NULL);
+    ts_card_free(&c);
+    ts_card_parse("{\"classes\":[{\"id\":0,\"name\":\"a\"},{\"id\":1,\"name\":\"b\"}]}", "c", &c);
+    tu_expect_error(ts_unet_set_card(&m, &c), TS_ERR_INVALID_ARG, "card with 2 classes on a 6-class model",
+                    "2 classes", "6 outputs", (char *)NULL);
+    ts_unet_free(&m);
+    ts_unet_config bin = ts_unet_default_config(3, 1);
+    ts_unet_init(&m, &bin);
+    tu_expect_ok(ts_unet_set_card(&m, &c), "two class names on a one-output binary model");
+    ts_unet_free(&m);
+    ts_card_free(&c);
+
+    struct {
+        const char *json, *mention;
+    } bad[] = {
+        {"{\"colour\": 1}", "colour"},
+        {"{\"classes\": [{\"id\": 0, \"name\": \"a\"}, {\"id\": 0, \"name\": \"b\"}]}", "repeats"},
+        {"{\"classes\": [{\"id\": -1, \"name\": \"a\"}]}", "classes[0]"},
+        {"{\"classes\": [{\"id\": 1}]}", "classes[0]"},
+        {"{\"bands\": [{\"scale\": 0}]}", "scale"},
+        {"{\"bands\": [{\"clip\": [5, 5]}]}", "clip"},
+        {"{\"bands\": [{\"index\": 0}]}", "index"},
+        {"{\"bands\": [{\"gain\": 2}]}", "gain"},
+        {"{\"tile_size\": 0}", "tile_size"},
+        {"{\"ignore_index\": 2.5}", "ignore_index"},
+        {"{\"tile_size\": 256, \"tile_size\": 512}", "twice"},
+        {"[]", "JSON object"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char what[160];
+        snprintf(what, sizeof what, "model card %s", bad[i].json);
+        tu_expect_error(ts_card_parse(bad[i].json, "m.safetensors", &c), TS_ERR_INVALID_ARG, what, "m.safetensors",
+                        bad[i].mention, (char *)NULL);
+    }
+}
+
 /* The commands, as a user runs them. */
 static void test_cli(void)
 {
@@ -394,6 +473,23 @@ static void test_cli(void)
     snprintf(cmd, sizeof cmd, "%s convert %s/cli.safetensors %s/cli_smp --format smp > %s 2>&1 && %s info %s/cli_smp > %s 2>&1",
              bin, tmpdir, tmpdir, out, bin, tmpdir, out);
     tu_expect(system(cmd) == 0, "terraseg convert to an SMP directory, then info on it");
+    snprintf(cmd, sizeof cmd, "%s info %s/card.safetensors > %s 2>&1", bin, tmpdir, out);
+    rc = system(cmd);
+    fp = fopen(out, "r");
+    size_t nr = fp ? fread(text, 1, sizeof text - 1, fp) : 0;
+    text[nr] = '\0';
+    if (fp) fclose(fp);
+    tu_expect(rc == 0 && strstr(text, "classes: 0=background 1=building") && strstr(text, "tile size: 256") &&
+                  strstr(text, "after clipping to [0, 3000]"),
+              "terraseg info prints the model card; got:\n%s", text);
+    snprintf(cmd, sizeof cmd, "%s convert %s/card.safetensors %s/card2.pth > %s 2>&1", bin, tmpdir, tmpdir, out);
+    rc = system(cmd);
+    fp = fopen(out, "r");
+    nr = fp ? fread(text, 1, sizeof text - 1, fp) : 0;
+    text[nr] = '\0';
+    if (fp) fclose(fp);
+    tu_expect(rc == 0 && strstr(text, "model card") && strstr(text, "weights only"),
+              "terraseg convert says when a .pth drops the model card; got:\n%s", text);
     snprintf(cmd, sizeof cmd, "%s info %s/notes.txt > %s 2>&1", bin, tmpdir, out);
     rc = system(cmd);
     fp = fopen(out, "r");
@@ -424,6 +520,7 @@ int main(void)
     test_strict();
     test_imagenet();
     test_detect();
+    test_card();
     test_cli();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);

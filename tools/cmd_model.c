@@ -51,11 +51,27 @@ int run_info(int argc, char **argv)
     if (unused) printf(" (%zu in encoder stages this depth never runs)", unused);
     printf("\nbuffers: %zu floats, %zu counters\n", m.n_buffers, m.n_counters);
 
-    ts_dict card;
-    ts_dict_init(&card);
-    if (ts_unet_set_model_card(&m, &card) == TS_OK)
-        for (size_t i = 0; i < card.meta_count; i++) printf("card %s: %s\n", card.meta[i].key, card.meta[i].value);
-    ts_dict_free(&card);
+    ts_model_card card;
+    if (ts_unet_get_card(&m, &card) == TS_OK && m.card) {
+        printf("model card:\n");
+        if (card.n_classes) {
+            printf("  classes:");
+            for (int i = 0; i < card.n_classes; i++) printf(" %d=%s", card.classes[i].id, card.classes[i].name);
+            printf("\n");
+        }
+        for (int i = 0; i < card.n_bands; i++) {
+            const ts_card_band *b = &card.bands[i];
+            printf("  band %d: source band %d%s%s%s, (x - %g) / %g", i + 1, b->index, b->name ? " (" : "",
+                   b->name ? b->name : "", b->name ? ")" : "", b->offset, b->scale);
+            if (b->has_clip) printf(" after clipping to [%g, %g]", b->clip_lo, b->clip_hi);
+            printf("\n");
+        }
+        if (card.tile_size) printf("  tile size: %d\n", card.tile_size);
+        if (card.ignore_index >= 0) printf("  ignore id: %d\n", card.ignore_index);
+        ts_card_free(&card);
+    } else {
+        printf("model card: none (no classes, bands or normalization recorded)\n");
+    }
 
     int tiles[] = {info_tile, 256, 512};
     for (int i = 0; i < 3; i++) {
@@ -110,6 +126,9 @@ int run_convert(int argc, char **argv)
         fprintf(stderr, "terraseg convert: %s\n", ts_last_error());
         return 1;
     }
+    if (m.card && out_format == TS_FORMAT_PTH)
+        fprintf(stderr, "terraseg convert: note: %s holds weights only; the model card (classes, bands, "
+                        "normalization) is not written to it\n", argv[1]);
     ts_status st = ts_model_save(argv[1], &m, out_format);
     ts_unet_free(&m);
     if (st != TS_OK) {

@@ -329,7 +329,43 @@ ts_status ts_unet_set_model_card(const ts_unet *m, ts_dict *d)
     if (st == TS_OK) st = ts_dict_set_meta(d, "format", "pt");
     if (st == TS_OK) st = ts_dict_set_meta(d, "terraseg.architecture", "Unet/resnet34");
     if (st == TS_OK) st = ts_dict_set_meta(d, "terraseg.config", json);
+    if (st == TS_OK && m->card) st = ts_dict_set_meta(d, "terraseg.card", m->card);
     free(json);
+    return st;
+}
+
+ts_status ts_unet_set_card(ts_unet *m, const ts_model_card *c)
+{
+    if (c->n_bands && c->n_bands != m->cfg.in_channels)
+        return ts_error(TS_ERR_INVALID_ARG, "model card lists %d bands but the model takes %d input channels",
+                        c->n_bands, m->cfg.in_channels);
+    if (c->n_classes && c->n_classes != m->cfg.classes && !(m->cfg.classes == 1 && c->n_classes == 2))
+        return ts_error(TS_ERR_INVALID_ARG, "model card names %d classes but the model has %d outputs", c->n_classes,
+                        m->cfg.classes);
+    free(m->card);
+    m->card = NULL;
+    if (!c->n_classes && !c->n_bands && !c->tile_size && c->ignore_index < 0) return TS_OK;
+    return ts_card_format(c, &m->card);
+}
+
+ts_status ts_unet_get_card(const ts_unet *m, ts_model_card *out)
+{
+    if (!m->card) {
+        ts_card_init(out);
+        return TS_OK;
+    }
+    return ts_card_parse(m->card, "model", out);
+}
+
+/* Parses a card found in a file and attaches it to m. */
+static ts_status attach_card(ts_unet *m, const char *json, const char *source)
+{
+    ts_model_card c;
+    ts_status st = ts_card_parse(json, source, &c);
+    if (st != TS_OK) return st;
+    st = ts_unet_set_card(m, &c);
+    if (st != TS_OK) st = ts_error(st, "%s: %s", source, ts_last_error());
+    ts_card_free(&c);
     return st;
 }
 
@@ -523,6 +559,20 @@ ts_status ts_model_load(const char *path, ts_unet *m, const ts_load_opts *o)
     }
     if (st == TS_OK) st = ts_unet_init(m, &cfg);
     if (st == TS_OK) st = ts_unet_load_dict(m, &d, o, file);
+    /* The model card: in safetensors metadata, or beside an SMP directory's
+     * config.json (SMP ignores files it does not know). */
+    const char *card = st == TS_OK ? ts_dict_get_meta(&d, "terraseg.card") : NULL;
+    if (card) st = attach_card(m, card, file);
+    if (st == TS_OK && f == TS_FORMAT_SMP_DIR) {
+        char cardfile[4200];
+        snprintf(cardfile, sizeof cardfile, "%s/terraseg_card.json", path);
+        if (access(cardfile, F_OK) == 0) {
+            char *json = NULL;
+            st = read_text(cardfile, &json);
+            if (st == TS_OK) st = attach_card(m, json, cardfile);
+            free(json);
+        }
+    }
     if (st != TS_OK) ts_unet_free(m);
     ts_dict_free(&d);
     return st;
@@ -567,6 +617,8 @@ ts_status ts_model_save(const char *path, const ts_unet *m, ts_model_format f)
             snprintf(file, sizeof file, "%s/config.json", path);
             if (st == TS_OK) st = write_text_atomic(file, json);
             free(json);
+            snprintf(file, sizeof file, "%s/terraseg_card.json", path);
+            if (st == TS_OK && m->card) st = write_text_atomic(file, m->card);
             snprintf(file, sizeof file, "%s/model.safetensors", path);
             /* SMP's save_pretrained writes no __metadata__ (config.json is the
              * card there), so the file matches what SMP itself would write. */

@@ -9,6 +9,7 @@
 #define TS_SMP_H
 
 #include "nn/unet.h"
+#include "weights/card.h"
 #include "weights/dict.h"
 
 typedef struct ts_load_opts {
@@ -39,9 +40,16 @@ ts_status ts_smp_config_parse(const char *json, const char *source, ts_unet_conf
 /* Writes SMP 0.6's config.json for cfg into a malloc'ed string. */
 ts_status ts_smp_config_format(const ts_unet_config *cfg, char **json);
 
-/* The model card: the config as SMP JSON under "terraseg.config" plus
- * "format": "pt" (what safetensors.torch writes), for safetensors metadata. */
+/* safetensors metadata: the config as SMP JSON under "terraseg.config",
+ * the model card (if any) under "terraseg.card", and "format": "pt". */
 ts_status ts_unet_set_model_card(const ts_unet *m, ts_dict *d);
+
+/* Validates a model card against the model (as many bands as in_channels,
+ * as many classes as classes, or two names for a one-class binary model)
+ * and stores it in m->card. A card with no entries clears it. */
+ts_status ts_unet_set_card(ts_unet *m, const ts_model_card *c);
+/* The model's card (an empty one when it has none); free with ts_card_free. */
+ts_status ts_unet_get_card(const ts_unet *m, ts_model_card *out);
 
 /* ImageNet encoder weights from a torchvision or timm resnet34 state_dict
  * (conv1.weight, bn1.*, layer1..4.*; fc.* ignored), into encoder.*, with SMP's
