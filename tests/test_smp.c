@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "nn/unet.h"
+#include "tests/fixture.h"
 #include "tests/smp_fill.h"
 #include "tests/testutil.h"
 #include "weights/smp.h"
@@ -499,6 +500,47 @@ static void test_cli(void)
     tu_expect(rc != 0 && strstr(text, "notes.txt"), "terraseg info on a text file fails naming it; got:\n%s", text);
 }
 
+/* config.json files written by SMP 0.6.0's save_pretrained
+ * (tests/fixtures/make_smp_configs.py): parsed right, and written back byte
+ * for byte. */
+static void test_real_configs(void)
+{
+    struct {
+        const char *file;
+        int in, classes, depth, dec_last, bn, byte_exact;
+    } cases[] = {
+        {"in4_k6_d5", 4, 6, 5, 16, 1, 1},
+        {"in3_k1_d3", 3, 1, 3, 16, 1, 1},
+        {"in3_k6_d4_nobn", 3, 6, 4, 16, 0, 1},
+        /* activation "sigmoid" and the deprecated decoder_use_batchnorm key:
+         * read, but terraseg writes its own canonical config. */
+        {"in3_k2_sigmoid_old", 3, 2, 5, 16, 1, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char path[1024], *text = NULL;
+        snprintf(path, sizeof path, "%s/smp_config/%s.config.json", fx_dir(), cases[i].file);
+        FILE *fp = fopen(path, "rb");
+        if (!tu_expect(fp != NULL, "open %s", path)) continue;
+        text = calloc(1, 65536);
+        size_t n = fread(text, 1, 65535, fp);
+        fclose(fp);
+        text[n] = '\0';
+        ts_unet_config cfg;
+        if (tu_expect_ok(ts_smp_config_parse(text, path, &cfg), path)) {
+            tu_expect(cfg.in_channels == cases[i].in && cfg.classes == cases[i].classes &&
+                          cfg.encoder_depth == cases[i].depth && cfg.decoder_channels[cfg.encoder_depth - 1] ==
+                          cases[i].dec_last && cfg.decoder_use_batchnorm == cases[i].bn,
+                      "%s: architecture read from SMP's config.json", cases[i].file);
+            char *mine = NULL;
+            if (cases[i].byte_exact && tu_expect_ok(ts_smp_config_format(&cfg, &mine), "format"))
+                tu_expect(strcmp(mine, text) == 0, "%s: terraseg writes SMP's config.json byte for byte:\n%s",
+                          cases[i].file, mine);
+            free(mine);
+        }
+        free(text);
+    }
+}
+
 int main(void)
 {
     ts_ctx ctx;
@@ -517,6 +559,7 @@ int main(void)
     d3.decoder_use_batchnorm = 0;
     test_roundtrip(&d3, "d3nobn");
     test_config_json();
+    test_real_configs();
     test_strict();
     test_imagenet();
     test_detect();
