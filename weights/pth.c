@@ -5,6 +5,8 @@
  * allowlisted callables that rebuild tensors and containers. */
 #include "pth.h"
 
+#include "kernels/outfile.h"
+
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1797,22 +1799,14 @@ ts_status ts_pth_write_ex(const char *path, const ts_dict *d, const ts_pth_write
         free(pkl.p);
         return ts_error(TS_ERR_NOMEM, "%s: out of memory building data.pkl", path);
     }
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 5);
-    if (!tmp) {
-        free(pkl.p);
-        return ts_error(TS_ERR_NOMEM, "%s: out of memory", path);
-    }
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
-    zwriter z = {.force64 = o && o->force_zip64};
-    z.f = fopen(tmp, "wb");
-    if (!z.f) {
-        ts_status st = ts_error(TS_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
-        free(tmp);
+    /* Through PATH.tmp and a rename (kernels/outfile.h). */
+    ts_outfile out;
+    ts_status st = ts_outfile_open(&out, path);
+    if (st != TS_OK) {
         free(pkl.p);
         return st;
     }
+    zwriter z = {.force64 = o && o->force_zip64, .f = out.fp};
     char arch[128], rec[192];
     archive_name(path, arch, sizeof arch);
     snprintf(rec, sizeof rec, "%s/data.pkl", arch);
@@ -1828,19 +1822,8 @@ ts_status ts_pth_write_ex(const char *path, const ts_dict *d, const ts_pth_write
     zw_finish(&z);
     free(pkl.p);
     free(z.cd.p);
-    int err = z.errnum ? z.errnum : ENOMEM; /* a failed write, else a failed buffer allocation */
-    if (!z.err && (fflush(z.f) != 0 || ferror(z.f))) z.err = 1, err = errno;
-    if (fclose(z.f) != 0 && !z.err) z.err = 1, err = errno;
-    ts_status st = TS_OK;
-    if (z.err) {
-        st = ts_error(TS_ERR_IO, "%s: writing %s failed: %s", path, tmp, strerror(err));
-        remove(tmp);
-    } else if (rename(tmp, path) != 0) {
-        st = ts_error(TS_ERR_IO, "%s: cannot rename %s over it: %s", path, tmp, strerror(errno));
-        remove(tmp);
-    }
-    free(tmp);
-    return st;
+    if (z.err) out.err = z.errnum ? z.errnum : ENOMEM; /* a failed write, else a failed buffer allocation */
+    return ts_outfile_commit(&out);
 }
 
 ts_status ts_pth_write(const char *path, const ts_dict *d) { return ts_pth_write_ex(path, d, NULL); }

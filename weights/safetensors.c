@@ -3,6 +3,8 @@
  * Metadata::validate) and the writer follows its prepare()/serialize. */
 #include "safetensors.h"
 
+#include "kernels/outfile.h"
+
 #include <cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -894,92 +896,23 @@ ts_status ts_safetensors_serialize(const ts_dict *d, unsigned char **buf, size_t
     return TS_OK;
 }
 
-static int write_all(int fd, const void *buf, size_t n)
-{
-    const unsigned char *p = buf;
-    while (n) {
-        size_t chunk = n > ((size_t)1 << 30) ? (size_t)1 << 30 : n;
-        ssize_t w = write(fd, p, chunk);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) {
-            if (w == 0) errno = EIO;
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 ts_status ts_safetensors_write(const char *path, const ts_dict *d)
 {
     prepared p;
     ts_status st = prepare(d, path, &p);
     if (st != TS_OK) return st;
-
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 5);
-    if (!tmp) {
-        prepared_free(&p);
-        return ts_error(TS_ERR_NOMEM, "%s: out of memory", path);
+    /* Streamed from the tensors (no second copy of the model in memory),
+     * through PATH.tmp and a rename (kernels/outfile.h). */
+    ts_outfile o;
+    st = ts_outfile_open(&o, path);
+    if (st == TS_OK) {
+        unsigned char lenbuf[8];
+        put_le64(lenbuf, p.header.len);
+        ts_outfile_write(&o, lenbuf, 8);
+        ts_outfile_write(&o, p.header.p, p.header.len);
+        for (size_t i = 0; i < p.count; i++) ts_outfile_write(&o, p.order[i]->data, p.order[i]->nbytes);
+        st = ts_outfile_commit(&o);
     }
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
-
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
-    if (fd < 0) {
-        st = ts_error(TS_ERR_IO, "%s: cannot create the temporary file %s: %s (check that the directory exists and is "
-                      "writable)", path, tmp, strerror(errno));
-        free(tmp);
-        prepared_free(&p);
-        return st;
-    }
-    unsigned char lenbuf[8];
-    put_le64(lenbuf, p.header.len);
-    const char *failed = NULL;
-    int err = 0;
-    if (write_all(fd, lenbuf, 8) || write_all(fd, p.header.p, p.header.len)) {
-        failed = "writing";
-    } else {
-        for (size_t i = 0; i < p.count; i++) {
-            if (p.order[i]->nbytes && write_all(fd, p.order[i]->data, p.order[i]->nbytes)) {
-                failed = "writing";
-                break;
-            }
-        }
-    }
-    if (!failed && fsync(fd) != 0) failed = "syncing";
-    if (failed) err = errno;
-    if (close(fd) != 0 && !failed) {
-        failed = "closing";
-        err = errno;
-    }
-    if (!failed && rename(tmp, path) != 0) {
-        failed = "renaming";
-        err = errno;
-    }
-    if (failed) {
-        unlink(tmp);
-        st = ts_error(TS_ERR_IO, "%s: %s the temporary file %s failed: %s (%s)", path, failed, tmp, strerror(err),
-                      strcmp(failed, "renaming") == 0 ? "is the target a directory or on another file system?"
-                                                      : "is the disk full or read-only?");
-        free(tmp);
-        prepared_free(&p);
-        return st;
-    }
-    free(tmp);
     prepared_free(&p);
-
-    /* Make the rename durable too (best effort: some file systems refuse). */
-    const char *slash = strrchr(path, '/');
-    char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : strdup(".");
-    if (dir) {
-        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0) {
-            (void)fsync(dfd);
-            close(dfd);
-        }
-        free(dir);
-    }
-    return TS_OK;
+    return st;
 }

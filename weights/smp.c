@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "kernels/outfile.h"
 #include "weights/pth.h"
 #include "weights/safetensors.h"
 
@@ -578,23 +579,10 @@ ts_status ts_model_load(const char *path, ts_unet *m, const ts_load_opts *o)
     return st;
 }
 
-/* Writes text to path through path.tmp and a rename. */
+/* Text files (config.json, the card) through a temporary and a rename. */
 static ts_status write_text_atomic(const char *path, const char *text)
 {
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *fp = fopen(tmp, "wb");
-    if (!fp) return ts_error(TS_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
-    size_t len = strlen(text);
-    int ok = fwrite(text, 1, len, fp) == len;
-    ok &= fflush(fp) == 0 && fsync(fileno(fp)) == 0;
-    ok &= fclose(fp) == 0;
-    if (!ok || rename(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        return ts_error(TS_ERR_IO, "%s: write failed: %s", path, strerror(e));
-    }
-    return TS_OK;
+    return ts_write_file_atomic(path, text, strlen(text));
 }
 
 ts_status ts_model_save(const char *path, const ts_unet *m, ts_model_format f)
