@@ -18,6 +18,7 @@
 
 #include "bench.h"
 #include "kernels/backend.h"
+#include "kernels/outfile.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/threads.h"
 
@@ -247,33 +248,23 @@ static const char csv_header[] =
     "name,cin,cout,kernel,stride,pad,in_h,in_w,out_h,out_w,batch,count,needs_dx,bias,threads,"
     "gflop_fwd,ms_fwd,ms_bwd_data,ms_bwd_filter,gemm_gflops,sgemm_peak_gflops\n";
 
+/* The CSV goes through FILE.tmp and a rename (kernels/outfile.h); f is
+ * NULL when no CSV was asked for. */
 typedef struct csv_out {
     FILE *f;
-    char *tmp;        /* FILE.tmp, renamed to path by csv_close */
-    const char *path;
+    ts_outfile out;
 } csv_out;
 
-/* Opens path.tmp for writing and writes the header. 0 on success; on error
- * prints to stderr and returns 1. */
+/* Opens the CSV and writes the header. 0 on success; on error prints to
+ * stderr and returns 1. */
 static int csv_open(csv_out *c, const char *path)
 {
     memset(c, 0, sizeof *c);
-    c->path = path;
-    size_t len = strlen(path);
-    c->tmp = malloc(len + 5);
-    if (!c->tmp) {
-        fprintf(stderr, "bench conv: out of memory\n");
+    if (ts_outfile_open(&c->out, path) != TS_OK) {
+        fprintf(stderr, "bench conv: %s\n", ts_last_error());
         return 1;
     }
-    memcpy(c->tmp, path, len);
-    memcpy(c->tmp + len, ".tmp", 5);
-    c->f = fopen(c->tmp, "w");
-    if (!c->f) {
-        fprintf(stderr, "bench conv: cannot write %s: %s\n", c->tmp, strerror(errno));
-        free(c->tmp);
-        c->tmp = NULL;
-        return 1;
-    }
+    c->f = c->out.fp;
     fputs(csv_header, c->f);
     return 0;
 }
@@ -299,29 +290,21 @@ static void csv_row(csv_out *c, const conv_shape *s, int ho, int wo, int batch, 
             tf * 1e3, td * 1e3, tw * 1e3, gemm, peak);
 }
 
-/* Closes the file; if ok and every write went through, renames FILE.tmp to
- * FILE, else removes FILE.tmp. Returns 0 on success, 1 after printing an error
- * (or if !ok: the caller has reported that already). */
+/* Renames the finished CSV into place, or (!ok: the caller has reported the
+ * error) removes it. Returns 0 on success, 1 after an error. */
 static int csv_close(csv_out *c, int ok)
 {
     if (!c->f) return ok ? 0 : 1;
-    int rc = ok ? 0 : 1;
-    if (ok && ferror(c->f)) {
-        fprintf(stderr, "bench conv: error writing %s\n", c->tmp);
-        rc = 1;
+    c->f = NULL;
+    if (!ok) {
+        ts_outfile_abort(&c->out);
+        return 1;
     }
-    if (fclose(c->f) != 0 && rc == 0) {
-        fprintf(stderr, "bench conv: error writing %s: %s\n", c->tmp, strerror(errno));
-        rc = 1;
+    if (ts_outfile_commit(&c->out) != TS_OK) {
+        fprintf(stderr, "bench conv: %s\n", ts_last_error());
+        return 1;
     }
-    if (rc == 0 && rename(c->tmp, c->path) != 0) {
-        fprintf(stderr, "bench conv: cannot rename %s to %s: %s\n", c->tmp, c->path, strerror(errno));
-        rc = 1;
-    }
-    if (rc) remove(c->tmp);
-    free(c->tmp);
-    memset(c, 0, sizeof *c);
-    return rc;
+    return 0;
 }
 
 int ts_bench_conv(const ts_bench_opts *o)
