@@ -12,6 +12,7 @@
 #include "io/io.h"
 #include "tools/bench/bench.h"
 #include "tools/cli.h"
+#include "tools/cmd_rasterize.h"
 #include "tools/commands.h"
 #ifdef TERRASEG_HAVE_CUDA
 #include "kernels/cuda/cuda_backend.h"
@@ -97,6 +98,9 @@ static const cli_command commands[] = {
      info_options, run_info},
     {"convert", "IN OUT", "Convert a model between .pth, .safetensors and an SMP save_pretrained directory.",
      convert_options, run_convert},
+    {"rasterize", "LABELS OUT.tif",
+     "Write the label mask of LABELS (vector layer or mask raster) on the grid of --like IMAGE as a GeoTIFF.",
+     rasterize_options, run_rasterize},
     {"bench", "[conv|model]",
      "Measure on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, forward and "
      "backward GFLOP/s next to this machine's sgemm GFLOP/s. model: the whole U-Net, eval forward and train "
