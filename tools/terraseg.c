@@ -13,6 +13,7 @@
 #include "tools/bench/bench.h"
 #include "tools/cli.h"
 #include "tools/cmd_rasterize.h"
+#include "tools/cmd_windows.h"
 #include "tools/commands.h"
 #ifdef TERRASEG_HAVE_CUDA
 #include "kernels/cuda/cuda_backend.h"
@@ -101,6 +102,12 @@ static const cli_command commands[] = {
     {"rasterize", "LABELS OUT.tif",
      "Write the label mask of LABELS (vector layer or mask raster) on the grid of --like IMAGE as a GeoTIFF.",
      rasterize_options, run_rasterize},
+    {"windows", "IMAGE",
+     "Make tile windows on IMAGE's grid (a grid with overlap, a CSV, vector features or random) and write them as CSV.",
+     windows_options, run_windows},
+    {"split", "WINDOWS.csv",
+     "Assign windows to train/val/test by spatial blocks with ratios and a seed (optional buffer between splits).",
+     split_options, run_split},
     {"bench", "[conv|model]",
      "Measure on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, forward and "
      "backward GFLOP/s next to this machine's sgemm GFLOP/s. model: the whole U-Net, eval forward and train "
