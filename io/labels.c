@@ -44,6 +44,7 @@ struct ts_labels {
     ts_grid grid;
     ts_label_opts o; /* strings and maps owned below */
     char *o_layer, *o_attribute;
+    char *assume_wkt; /* o.assume_crs resolved to WKT (o.assume_crs points here) */
     ts_label_color *o_colors;
     ts_label_class *o_class_map;
     int64_t max_id;
@@ -327,6 +328,7 @@ static ts_status open_raster(ts_labels *l)
     const int has_gt = GDALGetGeoTransform(l->ds, gt) == CE_None;
     const char *mask_wkt = GDALGetProjectionRef(l->ds);
     if (mask_wkt && !*mask_wkt) mask_wkt = NULL;
+    if (!mask_wkt && l->assume_wkt) mask_wkt = l->assume_wkt; /* the CRS the caller says it is in */
     const char *img_wkt = l->grid.crs_wkt && *l->grid.crs_wkt ? l->grid.crs_wkt : NULL;
     if (!has_gt) {
         if (GDALGetRasterXSize(l->ds) == l->grid.width && GDALGetRasterYSize(l->ds) == l->grid.height) {
@@ -342,12 +344,12 @@ static ts_status open_raster(ts_labels *l)
     if (!mask_wkt && img_wkt && !o->assume_image_crs)
         return ts_error(TS_ERR_INVALID_ARG,
                         "labels '%s': the mask has no CRS but the image has one; set its CRS (gdal_edit.py -a_srs) or "
-                        "ask to assume the image CRS (--assume-crs)",
+                        "say which CRS it is in (--assume-crs EPSG:<code>, or --assume-crs image for the image's)",
                         l->path);
     if (mask_wkt && !img_wkt && !o->assume_image_crs)
         return ts_error(TS_ERR_INVALID_ARG,
                         "labels '%s': the mask has a CRS but the image has none, so it cannot be reprojected; set the "
-                        "image's CRS or ask to assume the image CRS (--assume-crs)",
+                        "image's CRS or take the mask to be on the image's CRS (--assume-crs image)",
                         l->path);
     const char *src_wkt = mask_wkt && img_wkt ? mask_wkt : img_wkt; /* assumed: the image's */
     int same_crs = 1;
@@ -607,6 +609,76 @@ static int cmp_rank(const void *a, const void *b)
     return (x->fid > y->fid) - (x->fid < y->fid);
 }
 
+/* What to tell a user whose layer has no CRS. Coordinates within +-180 /
+ * +-90 over a projected image are almost surely longitude/latitude: the
+ * geographic CRS of the image's datum (SIRGAS 2000, EPSG:4674, under SIRGAS
+ * 2000 / UTM 25S) is the likely one, so the hint names it. */
+static void missing_crs_hint(ts_labels *l, const char *img_wkt, char *buf, size_t size)
+{
+    OGREnvelope env;
+    int degrees = 0;
+    if (OGR_L_GetExtent(l->layer, &env, TRUE) == OGRERR_NONE)
+        degrees = env.MinX >= -180.0 && env.MaxX <= 360.0 && env.MinY >= -90.0 && env.MaxY <= 90.0;
+    char code[64] = "";
+    char name[128] = "";
+    OGRSpatialReferenceH img = srs_from_wkt(img_wkt);
+    if (degrees && img && OSRIsProjected(img)) {
+        OGRSpatialReferenceH geog = OSRCloneGeogCS(img);
+        if (geog) {
+            const char *auth = OSRGetAuthorityName(geog, NULL), *c = OSRGetAuthorityCode(geog, NULL);
+            if (!(auth && c) && OSRAutoIdentifyEPSG(geog) == OGRERR_NONE) {
+                auth = OSRGetAuthorityName(geog, NULL);
+                c = OSRGetAuthorityCode(geog, NULL);
+            }
+            if (auth && c) snprintf(code, sizeof code, "%s:%s", auth, c);
+            const char *nm = OSRGetName(geog);
+            if (nm) snprintf(name, sizeof name, "%s", nm);
+            OSRDestroySpatialReference(geog);
+        }
+    }
+    if (img) OSRDestroySpatialReference(img);
+    if (degrees && *code)
+        snprintf(buf, size,
+                 "its coordinates (x %.6g..%.6g, y %.6g..%.6g) look like degrees while the image CRS is projected, so "
+                 "they are most likely longitude/latitude on the image's datum: pass --assume-crs %s (%s), or give "
+                 "the file that CRS (a .prj next to a shapefile; ogr2ogr -a_srs %s)",
+                 env.MinX, env.MaxX, env.MinY, env.MaxY, code, name, code);
+    else if (degrees)
+        snprintf(buf, size,
+                 "its coordinates (x %.6g..%.6g, y %.6g..%.6g) look like degrees: pass --assume-crs with the "
+                 "geographic CRS they are in (EPSG:4326 for WGS 84), or give the file a CRS (a .prj next to a "
+                 "shapefile; ogr2ogr -a_srs)",
+                 env.MinX, env.MaxX, env.MinY, env.MaxY);
+    else
+        snprintf(buf, size,
+                 "give the file a CRS (ogr2ogr -a_srs, or a .prj for a shapefile), or say which CRS it is in "
+                 "(--assume-crs EPSG:<code>, or --assume-crs image for the image's)");
+}
+
+/* opts.assume_crs -> WKT, checked once at open. */
+static ts_status resolve_assumed_crs(ts_labels *l, const char *user)
+{
+    if (!user) return TS_OK;
+    OGRSpatialReferenceH s = OSRNewSpatialReference(NULL);
+    if (!s) return ts_error(TS_ERR_NOMEM, "labels: out of memory");
+    char *wkt = NULL;
+    ts_status st = TS_OK;
+    CPLErrorReset();
+    if (OSRSetFromUserInput(s, user) != OGRERR_NONE)
+        st = ts_gdal_error(TS_ERR_INVALID_ARG,
+                           "labels '%s': the assumed CRS \"%s\" is not one GDAL knows (give EPSG:<code>, WKT or a "
+                           "PROJ string)",
+                           l->path, user);
+    else if (OSRExportToWkt(s, &wkt) != OGRERR_NONE || !wkt)
+        st = ts_gdal_error(TS_ERR_BACKEND, "labels '%s': cannot write the assumed CRS \"%s\" as WKT", l->path, user);
+    else if (!(l->assume_wkt = strdup(wkt)))
+        st = ts_error(TS_ERR_NOMEM, "labels: out of memory");
+    CPLFree(wkt);
+    OSRDestroySpatialReference(s);
+    if (!st) l->o.assume_crs = l->assume_wkt;
+    return st;
+}
+
 static ts_status open_vector(ts_labels *l)
 {
     const ts_label_opts *o = &l->o;
@@ -633,18 +705,30 @@ static ts_status open_vector(ts_labels *l)
     /* CRS: reproject to the image's, or refuse. */
     OGRSpatialReferenceH lsrs = OGR_L_GetSpatialRef(l->layer);
     const char *img_wkt = l->grid.crs_wkt && *l->grid.crs_wkt ? l->grid.crs_wkt : NULL;
-    if (!lsrs && !o->assume_image_crs && img_wkt)
-        return ts_error(TS_ERR_INVALID_ARG,
-                        "labels '%s': layer '%s' has no CRS, so it cannot be placed on the image; give the file a "
-                        "CRS (ogr2ogr -a_srs, or a .prj for a shapefile) or ask to assume the image CRS (--assume-crs)",
-                        l->path, l->layer_name);
-    if (lsrs && !img_wkt && !o->assume_image_crs)
+    OGRSpatialReferenceH assumed = NULL; /* the layer's CRS when the caller named it */
+    if (!lsrs && l->assume_wkt) {
+        if (!(assumed = srs_from_wkt(l->assume_wkt)))
+            return ts_gdal_error(TS_ERR_BACKEND, "labels '%s': cannot use the assumed CRS", l->path);
+        lsrs = assumed;
+    }
+    if (!lsrs && !o->assume_image_crs && img_wkt) {
+        char hint[512];
+        missing_crs_hint(l, img_wkt, hint, sizeof hint);
+        return ts_error(TS_ERR_INVALID_ARG, "labels '%s': layer '%s' has no CRS, so it cannot be placed on the image; %s",
+                        l->path, l->layer_name, hint);
+    }
+    if (lsrs && !img_wkt && !o->assume_image_crs) {
+        if (assumed) OSRDestroySpatialReference(assumed);
         return ts_error(TS_ERR_INVALID_ARG,
                         "labels '%s': layer '%s' has a CRS but the image has none, so it cannot be reprojected; set "
-                        "the image's CRS or ask to assume the image CRS (--assume-crs)",
+                        "the image's CRS (gdal_edit.py -a_srs) or take the labels to be on the image's grid "
+                        "(--assume-crs image)",
                         l->path, l->layer_name);
+    }
     if (lsrs && img_wkt) {
         OGRSpatialReferenceH a = OSRClone(lsrs), b = srs_from_wkt(img_wkt);
+        if (assumed) OSRDestroySpatialReference(assumed);
+        assumed = NULL;
         if (!a || !b) {
             if (a) OSRDestroySpatialReference(a);
             if (b) OSRDestroySpatialReference(b);
@@ -663,6 +747,7 @@ static ts_status open_vector(ts_labels *l)
             return ts_gdal_error(TS_ERR_BACKEND, "labels '%s': cannot reproject layer '%s' to the image CRS", l->path,
                                  l->layer_name);
     }
+    if (assumed) OSRDestroySpatialReference(assumed);
 
     /* The class attribute. */
     OGRFeatureDefnH defn = OGR_L_GetLayerDefn(l->layer);
@@ -909,7 +994,7 @@ static ts_status read_vector(ts_labels *l, const ts_window *w, int32_t *mask, in
         free_items(l);
         return st;
     }
-    if (l->order_mode != ORDER_NOFILTER) qsort(l->items, l->n_items, sizeof *l->items, cmp_item);
+    if (l->order_mode != ORDER_NOFILTER && l->n_items > 1) qsort(l->items, l->n_items, sizeof *l->items, cmp_item);
 
     int32_t *dst = mask + (size_t)(r0 - w->row_off) * (size_t)w->width + (size_t)(c0 - w->col_off);
     for (int y = 0; y < rh; y++) fill_i32(dst + (size_t)y * (size_t)w->width, (size_t)cw, l->o.background_id);
@@ -975,6 +1060,7 @@ static ts_status copy_opts(ts_labels *l, const ts_label_opts *o)
 {
     l->o = *o;
     l->o.layer = l->o.attribute = NULL;
+    l->o.assume_crs = NULL; /* resolved to WKT by resolve_assumed_crs */
     l->o.colors = NULL;
     l->o.class_map = NULL;
     if ((o->layer && !(l->o_layer = dup_str(o->layer))) || (o->attribute && !(l->o_attribute = dup_str(o->attribute))))
@@ -1037,6 +1123,11 @@ ts_status ts_labels_open(const char *path, const ts_grid *image_grid, const ts_l
     if (!(l->path = strdup(path))) st = ts_error(TS_ERR_NOMEM, "labels '%s': out of memory", path);
     if (!st) st = ts_grid_copy(&l->grid, image_grid);
     if (!st) st = copy_opts(l, o);
+    if (st) {
+        ts_labels_close(l);
+        return st;
+    }
+    st = resolve_assumed_crs(l, o->assume_crs);
     if (st) {
         ts_labels_close(l);
         return st;
@@ -1127,6 +1218,7 @@ void ts_labels_close(ts_labels *l)
     free(l->scratch);
     free(l->o_layer);
     free(l->o_attribute);
+    free(l->assume_wkt);
     free(l->o_colors);
     free(l->o_class_map);
     ts_grid_free(&l->grid);

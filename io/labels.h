@@ -34,6 +34,11 @@
  * feature whose geometry cannot be reprojected is skipped (as gdal_rasterize
  * does). Reads use an OGR spatial filter on the window's extent.
  *
+ * Labels without a CRS are refused (the message suggests the fix: when a
+ * vector layer's coordinates look like degrees over a projected image, the
+ * geographic CRS of the image's datum, e.g. --assume-crs EPSG:4674), unless
+ * opts.assume_crs names their CRS or opts.assume_image_crs takes the image's.
+ *
  * Both kinds: ids must be >= 0. ignore_id (default 255) marks pixels the loss
  * and the metrics skip. opts.binary maps every non-zero id other than
  * ignore_id to 1. With opts.classes > 0, an id >= classes (other than
@@ -82,6 +87,10 @@ typedef struct ts_label_opts {
     int32_t burn;         /* fixed class when attribute is NULL (default 1) */
     int all_touched;      /* burn every pixel a geometry touches (GDAL ALL_TOUCHED) */
     int assume_image_crs; /* labels without a CRS are taken to be in the image CRS (default: error) */
+    /* ---- both kinds ---- */
+    const char *assume_crs; /* labels without a CRS are taken to be in this CRS (anything OSRSetFromUserInput
+                               takes: "EPSG:4674", WKT, PROJ); wins over assume_image_crs; a label source
+                               that has a CRS keeps its own. NULL: no assumption */
 } ts_label_opts;
 
 /* The defaults above. */

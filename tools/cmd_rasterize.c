@@ -31,7 +31,7 @@ static const char *rz_color_map = NULL;
 static int rz_all_touched = 0;
 static int rz_binary = 0;
 static int rz_unknown_ignore = 0;
-static int rz_assume_crs = 0;
+static const char *rz_assume_crs = NULL;
 static int rz_classes = 0;
 static int rz_ignore = 255;
 static int rz_background = 0;
@@ -58,8 +58,9 @@ cli_option rasterize_options[] = {
      2147483647.0},
     {"background", 0, CLI_INT, &rz_background, "ID", "the id of pixels no feature covers and of unknown colours", 0,
      2147483647.0},
-    {"assume-crs", 0, CLI_FLAG, &rz_assume_crs, NULL, "labels without a CRS are in the image's CRS (default: error)", 0,
-     0},
+    {"assume-crs", 0, CLI_STRING, &rz_assume_crs, "CRS",
+     "labels without a CRS are in this CRS (EPSG:4674, WKT, PROJ), or 'image' for the image's CRS (default: error)",
+     0, 0},
     {0},
 };
 
@@ -122,7 +123,10 @@ int run_rasterize(int argc, char **argv)
     o.layer = rz_layer;
     o.attribute = rz_attribute;
     o.all_touched = rz_all_touched;
-    o.assume_image_crs = rz_assume_crs;
+    if (rz_assume_crs && strcmp(rz_assume_crs, "image") == 0)
+        o.assume_image_crs = 1;
+    else
+        o.assume_crs = rz_assume_crs;
     if (rz_burn) {
         char *end = NULL;
         long long v = strtoll(rz_burn, &end, 10);
