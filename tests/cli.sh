@@ -42,6 +42,27 @@ expect 2 "option --batch needs a value" bench --batch
 expect 2 "unknown benchmark \"nope\"; available: conv, model" bench nope
 expect 0 "sgemm" bench conv --size 64 --iters 1 --threads 2
 expect 0 "decoder" bench --size 33 --iters 1 --batch 2
+# windows filters and tile: option checks that fire before any file is read.
+expect 0 "--drop-background +filter: drop windows" windows --help
+expect 0 "--max-nodata FRACTION" windows --help
+expect 0 "--labels-layer NAME" windows --help
+expect 2 "--drop-background needs --labels" windows no.tif -o no.csv --drop-background
+expect 2 "--labels is used by --drop-background only" windows no.tif -o no.csv --labels no.gpkg
+expect 2 "--attribute is a label option, but no --labels" windows no.tif -o no.csv --max-nodata 0.5 --attribute cls
+expect 2 "--max-nodata must be between 0 and 1, got 1.5" windows no.tif -o no.csv --max-nodata 1.5
+expect 2 "--bands expects band numbers" windows no.tif -o no.csv --max-nodata 0.5 --bands 1,x
+expect 2 "--bands and --nodata only matter with" windows no.tif -o no.csv --bands 1
+expect 2 "give --attribute or --burn, not both" windows no.tif -o no.csv --drop-background --labels l.gpkg --attribute a --burn 1
+expect 0 "--skip-empty" tile --help
+expect 0 "--windows CSV" tile --help
+expect 2 "expected one IMAGE" tile --windows w.csv --out d
+expect 2 "--windows CSV and --out DIR are required" tile no.tif --out d
+expect 2 "--windows CSV and --out DIR are required" tile no.tif --windows w.csv
+expect 2 "--bands expects band numbers" tile no.tif --windows w.csv --out d --bands 0
+expect 2 "--split expects train, val or test" tile no.tif --windows w.csv --out d --split buffer
+expect 2 "--class-map needs --attribute" tile no.tif --windows w.csv --out d --labels l.gpkg --class-map a=1
+expect 2 "--nodata only matters with --skip-empty" tile no.tif --windows w.csv --out d --nodata 0
+expect 1 "cannot open" tile no_such_image.tif --windows w.csv --out d
 
 echo "cli: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -1,10 +1,14 @@
 /* terraseg windows IMAGE: the window CSV (grid, CSV, vector features or
  * random), and terraseg split WINDOWS.csv: train/val/test by spatial blocks. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "io/tile.h"
 #include "io/windows.h"
+#include "kernels/threads.h"
 #include "tools/cmd_windows.h"
+#include "tools/data_args.h"
 
 /* ---- terraseg windows IMAGE -o windows.csv ---- */
 static int win_tile = 256;
@@ -19,6 +23,13 @@ static const char *win_col_column = NULL;
 static const char *win_row_column = NULL;
 static const char *win_cache = NULL;
 static const char *win_output = NULL;
+/* filters */
+static label_args win_labels = LABEL_ARGS_DEFAULTS;
+static int win_drop_background = 0;
+static double win_max_nodata = 1.0;
+static const char *win_bands = NULL;
+static const char *win_nodata = NULL;
+static int win_threads = 0;
 
 cli_option windows_options[] = {
     {"tile", 0, CLI_INT, &win_tile, "PX", "window size in pixels (square)", 1, 1 << 20},
@@ -47,8 +58,41 @@ cli_option windows_options[] = {
      "unchanged, else compute and store it",
      0, 0},
     {"output", 'o', CLI_STRING, &win_output, "CSV", "output CSV (col_off,row_off,width,height); required", 0, 0},
+    {"drop-background", 0, CLI_FLAG, &win_drop_background, NULL,
+     "filter: drop windows whose valid pixels are all background or ignore (needs --labels)", 0, 0},
+    {"max-nodata", 0, CLI_DOUBLE, &win_max_nodata, "FRACTION",
+     "filter: drop windows whose fraction of invalid image pixels (nodata, mask, alpha, NaN) exceeds FRACTION (1: "
+     "no test)",
+     0, 1},
+    {"bands", 0, CLI_STRING, &win_bands, "LIST",
+     "filter: the image bands whose validity counts, e.g. 1,2,3 (default: every non-alpha band, as training reads)",
+     0, 0},
+    {"nodata", 0, CLI_STRING, &win_nodata, "VALUE", "filter: nodata value replacing the bands' own", 0, 0},
+    LABEL_ARGS_OPTIONS(win_labels, "labels-layer"),
+    {"threads", 't', CLI_INT, &win_threads, "N",
+     "filter: reader threads, each with its own image and label handles (0: TERRASEG_THREADS or all cores; the "
+     "result does not depend on it)",
+     0, 1024},
     {0},
 };
+
+/* Applies the filters to l; prints what went. */
+static ts_status filter_windows(const char *image, ts_window_list *l, const int *bands, int nbands, int has_nodata,
+                                double nodata, const ts_label_opts *lo, ts_mask_filter_report *rep)
+{
+    ts_mask_reader_opts ro = {.image = image,
+                              .bands = bands,
+                              .nbands = nbands,
+                              .has_nodata = has_nodata,
+                              .nodata = nodata,
+                              .labels = win_labels.path,
+                              .label_opts = lo};
+    ts_mask_filter_params p = {.drop_background = win_drop_background,
+                               .background = lo->background_id,
+                               .ignore_index = lo->ignore_id,
+                               .max_nodata_fraction = win_max_nodata};
+    return ts_windows_filter_masks(l, &ro, &p, ts_threads_init(win_threads), rep);
+}
 
 int run_windows(int argc, char **argv)
 {
@@ -69,10 +113,41 @@ int run_windows(int argc, char **argv)
         fprintf(stderr, "terraseg windows: --overlap %d must be smaller than --tile %d\n", win_overlap, win_tile);
         return 2;
     }
+    if (win_drop_background && !win_labels.path) {
+        fprintf(stderr, "terraseg windows: --drop-background needs --labels (what is background is in the labels)\n");
+        return 2;
+    }
+    if (win_labels.path && !win_drop_background) {
+        fprintf(stderr, "terraseg windows: --labels is used by --drop-background only; add it, or leave out "
+                        "--labels\n");
+        return 2;
+    }
+    const int filtering = win_drop_background || win_max_nodata < 1.0;
+    if (!filtering && (win_bands || win_nodata)) {
+        fprintf(stderr, "terraseg windows: --bands and --nodata only matter with --max-nodata or --drop-background\n");
+        return 2;
+    }
+    ts_label_opts lo;
+    ts_label_class *cmap = NULL;
+    ts_label_color *colors = NULL;
+    int *bands = NULL, nbands = 0, has_nodata = 0;
+    double nodata = 0;
+    int rc = label_args_resolve("terraseg windows", &win_labels, &lo, &cmap, &colors);
+    if (!rc) rc = parse_band_list("terraseg windows", "bands", win_bands, &bands, &nbands);
+    if (!rc) rc = parse_optional_double("terraseg windows", "nodata", win_nodata, &has_nodata, &nodata);
+    if (rc) {
+        free(cmap);
+        free(colors);
+        free(bands);
+        return rc;
+    }
     const char *image = argv[0];
     ts_grid grid;
     if (ts_windows_read_grid(image, &grid) != TS_OK) {
         fprintf(stderr, "terraseg windows: %s\n", ts_last_error());
+        free(cmap);
+        free(colors);
+        free(bands);
         return 1;
     }
     const char *mode = win_from_csv ? "csv" : win_from_vector ? "vector" : win_random ? "random" : "grid";
@@ -92,9 +167,17 @@ int run_windows(int argc, char **argv)
                                    mode, win_tile, win_overlap, win_allow_small, win_random, win_seed,
                                    win_layer ? win_layer : "", win_col_column ? win_col_column : "",
                                    win_row_column ? win_row_column : "");
+        /* The filters (the thread count is not part of it: it never changes the result). */
+        if (!st)
+            st = ts_cache_key_addf(&key, " filter drop_background=%d max_nodata=%.17g bands=%s nodata=%s",
+                                   win_drop_background, win_max_nodata, win_bands ? win_bands : "",
+                                   win_nodata ? win_nodata : "");
+        if (!st) st = label_args_key(&win_labels, &key);
         if (!st) st = ts_windows_cache_load(win_cache, &key, &l, &hit);
     }
     ts_vector_stats vs = {0};
+    ts_mask_filter_report rep = {0};
+    size_t generated = 0;
     if (!st && !hit) {
         if (win_from_csv) {
             ts_csv_columns cols = {.col_off = win_col_column, .row_off = win_row_column};
@@ -109,6 +192,8 @@ int run_windows(int argc, char **argv)
             int stride = win_tile - win_overlap;
             st = ts_windows_grid(&l, grid.width, grid.height, win_tile, win_tile, stride, stride, win_allow_small);
         }
+        generated = l.count;
+        if (!st && filtering) st = filter_windows(image, &l, bands, nbands, has_nodata, nodata, &lo, &rep);
         if (!st && win_cache) st = ts_windows_cache_save(win_cache, &key, &l);
     }
     if (!st) st = ts_windows_write_csv(&l, win_output);
@@ -121,8 +206,26 @@ int run_windows(int argc, char **argv)
         else if (win_from_vector)
             printf("features: %zu read, %zu empty skipped, %zu outside the raster, %zu sharing a window\n",
                    vs.features, vs.empty, vs.outside, vs.duplicates);
+        if (hit && filtering) {
+            printf("filters: applied when the cache was made\n");
+        } else if (filtering) {
+            printf("filters: %zu %s windows checked on %d thread%s, image validity from %d band%s%s\n", generated,
+                   mode, rep.threads, rep.threads == 1 ? "" : "s", rep.image_bands, rep.image_bands == 1 ? "" : "s",
+                   rep.image_bands == 0 ? " (the image has no nodata or mask: every pixel valid)" : "");
+            if (win_max_nodata < 1.0)
+                printf("  dropped %zu with more than %g of their pixels invalid (--max-nodata)\n", rep.dropped_nodata,
+                       win_max_nodata);
+            if (win_drop_background)
+                printf("  dropped %zu whose valid pixels are all background (id %d) or ignore (id %d) in %s "
+                       "(--drop-background)\n",
+                       rep.dropped_background, (int)lo.background_id, (int)lo.ignore_id, win_labels.path);
+            printf("  kept %zu\n", l.count);
+        }
         printf("wrote %zu %s windows to %s\n", l.count, mode, win_output);
     }
+    free(cmap);
+    free(colors);
+    free(bands);
     ts_cache_key_free(&key);
     ts_window_list_free(&l);
     ts_grid_free(&grid);

@@ -12,7 +12,9 @@
 #include "io/io.h"
 #include "tools/bench/bench.h"
 #include "tools/cli.h"
+#include "tools/cmd_qc.h"
 #include "tools/cmd_rasterize.h"
+#include "tools/cmd_tile.h"
 #include "tools/cmd_windows.h"
 #include "tools/commands.h"
 #ifdef TERRASEG_HAVE_CUDA
@@ -108,6 +110,12 @@ static const cli_command commands[] = {
     {"split", "WINDOWS.csv",
      "Assign windows to train/val/test by spatial blocks with ratios and a seed (optional buffer between splits).",
      split_options, run_split},
+    {"tile", "IMAGE", "Write windows of IMAGE (and their label masks) as GeoTIFF tiles, as gdal_translate -srcwin would.",
+     tile_options, run_tile},
+    {"qc", "IMAGE",
+     "Check labels against the image: class histograms per split, suggested class weights, ids >= K, nodata, "
+     "geometry warnings.",
+     qc_options, run_qc},
     {"bench", "[conv|model]",
      "Measure on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, forward and "
      "backward GFLOP/s next to this machine's sgemm GFLOP/s. model: the whole U-Net, eval forward and train "
