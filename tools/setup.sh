@@ -12,7 +12,8 @@ set -eu
 # duplicate keys visible, so strict readers can reject them).
 # clang + libclang-rt-14-dev: libFuzzer for the fuzz targets in tests/fuzz/.
 # libgdal-dev, libgeos-dev: rasters, vectors and geometry (io/).
-PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev clang libclang-rt-14-dev libgdal-dev libgeos-dev"
+# libyaml-dev: the training configuration (train/config.c).
+PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev clang libclang-rt-14-dev libgdal-dev libgeos-dev libyaml-dev"
 
 missing=""
 for p in $PACKAGES; do
