@@ -62,13 +62,12 @@ ts_status ts_grid_copy(ts_grid *dst, const ts_grid *src)
     return TS_OK;
 }
 
-void ts_grid_window_gt(const ts_grid *g, const ts_window *w, double gt[6])
+void ts_window_gt(const double gt[6], const ts_window *w, double out[6])
 {
     const double c = (double)w->col_off, r = (double)w->row_off;
-    gt[0] = g->gt[0] + c * g->gt[1] + r * g->gt[2];
-    gt[1] = g->gt[1];
-    gt[2] = g->gt[2];
-    gt[3] = g->gt[3] + c * g->gt[4] + r * g->gt[5];
-    gt[4] = g->gt[4];
-    gt[5] = g->gt[5];
+    memmove(out, gt, 6 * sizeof *out);
+    out[0] += c * gt[1] + r * gt[2];
+    out[3] += c * gt[4] + r * gt[5];
 }
+
+void ts_grid_window_gt(const ts_grid *g, const ts_window *w, double gt[6]) { ts_window_gt(g->gt, w, gt); }

@@ -29,7 +29,11 @@ typedef struct ts_grid {
 
 void ts_grid_free(ts_grid *g);
 ts_status ts_grid_copy(ts_grid *dst, const ts_grid *src);
-/* The geotransform of a window: the origin moved to its top-left pixel. */
+/* The geotransform of a window: the origin moved to its top-left pixel,
+ * with gdal_translate -srcwin's arithmetic (gt[0] + (c*gt[1] + r*gt[2])), so
+ * a tile's geotransform is bit-identical to gdal_translate's, rotated grids
+ * included. */
+void ts_window_gt(const double gt[6], const ts_window *w, double out[6]);
 void ts_grid_window_gt(const ts_grid *g, const ts_window *w, double gt[6]);
 
 /* Registers GDAL's drivers once and routes GDAL's error messages into

@@ -259,13 +259,6 @@ ts_status ts_windows_filter_masks(ts_window_list *l, const ts_mask_reader_opts *
 }
 
 /* ---- tile writers ----------------------------------------------------------------------------------- */
-void ts_tile_window_gt(const double gt[6], const ts_window *w, double out[6])
-{
-    const double c = (double)w->col_off, r = (double)w->row_off;
-    memcpy(out, gt, 6 * sizeof *out);
-    out[0] += c * gt[1] + r * gt[2];
-    out[3] += c * gt[4] + r * gt[5];
-}
 
 /* PATH.tmp, or NULL (error set). */
 static char *tmp_name(const char *path)
@@ -472,7 +465,7 @@ ts_status ts_tile_write_image(GDALDatasetH src, const ts_window *w, const int *b
     double gt[6];
     if (!st && GDALGetGeoTransform(src, gt) == CE_None) {
         double wgt[6];
-        ts_tile_window_gt(gt, w, wgt);
+        ts_window_gt(gt, w, wgt);
         if (GDALSetGeoTransform(out, wgt) != CE_None)
             st = ts_gdal_error(TS_ERR_IO, "tile '%s': cannot set the geotransform", path);
     }
@@ -538,7 +531,7 @@ ts_status ts_tile_write_mask(const ts_grid *g, const ts_window *w, const int32_t
     GDALDatasetH out = NULL;
     ts_status st = create_tile(path, tmp, w->width, w->height, 1, type, &out);
     double gt[6];
-    ts_tile_window_gt(g->gt, w, gt);
+    ts_window_gt(g->gt, w, gt);
     if (!st && GDALSetGeoTransform(out, gt) != CE_None)
         st = ts_gdal_error(TS_ERR_IO, "mask tile '%s': cannot set the geotransform", path);
     if (!st && g->crs_wkt && *g->crs_wkt && GDALSetProjection(out, g->crs_wkt) != CE_None)

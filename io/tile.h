@@ -145,8 +145,4 @@ typedef struct ts_tile_report {
 
 ts_status ts_tile_windows(const ts_tile_job *job, ts_tile_report *rep);
 
-/* The geotransform of window w of gt, as gdal_translate -srcwin computes it:
- * origin + (col * gt[1] + row * gt[2]), bit for bit. */
-void ts_tile_window_gt(const double gt[6], const ts_window *w, double out[6]);
-
 #endif
