@@ -202,6 +202,12 @@ struct ts_backend {
 
     /* p[0..n) = 0 (gradient buffers, once per step). */
     ts_status (*zero)(ts_ctx *ctx, float *p, size_t n);
+
+    /* *sumsq = sum of x[i]^2 over x[0..n), accumulated in double over fixed
+     * blocks (the same bits for any thread count): gradient-norm clipping. */
+    ts_status (*sum_squares)(ts_ctx *ctx, double *sumsq, const float *x, size_t n);
+    /* x[0..n) *= a, in float32 (torch's Tensor.mul_ with a float scalar). */
+    ts_status (*scale)(ts_ctx *ctx, float *x, size_t n, float a);
 };
 
 /* Every op of struct ts_backend, in order: the list that builds the CPU table
@@ -230,7 +236,9 @@ struct ts_backend {
     X(dice_forward) \
     X(dice_backward) \
     X(adamw_update) \
-    X(zero)
+    X(zero) \
+    X(sum_squares) \
+    X(scale)
 
 #define TS_BACKEND_COUNT_OP(op) +1
 enum { TS_BACKEND_OP_COUNT = 0 TS_BACKEND_OPS(TS_BACKEND_COUNT_OP) };

@@ -27,7 +27,7 @@ ts_status ts_cpu_batchnorm_backward(ts_ctx *ctx, ts_tensor *dx, float *dgamma, f
                                     const ts_tensor *x, const float *gamma, const float *save_mean,
                                     const float *save_invstd);
 
-/* elementwise.c: relu, add, concat */
+/* elementwise.c: relu, add, concat, zero, sum_squares, scale */
 ts_status ts_cpu_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x);
 ts_status ts_cpu_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *y);
 ts_status ts_cpu_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b);
@@ -35,6 +35,8 @@ ts_status ts_cpu_add_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const t
 ts_status ts_cpu_concat_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b);
 ts_status ts_cpu_concat_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy);
 ts_status ts_cpu_zero(ts_ctx *ctx, float *p, size_t n);
+ts_status ts_cpu_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_t n);
+ts_status ts_cpu_scale(ts_ctx *ctx, float *x, size_t n, float a);
 
 /* pool.c */
 ts_status ts_cpu_maxpool2d_forward(ts_ctx *ctx, ts_tensor *y, int32_t *index, const ts_tensor *x,

@@ -1,5 +1,6 @@
 /* Elementwise ops on the CPU: ReLU, add, channel concat and zero, each
- * forward next to its backward.
+ * forward next to its backward, and the two vector ops of gradient clipping
+ * (sum of squares, scale).
  *
  * These loops are memory-bound, so they only go parallel above a size where
  * waking the OpenMP team costs less than it saves; small tensors (the deep
@@ -7,6 +8,7 @@
  * written by exactly one iteration, so the split never changes a result. */
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu.h"
@@ -177,5 +179,60 @@ ts_status ts_cpu_zero(ts_ctx *ctx, float *p, size_t n)
     if (!p) return ts_error(TS_ERR_INVALID_ARG, "zero: NULL buffer for %zu floats", n);
     /* All-zero bytes are +0.0f in IEEE 754. */
     memset(p, 0, n * sizeof(float));
+    return TS_OK;
+}
+
+/* ---- sum of squares and scale (gradient clipping) ------------------------- */
+
+/* Floats per block of the sum of squares: each block's partial sum is formed
+ * serially, then the partials are added in block order, so the result does
+ * not depend on the thread count. */
+#define SUMSQ_BLOCK ((size_t)1 << 14)
+
+static double sumsq_block(const float *x, size_t n)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return s;
+}
+
+ts_status ts_cpu_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_t n)
+{
+    (void)ctx;
+    if (!sumsq) return ts_error(TS_ERR_INVALID_ARG, "sum_squares: NULL result pointer");
+    *sumsq = 0;
+    if (n == 0) return TS_OK;
+    if (!x) return ts_error(TS_ERR_INVALID_ARG, "sum_squares: NULL buffer for %zu floats", n);
+    const size_t nb = (n + SUMSQ_BLOCK - 1) / SUMSQ_BLOCK;
+    if (nb == 1 || (ptrdiff_t)n < EW_PARALLEL_MIN) {
+        double s = 0;
+        for (size_t b = 0; b < nb; b++) {
+            size_t i0 = b * SUMSQ_BLOCK, len = n - i0 < SUMSQ_BLOCK ? n - i0 : SUMSQ_BLOCK;
+            s += sumsq_block(x + i0, len);
+        }
+        *sumsq = s;
+        return TS_OK;
+    }
+    double *part = malloc(nb * sizeof(double));
+    if (!part) return ts_error(TS_ERR_NOMEM, "sum_squares: no memory for %zu partial sums", nb);
+#pragma omp parallel for schedule(static)
+    for (size_t b = 0; b < nb; b++) {
+        size_t i0 = b * SUMSQ_BLOCK, len = n - i0 < SUMSQ_BLOCK ? n - i0 : SUMSQ_BLOCK;
+        part[b] = sumsq_block(x + i0, len);
+    }
+    double s = 0;
+    for (size_t b = 0; b < nb; b++) s += part[b];
+    free(part);
+    *sumsq = s;
+    return TS_OK;
+}
+
+ts_status ts_cpu_scale(ts_ctx *ctx, float *x, size_t n, float a)
+{
+    (void)ctx;
+    if (n == 0) return TS_OK;
+    if (!x) return ts_error(TS_ERR_INVALID_ARG, "scale: NULL buffer for %zu floats", n);
+#pragma omp parallel for schedule(static) if ((ptrdiff_t)n >= EW_PARALLEL_MIN)
+    for (size_t i = 0; i < n; i++) x[i] *= a;
     return TS_OK;
 }
