@@ -1,0 +1,315 @@
+/* AdamW over the parameter table, gradient clipping, and the optimizer's
+ * checkpoint state (train/optim.h). */
+#include "optim.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+ts_optim_config ts_optim_default_config(void)
+{
+    ts_optim_config c;
+    memset(&c, 0, sizeof c);
+    c.lr = 1e-3;
+    c.beta1 = 0.9;
+    c.beta2 = 0.999;
+    c.eps = 1e-8;
+    c.weight_decay = 1e-2;
+    c.no_decay_1d = 0;
+    c.clip_grad_norm = 0;
+    c.accum_steps = 1;
+    return c;
+}
+
+ts_status ts_optim_config_check(const ts_optim_config *c)
+{
+    if (!c) return ts_error(TS_ERR_INVALID_ARG, "optimizer: NULL config");
+    if (!(c->lr > 0) || !isfinite(c->lr))
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer: lr must be > 0 and finite, got %g", c->lr);
+    if (!(c->beta1 >= 0 && c->beta1 < 1) || !(c->beta2 >= 0 && c->beta2 < 1))
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer: betas must be in [0, 1), got (%g, %g)", c->beta1, c->beta2);
+    if (!(c->eps >= 0) || !isfinite(c->eps))
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer: eps must be >= 0 and finite, got %g", c->eps);
+    if (!(c->weight_decay >= 0) || !isfinite(c->weight_decay))
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer: weight_decay must be >= 0 and finite, got %g", c->weight_decay);
+    if (c->no_decay_1d != 0 && c->no_decay_1d != 1)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer: no_decay_1d must be 0 or 1, got %d", c->no_decay_1d);
+    if (!(c->clip_grad_norm >= 0) || !isfinite(c->clip_grad_norm))
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer: clip_grad_norm must be >= 0 (0 = off) and finite, got %g",
+                        c->clip_grad_norm);
+    if (c->accum_steps < 1)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer: accum_steps must be >= 1, got %d", c->accum_steps);
+    return TS_OK;
+}
+
+ts_status ts_optim_init(ts_optim *o, const ts_optim_config *cfg, const ts_unet *m)
+{
+    if (!o) return ts_error(TS_ERR_INVALID_ARG, "optimizer: NULL optimizer");
+    memset(o, 0, sizeof *o);
+    ts_status st = ts_optim_config_check(cfg);
+    if (st) return st;
+    if (!m || !m->params || !m->weights)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer: the model is not initialised (ts_unet_init)");
+    size_t bytes = (m->n_weights ? m->n_weights : 1) * sizeof(float);
+    o->exp_avg = ts_aligned_alloc(bytes);
+    o->exp_avg_sq = ts_aligned_alloc(bytes);
+    if (!o->exp_avg || !o->exp_avg_sq) {
+        ts_optim_free(o);
+        return ts_error(TS_ERR_NOMEM, "optimizer: out of memory for AdamW state (%.1f MiB)",
+                        2.0 * (double)bytes / (1 << 20));
+    }
+    memset(o->exp_avg, 0, bytes);
+    memset(o->exp_avg_sq, 0, bytes);
+    o->cfg = *cfg;
+    o->n = m->n_weights;
+    o->step = 0;
+    return TS_OK;
+}
+
+void ts_optim_free(ts_optim *o)
+{
+    if (!o) return;
+    ts_aligned_free(o->exp_avg);
+    ts_aligned_free(o->exp_avg_sq);
+    memset(o, 0, sizeof *o);
+}
+
+int ts_optim_decays(const ts_optim *o, const ts_param *p)
+{
+    if (p->kind != TS_PARAM_WEIGHT) return 0;
+    return !(o->cfg.no_decay_1d && p->ndim <= 1);
+}
+
+float ts_optim_loss_scale(const ts_optim *o)
+{
+    return (float)(1.0 / (o->cfg.accum_steps > 0 ? o->cfg.accum_steps : 1));
+}
+
+/* ---- clip_grad_norm_ ------------------------------------------------------- */
+
+ts_status ts_clip_grad_norm(ts_ctx *ctx, float *const *grads, const size_t *numel, int count, double max_norm,
+                            double *total_norm)
+{
+    if (total_norm) *total_norm = 0;
+    if (!ctx || !ctx->backend) return ts_error(TS_ERR_INVALID_ARG, "clip_grad_norm: no backend in the context");
+    if (count < 0 || (count > 0 && (!grads || !numel)))
+        return ts_error(TS_ERR_INVALID_ARG, "clip_grad_norm: NULL gradient list for %d tensors", count);
+    if (isnan(max_norm)) return ts_error(TS_ERR_INVALID_ARG, "clip_grad_norm: max_norm is %g", max_norm);
+    if (count == 0) return TS_OK; /* torch.tensor(0.0), nothing to scale */
+    const ts_backend *B = ctx->backend;
+    /* torch._foreach_norm: one float32 norm per tensor; then
+     * vector_norm(stack(norms)) in float32. */
+    double ss = 0;
+    for (int i = 0; i < count; i++) {
+        double s;
+        ts_status st = B->sum_squares(ctx, &s, grads[i], numel[i]);
+        if (st) return st;
+        float ni = (float)sqrt(s);
+        ss += (double)ni * ni;
+    }
+    const float total = (float)sqrt(ss);
+    if (total_norm) *total_norm = total;
+    if (!isfinite(total))
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "gradient norm is %g: a gradient is not finite; lower the learning rate or check the inputs",
+                        (double)total);
+    if (!(max_norm > 0)) return TS_OK;
+    /* clip_coef = max_norm / (total_norm + 1e-6), i.e. reciprocal(total +
+     * 1e-6) * max_norm in float32; clamp(max=1.0); g.mul_(coef). */
+    float coef = (1.0f / (total + 1e-6f)) * (float)max_norm;
+    if (coef > 1.0f) coef = 1.0f;
+    if (coef == 1.0f) return TS_OK; /* g * 1.0f is g, bit for bit */
+    for (int i = 0; i < count; i++) {
+        ts_status st = B->scale(ctx, grads[i], numel[i], coef);
+        if (st) return st;
+    }
+    return TS_OK;
+}
+
+/* The used trainable entries' gradient pointers and sizes. */
+static ts_status used_grads(const ts_unet *m, float ***g, size_t **n, int *count)
+{
+    int c = 0;
+    for (int i = 0; i < m->n_params; i++) c += m->params[i].kind == TS_PARAM_WEIGHT && m->params[i].used;
+    *g = malloc((size_t)(c ? c : 1) * sizeof **g);
+    *n = malloc((size_t)(c ? c : 1) * sizeof **n);
+    if (!*g || !*n) {
+        free(*g);
+        free(*n);
+        return ts_error(TS_ERR_NOMEM, "clip_grad_norm: out of memory for %d tensor entries", c);
+    }
+    c = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const ts_param *p = &m->params[i];
+        if (p->kind != TS_PARAM_WEIGHT || !p->used) continue;
+        (*g)[c] = m->grads + p->offset;
+        (*n)[c] = p->numel;
+        c++;
+    }
+    *count = c;
+    return TS_OK;
+}
+
+ts_status ts_optim_clip_model(ts_ctx *ctx, ts_unet *m, double max_norm, double *total_norm)
+{
+    if (!m || !m->params || !m->grads) return ts_error(TS_ERR_INVALID_ARG, "clip_grad_norm: model not initialised");
+    float **g = NULL;
+    size_t *n = NULL;
+    int count = 0;
+    ts_status st = used_grads(m, &g, &n, &count);
+    if (st) return st;
+    st = ts_clip_grad_norm(ctx, g, n, count, max_norm, total_norm);
+    free(g);
+    free(n);
+    return st;
+}
+
+/* ---- the step ---------------------------------------------------------------- */
+
+ts_status ts_optim_step(ts_optim *o, ts_ctx *ctx, ts_unet *m, double lr, double *grad_norm)
+{
+    if (grad_norm) *grad_norm = NAN;
+    if (!o || !o->exp_avg) return ts_error(TS_ERR_INVALID_ARG, "optimizer step: the optimizer is not initialised");
+    if (!m || !m->params || m->n_weights != o->n)
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "optimizer step: the model is not the one the optimizer was made for "
+                        "(%zu trainable values, the state has %zu)",
+                        m ? m->n_weights : 0, o->n);
+    if (!ctx || !ctx->backend) return ts_error(TS_ERR_INVALID_ARG, "optimizer step: no backend in the context");
+    if (!(lr >= 0) || !isfinite(lr)) return ts_error(TS_ERR_INVALID_ARG, "optimizer step: learning rate is %g", lr);
+    ts_status st;
+    if (o->cfg.clip_grad_norm > 0 || grad_norm) {
+        double norm;
+        st = ts_optim_clip_model(ctx, m, o->cfg.clip_grad_norm, &norm);
+        if (grad_norm) *grad_norm = norm;
+        if (st) return st;
+    }
+    const long t = o->step + 1; /* state["step"] += 1 before the update */
+    ts_adamw_hparams hd = {lr, o->cfg.beta1, o->cfg.beta2, o->cfg.eps, o->cfg.weight_decay};
+    ts_adamw_hparams h0 = hd;
+    h0.weight_decay = 0; /* the no-decay group */
+    ts_adamw_step sd, s0;
+    if ((st = ts_adamw_prepare(&sd, &hd, t)) || (st = ts_adamw_prepare(&s0, &h0, t))) return st;
+    const ts_backend *B = ctx->backend;
+    for (int i = 0; i < m->n_params; i++) {
+        const ts_param *p = &m->params[i];
+        if (p->kind != TS_PARAM_WEIGHT || !p->used) continue; /* grad None: skipped entirely */
+        const size_t off = p->offset;
+        st = B->adamw_update(ctx, m->weights + off, m->grads + off, o->exp_avg + off, o->exp_avg_sq + off, p->numel,
+                             ts_optim_decays(o, p) ? &sd : &s0);
+        if (st) {
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", ts_last_error());
+            return ts_error(st, "optimizer step %ld, %s: %s", t, p->name, msg);
+        }
+    }
+    o->step = t;
+    return TS_OK;
+}
+
+/* ---- checkpoint state ---------------------------------------------------------- */
+
+#define OPT_PREFIX "optimizer."
+#define OPT_AVG "optimizer.exp_avg."
+#define OPT_AVG_SQ "optimizer.exp_avg_sq."
+#define OPT_STEP "optimizer.step"
+
+static ts_status key_of(char *buf, size_t cap, const char *prefix, const char *name)
+{
+    int k = snprintf(buf, cap, "%s%s", prefix, name);
+    if (k < 0 || (size_t)k >= cap)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer state: key %s%s too long", prefix, name);
+    return TS_OK;
+}
+
+ts_status ts_optim_save(const ts_optim *o, const ts_unet *m, ts_dict *d)
+{
+    if (!o || !o->exp_avg || !m || !d || m->n_weights != o->n)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer save: optimizer, model or dictionary missing or mismatched");
+    int64_t step = o->step;
+    ts_status st = ts_dict_add(d, OPT_STEP, TS_I64, 0, NULL, &step);
+    if (st) return st;
+    char key[160];
+    for (int i = 0; i < m->n_params; i++) {
+        const ts_param *p = &m->params[i];
+        if (p->kind != TS_PARAM_WEIGHT || !p->used) continue;
+        int64_t shape[4];
+        for (int k = 0; k < p->ndim; k++) shape[k] = p->shape[k];
+        if ((st = key_of(key, sizeof key, OPT_AVG, p->name)) ||
+            (st = ts_dict_add(d, key, TS_F32, p->ndim, shape, o->exp_avg + p->offset)) ||
+            (st = key_of(key, sizeof key, OPT_AVG_SQ, p->name)) ||
+            (st = ts_dict_add(d, key, TS_F32, p->ndim, shape, o->exp_avg_sq + p->offset)))
+            return st;
+    }
+    return TS_OK;
+}
+
+static ts_status load_entry(const ts_dict *d, const char *key, const ts_param *p, const ts_named_tensor **out)
+{
+    const ts_named_tensor *t = ts_dict_find(d, key);
+    if (!t) return ts_error(TS_ERR_INVALID_ARG, "optimizer load: the checkpoint has no \"%s\"", key);
+    int ok = t->dtype == TS_F32 && t->ndim == p->ndim;
+    for (int k = 0; ok && k < p->ndim; k++) ok = t->shape[k] == p->shape[k];
+    if (!ok)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer load: \"%s\" must be F32 with the shape of %s (%zu values)", key,
+                        p->name, p->numel);
+    *out = t;
+    return TS_OK;
+}
+
+ts_status ts_optim_load(ts_optim *o, const ts_unet *m, const ts_dict *d)
+{
+    if (!o || !o->exp_avg || !m || !d || m->n_weights != o->n)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer load: optimizer, model or dictionary missing or mismatched");
+    const ts_named_tensor *ts = ts_dict_find(d, OPT_STEP);
+    if (!ts) return ts_error(TS_ERR_INVALID_ARG, "optimizer load: the checkpoint has no \"" OPT_STEP "\"");
+    if (ts->dtype != TS_I64 || ts_named_numel(ts) != 1)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer load: \"" OPT_STEP "\" must be one I64 value");
+    int64_t step;
+    memcpy(&step, ts->data, sizeof step);
+    if (step < 0) return ts_error(TS_ERR_INVALID_ARG, "optimizer load: " OPT_STEP " is %lld", (long long)step);
+    /* Every optimizer key must be one this model expects. */
+    size_t expected = 1, found = 0;
+    for (int i = 0; i < m->n_params; i++) expected += 2 * (m->params[i].kind == TS_PARAM_WEIGHT && m->params[i].used);
+    for (size_t j = 0; j < d->count; j++) {
+        const char *name = d->items[j].name;
+        if (strncmp(name, OPT_PREFIX, strlen(OPT_PREFIX)) != 0) continue;
+        found++;
+        const char *pn = NULL;
+        if (strncmp(name, OPT_AVG, strlen(OPT_AVG)) == 0)
+            pn = name + strlen(OPT_AVG);
+        else if (strncmp(name, OPT_AVG_SQ, strlen(OPT_AVG_SQ)) == 0)
+            pn = name + strlen(OPT_AVG_SQ);
+        else if (strcmp(name, OPT_STEP) == 0)
+            continue;
+        const ts_param *p = pn ? ts_unet_find(m, pn) : NULL;
+        if (!p || p->kind != TS_PARAM_WEIGHT || !p->used)
+            return ts_error(TS_ERR_INVALID_ARG,
+                            "optimizer load: unexpected key \"%s\" (not the state of a trained parameter of this "
+                            "model)",
+                            name);
+    }
+    if (found != expected)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer load: %zu optimizer entries, this model needs %zu", found,
+                        expected);
+    char key[160];
+    ts_status st;
+    /* Check everything before writing anything. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < m->n_params; i++) {
+            const ts_param *p = &m->params[i];
+            if (p->kind != TS_PARAM_WEIGHT || !p->used) continue;
+            const ts_named_tensor *ta, *tq;
+            if ((st = key_of(key, sizeof key, OPT_AVG, p->name)) || (st = load_entry(d, key, p, &ta)) ||
+                (st = key_of(key, sizeof key, OPT_AVG_SQ, p->name)) || (st = load_entry(d, key, p, &tq)))
+                return st;
+            if (pass == 1) {
+                memcpy(o->exp_avg + p->offset, ta->data, p->numel * sizeof(float));
+                memcpy(o->exp_avg_sq + p->offset, tq->data, p->numel * sizeof(float));
+            }
+        }
+    }
+    o->step = (long)step;
+    return TS_OK;
+}
