@@ -25,6 +25,7 @@ static void print_default(FILE *f, const cli_option *o)
     case CLI_STRING:
         if (*(const char **)o->dest) fprintf(f, " (default: %s)", *(const char **)o->dest);
         break;
+    case CLI_STRING_LIST: fprintf(f, " (repeatable)"); break;
     }
 }
 
@@ -56,6 +57,17 @@ static int parse_value(const char *prog, const cli_command *cmd, const cli_optio
     errno = 0;
     if (o->kind == CLI_STRING) {
         *(const char **)o->dest = arg;
+        return 0;
+    }
+    if (o->kind == CLI_STRING_LIST) {
+        cli_strings *l = o->dest;
+        const char **v = realloc(l->v, (size_t)(l->n + 1) * sizeof *v);
+        if (!v) {
+            fprintf(stderr, "%s %s: out of memory\n", prog, cmd->name);
+            return 2;
+        }
+        v[l->n++] = arg;
+        l->v = v;
         return 0;
     }
     double v = strtod(arg, &end);

@@ -10,7 +10,14 @@ typedef enum cli_kind {
     CLI_INT,    /* int* */
     CLI_DOUBLE, /* double* */
     CLI_STRING, /* const char** (points into argv) */
+    CLI_STRING_LIST, /* cli_strings*: every occurrence appended (repeatable option); free(v) after use */
 } cli_kind;
+
+/* The destination of a CLI_STRING_LIST option: the values in order (they point into argv). */
+typedef struct cli_strings {
+    const char **v;
+    int n;
+} cli_strings;
 
 typedef struct cli_option {
     const char *name; /* long name, used as --name */
