@@ -15,6 +15,7 @@
 #include "tools/cmd_qc.h"
 #include "tools/cmd_rasterize.h"
 #include "tools/cmd_tile.h"
+#include "tools/cmd_train.h"
 #include "tools/cmd_windows.h"
 #include "tools/commands.h"
 #ifdef TERRASEG_HAVE_CUDA
@@ -116,6 +117,10 @@ static const cli_command commands[] = {
      "Check labels against the image: class histograms per split, suggested class weights, ids >= K, nodata, "
      "geometry warnings.",
      qc_options, run_qc},
+    {"train", "CONFIG.yaml",
+     "Train the U-Net from a YAML config (--set key=value overrides; --resume a checkpoint; Ctrl-C checkpoints "
+     "and stops).",
+     train_options, run_train},
     {"bench", "[conv|model]",
      "Measure on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, forward and "
      "backward GFLOP/s next to this machine's sgemm GFLOP/s. model: the whole U-Net, eval forward and train "
