@@ -39,9 +39,10 @@ expect 2 "--batch must be between 1 and 1024, got 0" bench --batch 0
 expect 2 "--size expects a number, got \"abc\"" bench --size abc
 expect 2 "--iters expects a whole number" bench --iters 1.5
 expect 2 "option --batch needs a value" bench --batch
-expect 2 "unknown benchmark \"nope\"; available: conv, model" bench nope
+expect 2 "unknown benchmark \"nope\"; available: conv, model, train" bench nope
 expect 0 "sgemm" bench conv --size 64 --iters 1 --threads 2
 expect 0 "decoder" bench --size 33 --iters 1 --batch 2
+expect 0 "tiles/s" bench train --size 32 --iters 1 --batch 1
 # windows filters and tile: option checks that fire before any file is read.
 expect 0 "--drop-background +filter: drop windows" windows --help
 expect 0 "--max-nodata FRACTION" windows --help

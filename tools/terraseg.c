@@ -88,7 +88,8 @@ static int run_bench(int argc, char **argv)
            bench_opts.iters);
     if (strcmp(what, "conv") == 0) return ts_bench_conv(&bench_opts);
     if (strcmp(what, "model") == 0) return ts_bench_model(&bench_opts);
-    fprintf(stderr, "%s bench: unknown benchmark \"%s\"; available: conv, model\n", prog, what);
+    if (strcmp(what, "train") == 0) return ts_bench_train(&bench_opts);
+    fprintf(stderr, "%s bench: unknown benchmark \"%s\"; available: conv, model, train\n", prog, what);
     return 2;
 }
 
@@ -121,10 +122,10 @@ static const cli_command commands[] = {
      "Train the U-Net from a YAML config (--set key=value overrides; --resume a checkpoint; Ctrl-C checkpoints "
      "and stops).",
      train_options, run_train},
-    {"bench", "[conv|model]",
+    {"bench", "[conv|model|train]",
      "Measure on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, forward and "
      "backward GFLOP/s next to this machine's sgemm GFLOP/s. model: the whole U-Net, eval forward and train "
-     "forward+backward per tile.",
+     "forward+backward per tile. train: full training steps (forward, loss, backward, AdamW), ms/step and tiles/s.",
      bench_options, run_bench},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])

@@ -21,4 +21,8 @@ int ts_bench_conv(const ts_bench_opts *o);
  * backward time per tile, at o->batch and at batch 4. */
 int ts_bench_model(const ts_bench_opts *o);
 
+/* Full training steps (forward, loss, backward, AdamW): ms per step and
+ * tiles/s at o->batch and at batch 4. */
+int ts_bench_train(const ts_bench_opts *o);
+
 #endif
