@@ -42,7 +42,9 @@ expect 2 "option --batch needs a value" bench --batch
 expect 2 "unknown benchmark \"nope\"; available: conv, model, train" bench nope
 expect 0 "sgemm" bench conv --size 64 --iters 1 --threads 2
 expect 0 "decoder" bench --size 33 --iters 1 --batch 2
-expect 0 "tiles/s" bench train --size 32 --iters 1 --batch 1
+expect 0 "tiles/s" bench train --size 64 --iters 1 --batch 1
+# BatchNorm in training needs more than one value per channel: a 32-px tile leaves 1x1 at layer4.
+expect 1 "Expected more than 1 value per channel" bench train --size 32 --iters 1 --batch 1
 # windows filters and tile: option checks that fire before any file is read.
 expect 0 "--drop-background +filter: drop windows" windows --help
 expect 0 "--max-nodata FRACTION" windows --help
