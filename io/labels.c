@@ -36,6 +36,7 @@ typedef struct burn_item {
     OGRGeometryH geom;
     double value;
     int64_t order;
+    GIntBig fid; /* breaks ties in order (features added since opening all rank last) */
 } burn_item;
 
 struct ts_labels {
@@ -789,18 +790,29 @@ static ts_status open_vector(ts_labels *l)
     ts_status st = check_id(l, o->background_id, "the background id");
     if (st) return st;
 
-    /* Read only the class attribute from now on. */
+    /* Window reads skip every other field (set after the pass below). */
     const int nf = OGR_FD_GetFieldCount(defn);
     char **ignored = NULL;
     for (int i = 0; i < nf; i++)
         if (i != l->field) ignored = CSLAddString(ignored, OGR_Fld_GetNameRef(OGR_FD_GetFieldDefn(defn, i)));
     ignored = CSLAddString(ignored, "OGR_STYLE");
-    char **ignored_pass = CSLAddString(CSLDuplicate(ignored), "OGR_GEOMETRY");
-    OGR_L_SetIgnoredFields(l->layer, (const char **)ignored_pass);
-    CSLDestroy(ignored_pass);
 
     /* One pass over every feature: check each class now, and learn whether
-     * FIDs follow the layer order. */
+     * FIDs follow the layer order.
+     *
+     * The layer order is the order gdal_rasterize sees, so this pass reads
+     * the layer exactly as it does: every field and the geometry, no
+     * ignored fields, no spatial filter. It must not ignore fields: the
+     * sequential order is not a property of the layer alone but of the
+     * query the driver runs. A GeoPackage reading only the FID and the
+     * class attribute is "SELECT fid, cls FROM t", which SQLite answers
+     * from any index holding cls (a covering-index scan) in cls order,
+     * while gdal_rasterize's "SELECT fid, geom, cls, ... FROM t" scans the
+     * table in FID order. With an index on the class attribute, this pass
+     * then saw FIDs out of order, ranked features by class, and every
+     * overlap was burned in the wrong order (tests/test_labels.c,
+     * test_overlap_stress, "indexed class attribute"). */
+    OGR_L_SetIgnoredFields(l->layer, NULL);
     int64_t max_id = o->background_id > o->ignore_id ? o->background_id : o->ignore_id;
     int64_t count = 0;
     int monotonic = 1;
@@ -892,10 +904,15 @@ static int window_transform(void *arg, int dst_to_src, int n, double *x, double 
     return r;
 }
 
+/* A total order: qsort is not stable, so equal keys would leave the burn
+ * order of those features to the sort's internals. order is unique except
+ * for features absent when the labels were opened (rank INT64_MAX); those
+ * go last by FID (where an appending driver puts them). */
 static int cmp_item(const void *a, const void *b)
 {
     const burn_item *x = a, *y = b;
-    return (x->order > y->order) - (x->order < y->order);
+    if (x->order != y->order) return (x->order > y->order) - (x->order < y->order);
+    return (x->fid > y->fid) - (x->fid < y->fid);
 }
 
 static void free_items(ts_labels *l)
@@ -985,6 +1002,7 @@ static ts_status read_vector(ts_labels *l, const ts_window *w, int32_t *mask, in
         burn_item *it = &l->items[l->n_items++];
         it->geom = g;
         it->value = (double)id;
+        it->fid = fid;
         it->order = l->order_mode == ORDER_FID ? (int64_t)fid : l->order_mode == ORDER_RANK ? rank_of(l, fid) : seq;
         seq++;
     }

@@ -4,7 +4,9 @@
  * must equal GDALRasterize() (gdal_rasterize) onto the whole image pixel for
  * pixel: integer attribute, burn value, name map, overlapping features (later
  * wins), with and without ALL_TOUCHED, labels in EPSG:4326 over a UTM image,
- * windows at odd offsets and partly off the image. Raster masks at another
+ * windows at odd offsets and partly off the image; and under stress, 1000
+ * overlapping polygons with shuffled/deleted FIDs or an indexed class
+ * attribute, read whole and block by block. Raster masks at another
  * resolution/CRS must equal GDALWarp() -r near -et 0 onto the image grid
  * (outside the footprint and nodata -> ignore); colour maps, binary mode and
  * the errors (missing/non-integer attribute, names without a map, a layer
@@ -371,6 +373,214 @@ static void test_overlap_order(void)
     }
     feats[0] = saved[0];
     feats[1] = saved[1];
+    ts_grid_free(&g);
+}
+
+/* ---- burn order under stress: many overlapping polygons ----
+ * 1000 polygons with classes 1..250 over a 600x600 grid, so that nearly every
+ * pixel is covered several times and the burn order decides most of the
+ * mask. Every layer kind that puts features back in layer order differently
+ * after the spatial filter: a GeoPackage (R-tree) with sequential FIDs, with
+ * shuffled explicit FIDs and deleted features, with an index on the class
+ * attribute (the layer order once came from a covering-index scan, i.e.
+ * class order), without a spatial index; a Shapefile; a FlatGeobuf (Hilbert
+ * order, packed R-tree); a GeoJSON with shuffled ids (FIDs not increasing:
+ * the rank path). Each is read whole and in 128x128 blocks (the last ones
+ * partial) and odd windows, against GDALRasterize onto the whole grid. */
+#define SW 600
+#define SH 600
+#define SN 1000
+static const double SGT[6] = {600000.5, 2.5, 0.0, 5000000.25, 0.0, -2.5};
+
+static int write_stress(const char *path, const char *driver, int fid_mode, int class_index, int spatial_index)
+{
+    GDALDriverH drv = GDALGetDriverByName(driver);
+    GDALDatasetH ds = drv ? GDALCreate(drv, path, 0, 0, 0, GDT_Unknown, NULL) : NULL;
+    if (!ds) return 0;
+    OGRSpatialReferenceH srs = OSRNewSpatialReference(NULL);
+    OSRImportFromEPSG(srs, 32633);
+    char *lco[] = {spatial_index ? NULL : "SPATIAL_INDEX=NO", NULL};
+    OGRLayerH lay = GDALDatasetCreateLayer(ds, "stress", srs, wkbPolygon, lco);
+    OSRDestroySpatialReference(srs);
+    int ok = lay != NULL;
+    OGRFieldDefnH fd = OGR_Fld_Create("cls", OFTInteger);
+    ok = ok && OGR_L_CreateField(lay, fd, TRUE) == OGRERR_NONE;
+    OGR_Fld_Destroy(fd);
+    tu_rng r;
+    tu_rng_seed(&r, 7 + (uint64_t)fid_mode);
+    /* fid_mode 1: explicit FIDs, a shuffled permutation of 3k+1+{0,1,2} */
+    GIntBig fids[SN];
+    for (int i = 0; i < SN; i++) fids[i] = 3 * (GIntBig)i + 1 + tu_randint(&r, 3);
+    for (int i = SN - 1; i > 0; i--) {
+        int j = tu_randint(&r, i + 1);
+        GIntBig t = fids[i];
+        fids[i] = fids[j], fids[j] = t;
+    }
+    const int txn = GDALDatasetTestCapability(ds, ODsCTransactions); /* GPKG: one transaction, fast */
+    ok = ok && (!txn || GDALDatasetStartTransaction(ds, FALSE) == OGRERR_NONE);
+    for (int i = 0; ok && i < SN; i++) {
+        double cx = tu_uniform(&r, -20, SW + 20), cy = tu_uniform(&r, -20, SH + 20), rad = tu_uniform(&r, 4, 70);
+        int nv = 4 + tu_randint(&r, 9);
+        OGRGeometryH ring = OGR_G_CreateGeometry(wkbLinearRing), poly = OGR_G_CreateGeometry(wkbPolygon);
+        for (int k = 0; k < nv; k++) {
+            double a = 6.283185307179586 * k / nv, rr = rad * tu_uniform(&r, 0.4, 1.0);
+            double px = cx + rr * cos(a), py = cy + rr * sin(a);
+            OGR_G_AddPoint_2D(ring, SGT[0] + px * SGT[1], SGT[3] + py * SGT[5]);
+        }
+        OGR_G_CloseRings(ring);
+        OGR_G_AddGeometryDirectly(poly, ring);
+        OGRFeatureH f = OGR_F_Create(OGR_L_GetLayerDefn(lay));
+        OGR_F_SetFieldInteger(f, 0, 1 + tu_randint(&r, 250));
+        OGR_F_SetGeometryDirectly(f, poly);
+        if (fid_mode == 1) OGR_F_SetFID(f, fids[i]);
+        ok = OGR_L_CreateFeature(lay, f) == OGRERR_NONE;
+        OGR_F_Destroy(f);
+    }
+    ok = ok && (!txn || GDALDatasetCommitTransaction(ds) == OGRERR_NONE);
+    if (ok && fid_mode == 1) /* gaps: delete every 7th feature */
+        for (int i = 0; ok && i < SN; i += 7) ok = OGR_L_DeleteFeature(lay, fids[i]) == OGRERR_NONE;
+    if (ok && class_index) {
+        OGRLayerH res = GDALDatasetExecuteSQL(ds, "CREATE INDEX stress_cls ON stress(cls)", NULL, NULL);
+        if (res) GDALDatasetReleaseResultSet(ds, res);
+        ok = CPLGetLastErrorType() != CE_Failure;
+    }
+    GDALClose(ds);
+    return ok;
+}
+
+/* A GeoJSON copy with the features in the same order but ids shuffled. */
+static int write_stress_geojson(const char *path)
+{
+    tu_rng r;
+    tu_rng_seed(&r, 99);
+    FILE *f = fopen(path, "w");
+    if (!f) return 0;
+    fprintf(f, "{\"type\":\"FeatureCollection\",\"crs\":{\"type\":\"name\",\"properties\":{\"name\":"
+               "\"urn:ogc:def:crs:EPSG::32633\"}},\"features\":[\n");
+    int ids[SN];
+    for (int i = 0; i < SN; i++) ids[i] = 5 * i + 2;
+    for (int i = SN - 1; i > 0; i--) {
+        int j = tu_randint(&r, i + 1), t = ids[i];
+        ids[i] = ids[j], ids[j] = t;
+    }
+    for (int i = 0; i < SN; i++) {
+        double cx = tu_uniform(&r, -20, SW + 20), cy = tu_uniform(&r, -20, SH + 20), rad = tu_uniform(&r, 4, 70);
+        fprintf(f, "%s{\"type\":\"Feature\",\"id\":%d,\"properties\":{\"cls\":%d},\"geometry\":{\"type\":\"Polygon\","
+                   "\"coordinates\":[[",
+                i ? ",\n" : "", ids[i], 1 + tu_randint(&r, 250));
+        const int nv = 4 + tu_randint(&r, 9);
+        double x0 = 0, y0 = 0;
+        for (int k = 0; k < nv; k++) {
+            double a = 6.283185307179586 * k / nv, rr = rad * tu_uniform(&r, 0.4, 1.0);
+            double x = SGT[0] + (cx + rr * cos(a)) * SGT[1], y = SGT[3] + (cy + rr * sin(a)) * SGT[5];
+            if (k == 0) x0 = x, y0 = y;
+            fprintf(f, "[%.4f,%.4f],", x, y);
+        }
+        fprintf(f, "[%.4f,%.4f]]]}}", x0, y0);
+    }
+    fprintf(f, "\n]}\n");
+    return fclose(f) == 0;
+}
+
+/* gdal_rasterize -a cls of path onto the whole stress grid. */
+static int32_t *stress_reference(const char *path, int all_touched)
+{
+    GDALDatasetH src = GDALOpenEx(path, GDAL_OF_VECTOR, NULL, NULL, NULL);
+    if (!src) return NULL;
+    GDALDatasetH dst = GDALCreate(GDALGetDriverByName("MEM"), "", SW, SH, 1, GDT_Int32, NULL);
+    char *w = wkt_of_epsg(32633);
+    GDALSetGeoTransform(dst, (double *)SGT);
+    GDALSetProjection(dst, w);
+    free(w);
+    char *argv[] = {"-a", "cls", all_touched ? "-at" : NULL, NULL};
+    GDALRasterizeOptions *opts = GDALRasterizeOptionsNew(argv, NULL);
+    int err = 0;
+    GDALDatasetH r = GDALRasterize(NULL, dst, src, opts, &err);
+    GDALRasterizeOptionsFree(opts);
+    int32_t *out = NULL;
+    if (r && !err && (out = malloc(sizeof(int32_t) * SW * SH)) &&
+        GDALRasterIO(GDALGetRasterBand(dst, 1), GF_Read, 0, 0, SW, SH, out, SW, SH, GDT_Int32, 0, 0) != CE_None) {
+        free(out);
+        out = NULL;
+    }
+    GDALClose(dst);
+    GDALClose(src);
+    return out;
+}
+
+/* Window w of l against ref; the number of pixels that differ. */
+static size_t stress_window(ts_labels *l, const ts_window *w, const int32_t *ref, int32_t *got)
+{
+    char name[96];
+    snprintf(name, sizeof name, "stress: reading window (%lld,%lld %dx%d)", (long long)w->col_off,
+             (long long)w->row_off, w->width, w->height);
+    if (!tu_expect_ok(ts_labels_read(l, w, got), name)) return 1;
+    size_t bad = 0;
+    for (int y = 0; y < w->height; y++)
+        for (int x = 0; x < w->width; x++) {
+            const int64_t c = w->col_off + x, r = w->row_off + y;
+            const int32_t want = c < 0 || r < 0 || c >= SW || r >= SH ? 255 : ref[r * SW + c];
+            bad += got[(size_t)y * (size_t)w->width + (size_t)x] != want;
+        }
+    return bad;
+}
+
+static void test_overlap_stress(void)
+{
+    ts_grid g = {SW, SH, {0}, wkt_of_epsg(32633)};
+    memcpy(g.gt, SGT, sizeof SGT);
+    struct {
+        const char *what, *driver, *file;
+        int fid_mode, class_index, spatial_index, all_touched;
+    } cases[] = {
+        {"GPKG, sequential FIDs", "GPKG", "s_seq.gpkg", 0, 0, 1, 0},
+        {"GPKG, shuffled FIDs with gaps", "GPKG", "s_shuf.gpkg", 1, 0, 1, 0},
+        {"GPKG, indexed class attribute", "GPKG", "s_idx.gpkg", 0, 1, 1, 0},
+        {"GPKG, indexed class attribute, shuffled FIDs, -at", "GPKG", "s_idx_shuf.gpkg", 1, 1, 1, 1},
+        {"GPKG, no spatial index", "GPKG", "s_noidx.gpkg", 0, 0, 0, 0},
+        {"Shapefile", "ESRI Shapefile", "s.shp", 0, 0, 1, 0},
+        {"FlatGeobuf", "FlatGeobuf", "s.fgb", 0, 0, 1, 0},
+        {"GeoJSON, shuffled ids", NULL, "s.geojson", 0, 0, 1, 0},
+    };
+    int32_t *got = malloc(sizeof(int32_t) * SW * SH);
+    for (size_t k = 0; got && k < sizeof cases / sizeof cases[0]; k++) {
+        const char *path = tmp(cases[k].file), *what = cases[k].what;
+        int ok = cases[k].driver ? write_stress(path, cases[k].driver, cases[k].fid_mode, cases[k].class_index,
+                                                cases[k].spatial_index)
+                                 : write_stress_geojson(path);
+        if (!tu_expect(ok, "stress: writing %s: %s", path, CPLGetLastErrorMsg())) continue;
+        int32_t *ref = stress_reference(path, cases[k].all_touched);
+        if (!tu_expect(ref != NULL, "stress: gdal_rasterize %s", path)) continue;
+        /* The case is order-sensitive: most pixels are burned, with many classes. */
+        size_t burned = 0;
+        for (size_t i = 0; i < (size_t)SW * SH; i++) burned += ref[i] != 0;
+        tu_expect(burned > (size_t)SW * SH * 9 / 10 && count_distinct(ref, (size_t)SW * SH) > 200,
+                  "stress %s: the reference covers most of the grid with many classes", what);
+        ts_label_opts o;
+        ts_label_opts_init(&o);
+        o.attribute = "cls";
+        o.all_touched = cases[k].all_touched;
+        ts_labels *l = NULL;
+        if (!tu_expect_ok(ts_labels_open(path, &g, &o, &l), what)) {
+            free(ref);
+            continue;
+        }
+        /* whole, then 128x128 blocks (partial at the right and bottom), then odd windows */
+        size_t bad = 0;
+        const ts_window whole = {0, 0, SW, SH};
+        bad += stress_window(l, &whole, ref, got);
+        for (int r = 0; r < SH; r += 128)
+            for (int c = 0; c < SW; c += 128) {
+                const ts_window w = {c, r, SW - c < 128 ? SW - c : 128, SH - r < 128 ? SH - r : 128};
+                bad += stress_window(l, &w, ref, got);
+            }
+        const ts_window odd[] = {{-7, -11, 301, 77}, {333, 1, 1, 599}, {17, 555, 600, 90}, {250, 250, 3, 3}};
+        for (size_t i = 0; i < sizeof odd / sizeof odd[0]; i++) bad += stress_window(l, &odd[i], ref, got);
+        tu_expect(bad == 0, "stress %s: %zu pixels differ from gdal_rasterize over the windows", what, bad);
+        ts_labels_close(l);
+        free(ref);
+    }
+    free(got);
     ts_grid_free(&g);
 }
 
@@ -796,6 +1006,7 @@ int main(void)
     test_parsers();
     test_vector_formats();
     test_overlap_order();
+    test_overlap_stress();
     test_reprojection();
     test_vector_errors();
     test_raster_warp();
