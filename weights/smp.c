@@ -531,6 +531,22 @@ static ts_status read_text(const char *path, char **out)
     return TS_OK;
 }
 
+/* Removes the optimizer.* and scheduler.* entries of a training checkpoint. */
+static void drop_training_state(ts_dict *d)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < d->count; i++) {
+        ts_named_tensor *t = &d->items[i];
+        if (strncmp(t->name, "optimizer.", 10) == 0 || strncmp(t->name, "scheduler.", 10) == 0) {
+            free(t->name);
+            free(t->data);
+        } else {
+            d->items[kept++] = *t;
+        }
+    }
+    d->count = kept;
+}
+
 ts_status ts_model_load(const char *path, ts_unet *m, const ts_load_opts *o)
 {
     memset(m, 0, sizeof *m);
@@ -558,6 +574,9 @@ ts_status ts_model_load(const char *path, ts_unet *m, const ts_load_opts *o)
         else if (st == TS_OK)
             st = ts_unet_config_from_dict(&d, &cfg, file);
     }
+    /* A training checkpoint (train/trainer.c) is a model file plus the
+     * optimizer and scheduler state: read as a model, those are dropped. */
+    if (st == TS_OK && ts_dict_get_meta(&d, "terraseg.checkpoint")) drop_training_state(&d);
     if (st == TS_OK) st = ts_unet_init(m, &cfg);
     if (st == TS_OK) st = ts_unet_load_dict(m, &d, o, file);
     /* The model card: in safetensors metadata, or beside an SMP directory's
