@@ -9,7 +9,19 @@
  *   (c) the outputs exist and load: model.safetensors and smp/ hold the same
  *       weights, the card lists the classes and bands;
  *   (d) clear errors: a label id outside the classes, an empty training
- *       split, a model whose in_channels disagree with the data.
+ *       split, a model whose in_channels disagree with the data;
+ *   (e) early stopping: a model that predicts background everywhere (head
+ *       bias +-1000, tiny lr) has a constant val mIoU, so patience 1 stops
+ *       the run after epoch 2 of 4 with best.safetensors from epoch 1;
+ *   (e)-(g) train on few.csv (5 train, 2 val windows) to stay cheap;
+ *   (f) a NaN written into a weight by the model hook after step 3 makes
+ *       step 4's loss non-finite: the error names epoch, batch and step, and
+ *       last.safetensors (checkpoint_steps 2) is bit-for-bit the state the
+ *       hook saw at step 2, finite;
+ *   (g) init imagenet from a torchvision-style resnet34 .pth (ts_pth_write):
+ *       before the first step the encoder equals the file (3 bands) or the
+ *       SMP first-conv rule of it (4 bands), decoder and head equal the
+ *       scratch init of the seed.
  * TEST_TRAIN_KEEP=1 keeps the folder. */
 #include <ftw.h>
 #include <cpl_conv.h>
@@ -23,10 +35,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "smp_fill.h"
 #include "testutil.h"
 #include "train/config.h"
 #include "train/trainer.h"
 #include "weights/card.h"
+#include "weights/pth.h"
+#include "weights/safetensors.h"
 #include "weights/smp.h"
 
 #define IW 160
@@ -96,6 +111,12 @@ static int make_data(void)
     FILE *f = fopen(tpath("allval.csv"), "w");
     if (!f) return 0;
     fprintf(f, "col_off,row_off,split\n0,0,val\n32,0,val\n64,64,val\n");
+    fclose(f);
+    /* few windows for the cheap runs of (e) to (g): 5 train, 2 val */
+    f = fopen(tpath("few.csv"), "w");
+    if (!f) return 0;
+    fprintf(f, "col_off,row_off,split\n0,0,train\n32,0,train\n64,0,train\n96,0,train\n128,0,train\n"
+               "0,64,val\n64,64,val\n");
     fclose(f);
     return ok;
 }
@@ -310,6 +331,300 @@ static void test_errors(void)
     ts_unet_free(&m);
 }
 
+static int count_lines(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    int lines = 0;
+    char line[1024];
+    while (f && fgets(line, sizeof line, f)) lines++;
+    if (f) fclose(f);
+    return lines;
+}
+
+/* Applies --set overrides in order; 0 at the first that fails. */
+static int set_all(ts_train_config *c, const char *const *kv, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!tu_expect_ok(ts_train_config_set(c, kv[i]), kv[i])) return 0;
+    return 1;
+}
+
+/* resolve() on the windows of few.csv with the given batch size. */
+static int resolve_few(ts_train_config *c, const char *out, int epochs, int batch, const char *extra)
+{
+    if (!resolve(c, out, epochs, 0, extra)) return 0;
+    char csv[1100], bs[64];
+    snprintf(csv, sizeof csv, "windows.csv=%s", tpath("few.csv"));
+    snprintf(bs, sizeof bs, "train.batch_size=%d", batch);
+    const char *sets[] = {csv, "split.method=csv", bs};
+    if (set_all(c, sets, sizeof sets / sizeof *sets)) return 1;
+    ts_train_config_free(c);
+    return 0;
+}
+
+/* The tiny U-Net of resolve() for `bands` input channels, scratch init. */
+static int tiny_unet(ts_unet *m, int bands, uint64_t seed)
+{
+    memset(m, 0, sizeof *m);
+    ts_unet_config uc = ts_unet_default_config(bands, 2);
+    uc.encoder_depth = 3;
+    uc.decoder_channels[0] = 16, uc.decoder_channels[1] = 8, uc.decoder_channels[2] = 4;
+    return tu_expect_ok(ts_unet_init(m, &uc), "tiny U-Net") && tu_expect_ok(ts_unet_init_random(m, seed), "init");
+}
+
+/* (e) */
+static void test_early_stop(void)
+{
+    /* background everywhere: logits +-1000 from the head bias dwarf anything
+     * lr 1e-6 can change in a few steps, so every validation gives the same
+     * confusion matrix and the same mIoU (never strictly better) */
+    ts_unet m;
+    int ok = tiny_unet(&m, 3, 1);
+    if (ok) {
+        float *hb = ts_unet_param_f32(&m, ts_unet_find(&m, "segmentation_head.0.bias"));
+        hb[0] = 1000, hb[1] = -1000;
+        ok = tu_expect_ok(ts_model_save(tpath("background.safetensors"), &m, TS_FORMAT_SAFETENSORS), "save model");
+    }
+    ts_unet_free(&m);
+    ts_train_config c;
+    if (!ok || !tu_expect(resolve_few(&c, "run_es", 4, 4, "train.patience: 1\n"), "config es")) return;
+    char w[1100];
+    snprintf(w, sizeof w, "model.weights=%s", tpath("background.safetensors"));
+    const char *sets[] = {"model.init=model", w, "optimizer.lr=1e-6", "optimizer.weight_decay=0"};
+    if (set_all(&c, sets, sizeof sets / sizeof *sets)) {
+        ts_train_run_opts o = quiet_opts();
+        ts_train_result r;
+        tu_expect_ok(ts_train_run(&c, &o, &r), "early-stopping run");
+        printf("early stop: %d epochs, %lld steps, val mIoU %.4f, best %.4f at epoch %d, early_stopped %d, %.1f s\n",
+               r.epochs_done, (long long)r.global_step, r.miou, r.best_miou, r.best_epoch, r.early_stopped, r.seconds);
+        tu_expect(r.early_stopped == 1 && r.interrupted == 0 && r.epochs_done == 2,
+                  "patience 1: stopped after epoch 2 of 4 (early_stopped %d, %d epochs)", r.early_stopped,
+                  r.epochs_done);
+        tu_expect(r.best_epoch == 1 && r.miou == r.best_miou, "best mIoU from epoch 1, later ones equal");
+        int lines = count_lines(tpath("run_es/metrics.csv"));
+        tu_expect(lines == 3, "metrics.csv: header + 2 epochs (%d lines)", lines);
+        tu_expect(file_exists(tpath("run_es/model.safetensors")), "final model after early stopping");
+        ts_unet b;
+        memset(&b, 0, sizeof b);
+        tu_expect_ok(ts_model_load(tpath("run_es/best.safetensors"), &b, NULL), "load best.safetensors");
+        ts_unet_free(&b);
+    }
+    ts_train_config_free(&c);
+}
+
+/* The model of a checkpoint: ts_model_load reads a training checkpoint as a
+ * model file, leaving its optimizer.* and scheduler.* entries out. */
+static int load_checkpoint(const char *path, ts_unet *m)
+{
+    return tu_expect_ok(ts_model_load(path, m, NULL), path);
+}
+
+typedef struct nan_hook {
+    int64_t snap_step, nan_step;
+    float *w, *b;
+    int64_t *cnt;
+    size_t nw, nb, nc;
+    int poisoned;
+} nan_hook;
+
+static void nan_hook_fn(void *user, struct ts_unet *m, int epoch, int64_t step)
+{
+    nan_hook *h = user;
+    (void)epoch;
+    if (step == h->snap_step && !h->w) {
+        h->nw = m->n_weights, h->nb = m->n_buffers, h->nc = m->n_counters;
+        h->w = malloc(h->nw * sizeof(float) + 1);
+        h->b = malloc(h->nb * sizeof(float) + 1);
+        h->cnt = malloc(h->nc * sizeof(int64_t) + 1);
+        if (h->w) memcpy(h->w, m->weights, h->nw * sizeof(float));
+        if (h->b) memcpy(h->b, m->buffers, h->nb * sizeof(float));
+        if (h->cnt) memcpy(h->cnt, m->counters, h->nc * sizeof(int64_t));
+    }
+    if (step == h->nan_step) {
+        ts_unet_param_f32(m, ts_unet_find(m, "segmentation_head.0.bias"))[0] = NAN;
+        h->poisoned = 1;
+    }
+}
+
+/* (f) */
+static void test_nan(void)
+{
+    ts_train_config c;
+    if (!tu_expect(resolve_few(&c, "run_nan", 1, 1, "train.checkpoint_steps: 2\n"), "config nan")) return;
+    nan_hook h = {.snap_step = 2, .nan_step = 3};
+    ts_train_run_opts o = quiet_opts();
+    o.on_step_model = nan_hook_fn;
+    o.on_step_user = &h;
+    ts_train_result r;
+    ts_status st = ts_train_run(&c, &o, &r);
+    printf("NaN weight after step 3 (%.1f s): %s\n", r.seconds, ts_last_error());
+    tu_expect(h.poisoned && r.global_step == 3, "poisoned after step 3, stopped at step %lld", (long long)r.global_step);
+    tu_expect_error(st, TS_ERR_INVALID_ARG, "non-finite loss", "epoch 1, batch 4 of 5 ", "optimizer step 4",
+                    "non-finite", "last.safetensors", NULL);
+    tu_expect(!file_exists(tpath("run_nan/model.safetensors")), "no final model after a NaN loss");
+    ts_unet m = {0};
+    if (tu_expect(h.w && h.b && h.cnt, "snapshot at step 2") && load_checkpoint(tpath("run_nan/last.safetensors"), &m)) {
+        int finite = 1;
+        for (size_t i = 0; i < m.n_weights; i++) finite &= isfinite(m.weights[i]) != 0;
+        for (size_t i = 0; i < m.n_buffers; i++) finite &= isfinite(m.buffers[i]) != 0;
+        tu_expect(finite, "last.safetensors: finite weights and buffers");
+        tu_expect(m.n_weights == h.nw && m.n_buffers == h.nb && m.n_counters == h.nc &&
+                      !memcmp(m.weights, h.w, h.nw * sizeof(float)) && !memcmp(m.buffers, h.b, h.nb * sizeof(float)) &&
+                      !memcmp(m.counters, h.cnt, h.nc * sizeof(int64_t)),
+                  "last.safetensors is bit-for-bit the model at step 2");
+    }
+    ts_unet_free(&m);
+    free(h.w);
+    free(h.b);
+    free(h.cnt);
+    ts_train_config_free(&c);
+}
+
+/* tests/test_smp.c's fill_model / make_torchvision: a torchvision resnet34
+ * state_dict (conv1, bn1, layer1..4 from a depth-5 encoder, fc) with the
+ * deterministic values of tests/smp_fill.h. */
+static void fill_model(ts_unet *m)
+{
+    for (int k = 0; k < m->n_params; k++) {
+        const ts_param *p = &m->params[k];
+        if (p->kind == TS_PARAM_COUNTER)
+            m->counters[p->offset] = smp_fill_counter(p->name);
+        else
+            smp_fill_f32(p->name, p->ndim, p->shape, ts_unet_param_f32(m, p), p->numel);
+    }
+}
+
+static int make_torchvision(ts_dict *d)
+{
+    ts_unet_config cfg = ts_unet_default_config(3, 2);
+    ts_unet m;
+    memset(&m, 0, sizeof m);
+    ts_dict_init(d);
+    if (!tu_expect_ok(ts_unet_init(&m, &cfg), "resnet34 model")) return 0;
+    fill_model(&m);
+    int ok = 1;
+    for (int k = 0; k < m.n_params && ok; k++) {
+        const ts_param *p = &m.params[k];
+        if (strncmp(p->name, "encoder.", 8) != 0) continue;
+        int64_t shape[4];
+        for (int i = 0; i < p->ndim; i++) shape[i] = p->shape[i];
+        if (p->kind == TS_PARAM_COUNTER)
+            ok = ts_dict_add(d, p->name + 8, TS_I64, 0, shape, &m.counters[p->offset]) == TS_OK;
+        else
+            ok = ts_dict_add(d, p->name + 8, TS_F32, p->ndim, shape, ts_unet_param_f32(&m, p)) == TS_OK;
+    }
+    int64_t fcw[2] = {1000, 512}, fcb = 1000;
+    float *fc = calloc(512000, sizeof(float));
+    ok = ok && fc;
+    for (int i = 0; ok && i < 512000; i++) fc[i] = (float)((i % 7) - 3) * 0.125f;
+    ok = ok && ts_dict_add(d, "fc.weight", TS_F32, 2, fcw, fc) == TS_OK;
+    ok = ok && ts_dict_add(d, "fc.bias", TS_F32, 1, &fcb, fc) == TS_OK;
+    free(fc);
+    ts_unet_free(&m);
+    return tu_expect(ok, "torchvision state_dict");
+}
+
+typedef struct inet_hook {
+    const ts_dict *tv;
+    const ts_unet *ref; /* scratch init of the same config and seed */
+    int calls, n_enc, n_dec, enc_bad, dec_bad, conv1_ok, enc_differs;
+} inet_hook;
+
+static void inet_hook_fn(void *user, struct ts_unet *m, int epoch, int64_t step)
+{
+    inet_hook *h = user;
+    (void)epoch;
+    if (step != 0) return;
+    h->calls++;
+    const int N = m->cfg.in_channels;
+    for (int k = 0; k < m->n_params; k++) {
+        const ts_param *p = &m->params[k];
+        const ts_param *q = ts_unet_find(h->ref, p->name);
+        const float *v = p->kind == TS_PARAM_COUNTER ? NULL : ts_unet_param_f32(m, p);
+        if (strncmp(p->name, "encoder.", 8) != 0) {
+            h->n_dec++;
+            h->dec_bad += !q || (p->kind == TS_PARAM_COUNTER
+                                     ? m->counters[p->offset] != h->ref->counters[q->offset]
+                                     : memcmp(v, ts_unet_param_f32(h->ref, q), p->numel * sizeof(float)) != 0);
+            continue;
+        }
+        h->n_enc++;
+        const ts_named_tensor *t = ts_dict_find(h->tv, p->name + 8);
+        if (!t) {
+            h->enc_bad++;
+            continue;
+        }
+        if (p->kind == TS_PARAM_COUNTER) {
+            h->enc_bad += m->counters[p->offset] != *(const int64_t *)t->data;
+        } else if (!strcmp(p->name, "encoder.conv1.weight")) {
+            /* SMP patch_first_conv, pretrained: channel c from RGB filter c % 3, x 3/N */
+            const float *W = t->data, scale = (float)(3.0 / N);
+            int ok = (int)p->numel == 64 * N * 49;
+            for (int o = 0; ok && o < 64; o++)
+                for (int ch = 0; ch < N; ch++)
+                    for (int i = 0; i < 49; i++) {
+                        float want = N == 3 ? W[(o * 3 + ch) * 49 + i] : W[(o * 3 + ch % 3) * 49 + i] * scale;
+                        ok &= v[(o * N + ch) * 49 + i] == want;
+                    }
+            h->conv1_ok = ok;
+            h->enc_differs = q && memcmp(v, ts_unet_param_f32(h->ref, q), p->numel * sizeof(float)) != 0;
+        } else {
+            h->enc_bad += t->nbytes != p->numel * sizeof(float) || memcmp(v, t->data, t->nbytes) != 0;
+        }
+    }
+}
+
+/* (g) */
+static void test_imagenet(void)
+{
+    ts_dict tv;
+    if (!make_torchvision(&tv)) {
+        ts_dict_free(&tv);
+        return;
+    }
+    int ok = tu_expect_ok(ts_pth_write(tpath("resnet34.pth"), &tv), "write resnet34.pth");
+    /* a 4-band image on the same grid (labels: lab.tif) */
+    uint8_t *img4 = malloc(4 * IW * IH);
+    ok = ok && img4;
+    for (int i = 0; ok && i < 4 * IW * IH; i++) img4[i] = (uint8_t)(urand() * 255);
+    ok = ok && tu_expect(write_tif(tpath("img4.tif"), 4, img4), "write img4.tif");
+    free(img4);
+    for (int bands = 3; ok && bands <= 4; bands++) {
+        ts_train_config c;
+        char out[32];
+        snprintf(out, sizeof out, "run_inet%d", bands);
+        if (!tu_expect(resolve_few(&c, out, 1, 1, NULL), "config imagenet")) break;
+        char w[1100], im[1100];
+        snprintf(w, sizeof w, "model.weights=%s", tpath("resnet34.pth"));
+        snprintf(im, sizeof im, "data.images=%s", tpath(bands == 3 ? "img.tif" : "img4.tif"));
+        const char *sets[] = {"model.init=imagenet", w, im};
+        ts_unet ref;
+        memset(&ref, 0, sizeof ref);
+        ts_unet_config uc;
+        if (set_all(&c, sets, sizeof sets / sizeof *sets) &&
+            tu_expect_ok(ts_train_config_unet(&c, bands, &uc), "unet config") &&
+            tu_expect_ok(ts_unet_init(&ref, &uc), "reference model") &&
+            tu_expect_ok(ts_unet_init_random(&ref, (uint64_t)c.seed), "reference init")) {
+            inet_hook h = {.tv = &tv, .ref = &ref};
+            ts_train_run_opts o = quiet_opts();
+            o.on_step_model = inet_hook_fn;
+            o.on_step_user = &h;
+            o.stop_after_steps = 1;
+            ts_train_result r;
+            tu_expect_ok(ts_train_run(&c, &o, &r), "imagenet run");
+            printf("imagenet, %d bands (%.1f s): %d encoder entries (%d differ), %d decoder/head entries (%d differ), conv1 %s\n",
+                   bands, r.seconds, h.n_enc, h.enc_bad, h.n_dec, h.dec_bad, h.conv1_ok ? "ok" : "WRONG");
+            tu_expect(h.calls == 1 && r.global_step == 1, "%d bands: the hook saw the model before step 1", bands);
+            tu_expect(h.n_enc > 0 && h.enc_bad == 0 && h.conv1_ok && h.enc_differs,
+                      "%d bands: encoder from resnet34.pth (conv1 by the first-conv rule)", bands);
+            tu_expect(h.n_dec > 0 && h.dec_bad == 0, "%d bands: decoder and head from the scratch init", bands);
+        }
+        ts_unet_free(&ref);
+        ts_train_config_free(&c);
+    }
+    ts_dict_free(&tv);
+}
+
 static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
 {
     (void)sb, (void)flag, (void)ftw;
@@ -328,6 +643,9 @@ int main(void)
         test_learns();
         test_resume();
         test_errors();
+        test_early_stop();
+        test_nan();
+        test_imagenet();
     }
     if (!getenv("TEST_TRAIN_KEEP"))
         nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);

@@ -952,6 +952,7 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     double t_epoch0 = now_s();
     int64_t tiles_done = 0;
     int stop = 0;
+    if (!st && o->on_step_model) o->on_step_model(o->on_step_user, &m, rs.epoch, rs.global_step);
     while (!st && !stop && rs.epoch < epochs) {
         const int e = rs.epoch;
         st = ts_loader_begin_epoch(tl, e, (size_t)rs.next_batch);
@@ -977,9 +978,9 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
             if (st) {
                 char msg[1024];
                 snprintf(msg, sizeof msg, "%s", ts_last_error());
-                st = ts_error(st, "train: epoch %d, batch %zu (optimizer step %" PRId64 "): %s; training stopped, "
-                              "the last checkpoint (%s) is the last good state", e + 1, bi, rs.global_step + 1, msg,
-                              p_last);
+                st = ts_error(st, "train: epoch %d, batch %zu of %zu (optimizer step %" PRId64 "): %s; training "
+                              "stopped, the last checkpoint (%s) is the last good state", e + 1, bi + 1, batches,
+                              rs.global_step + 1, msg, p_last);
                 break;
             }
             ts_tensor dv = ts_tensor_view(dl.data, b.size, K, c->windows.tile, c->windows.tile);
@@ -1007,6 +1008,7 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
             rs.global_step++;
             rs.next_batch = (int64_t)bi;
             if (o->on_step) o->on_step(o->on_step_user, e, rs.global_step);
+            if (o->on_step_model) o->on_step_model(o->on_step_user, &m, e, rs.global_step);
             if (!silent) {
                 double el = now_s() - t_epoch0;
                 double tps = el > 0 ? tiles_done / el : 0;

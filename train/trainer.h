@@ -68,6 +68,8 @@
 #include "kernels/status.h"
 #include "train/config.h"
 
+struct ts_unet;
+
 typedef struct ts_train_run_opts {
     const char *resume;        /* a checkpoint (last.safetensors, epoch-N.safetensors) or NULL */
     int install_signals;       /* 1: SIGINT/SIGTERM handlers during the run (restored after) */
@@ -77,7 +79,11 @@ typedef struct ts_train_run_opts {
     /* test hooks */
     int64_t stop_after_steps;  /* > 0: behave as if SIGINT arrived once global_step reaches this */
     void (*on_step)(void *user, int epoch, int64_t global_step); /* after every optimizer step */
-    void *on_step_user;
+    /* with the model: once before the first step (global_step 0, or the
+     * resumed step; the initialized model) and after every optimizer step
+     * (after on_step, before that step's checkpoint); it may change it */
+    void (*on_step_model)(void *user, struct ts_unet *m, int epoch, int64_t global_step);
+    void *on_step_user;         /* the user argument of both hooks */
 } ts_train_run_opts;
 
 #define TS_TRAIN_MAX_CLASSES_REPORTED 64
