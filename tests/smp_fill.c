@@ -78,3 +78,14 @@ void smp_fill_target(int32_t *out, size_t n, int classes)
         out[i] = u % 17 == 0 ? 255 : (int32_t)(u % (uint64_t)classes);
     }
 }
+
+void smp_fill_model(ts_unet *m)
+{
+    for (int k = 0; k < m->n_params; k++) {
+        const ts_param *p = &m->params[k];
+        if (p->kind == TS_PARAM_COUNTER)
+            m->counters[p->offset] = smp_fill_counter(p->name);
+        else
+            smp_fill_f32(p->name, p->ndim, p->shape, ts_unet_param_f32(m, p), p->numel);
+    }
+}

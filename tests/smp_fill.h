@@ -25,6 +25,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "nn/unet.h"
+
 uint64_t smp_fill_fnv1a(const char *name);
 /* u for element i of NAME (before the modulo). */
 uint64_t smp_fill_u(uint64_t name_hash, size_t i);
@@ -37,5 +39,7 @@ void smp_fill_f32(const char *name, int ndim, const int *shape, float *out, size
 int64_t smp_fill_counter(const char *name);
 void smp_fill_input(float *out, size_t n);
 void smp_fill_target(int32_t *out, size_t n, int classes);
+/* Every entry of the model's parameter table, by its SMP name. */
+void smp_fill_model(ts_unet *m);
 
 #endif

@@ -15,17 +15,6 @@
 
 static char tmpdir[] = "/tmp/terraseg-test-smp-XXXXXX";
 
-static void fill_model(ts_unet *m)
-{
-    for (int k = 0; k < m->n_params; k++) {
-        const ts_param *p = &m->params[k];
-        if (p->kind == TS_PARAM_COUNTER)
-            m->counters[p->offset] = smp_fill_counter(p->name);
-        else
-            smp_fill_f32(p->name, p->ndim, p->shape, ts_unet_param_f32(m, p), p->numel);
-    }
-}
-
 static int same_config(const ts_unet_config *a, const ts_unet_config *b)
 {
     if (a->in_channels != b->in_channels || a->classes != b->classes || a->encoder_depth != b->encoder_depth ||
@@ -63,7 +52,7 @@ static void test_roundtrip(const ts_unet_config *cfg, const char *tag)
 {
     ts_unet m, back;
     if (!tu_expect_ok(ts_unet_init(&m, cfg), "ts_unet_init")) return;
-    fill_model(&m);
+    smp_fill_model(&m);
     const char *exts[] = {".safetensors", ".pth", "_smp"};
     for (int f = 0; f < 3; f++) {
         char path[256];
@@ -169,7 +158,7 @@ static void test_strict(void)
     ts_unet_config cfg = ts_unet_default_config(3, 2);
     ts_unet m, m2;
     if (!tu_expect_ok(ts_unet_init(&m, &cfg), "init") || !tu_expect_ok(ts_unet_init(&m2, &cfg), "init 2")) return;
-    fill_model(&m);
+    smp_fill_model(&m);
     ts_dict d;
     ts_dict_init(&d);
     tu_expect_ok(ts_unet_to_dict(&m, &d), "to_dict");
@@ -199,7 +188,7 @@ static void test_strict(void)
     ts_unet_config cfg6 = ts_unet_default_config(3, 6);
     ts_unet m6;
     tu_expect_ok(ts_unet_init(&m6, &cfg6), "init k6");
-    fill_model(&m6);
+    smp_fill_model(&m6);
     ts_dict_init(&d);
     tu_expect_ok(ts_unet_to_dict(&m6, &d), "to_dict k6");
     ts_unet_free(&m6);
@@ -272,7 +261,7 @@ static void make_torchvision(ts_dict *d)
     ts_unet_config cfg = ts_unet_default_config(3, 2);
     ts_unet m;
     ts_unet_init(&m, &cfg);
-    fill_model(&m);
+    smp_fill_model(&m);
     ts_dict_init(d);
     for (int k = 0; k < m.n_params; k++) {
         const ts_param *p = &m.params[k];

@@ -483,17 +483,6 @@ static void test_nan(void)
 /* tests/test_smp.c's fill_model / make_torchvision: a torchvision resnet34
  * state_dict (conv1, bn1, layer1..4 from a depth-5 encoder, fc) with the
  * deterministic values of tests/smp_fill.h. */
-static void fill_model(ts_unet *m)
-{
-    for (int k = 0; k < m->n_params; k++) {
-        const ts_param *p = &m->params[k];
-        if (p->kind == TS_PARAM_COUNTER)
-            m->counters[p->offset] = smp_fill_counter(p->name);
-        else
-            smp_fill_f32(p->name, p->ndim, p->shape, ts_unet_param_f32(m, p), p->numel);
-    }
-}
-
 static int make_torchvision(ts_dict *d)
 {
     ts_unet_config cfg = ts_unet_default_config(3, 2);
@@ -501,7 +490,7 @@ static int make_torchvision(ts_dict *d)
     memset(&m, 0, sizeof m);
     ts_dict_init(d);
     if (!tu_expect_ok(ts_unet_init(&m, &cfg), "resnet34 model")) return 0;
-    fill_model(&m);
+    smp_fill_model(&m);
     int ok = 1;
     for (int k = 0; k < m.n_params && ok; k++) {
         const ts_param *p = &m.params[k];

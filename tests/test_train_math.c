@@ -39,18 +39,6 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double quantile(double *v, int n, double q)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n ? v[(int)(q * (n - 1) + 0.5)] : 0;
-}
-
 static double rel_d(double got, double want) { return fabs(got - want) / fmax(fabs(want), 1e-300); }
 
 static const fx_record *need(const fx_file *f, const char *name, int dtype, size_t count)
@@ -498,24 +486,13 @@ static ts_unet_config small_cfg(void)
     return c;
 }
 
-static void fill_model(ts_unet *m)
-{
-    for (int i = 0; i < m->n_params; i++) {
-        const ts_param *p = &m->params[i];
-        if (p->kind == TS_PARAM_COUNTER)
-            m->counters[p->offset] = smp_fill_counter(p->name);
-        else
-            smp_fill_f32(p->name, p->ndim, p->shape, ts_unet_param_f32(m, p), p->numel);
-    }
-}
-
 static void test_optim(ts_ctx *ctx)
 {
     const ts_backend *B = ctx->backend;
     ts_unet_config cfg = small_cfg();
     ts_unet m;
     if (!tu_expect_ok(ts_unet_init(&m, &cfg), "unet_init(optim)")) return;
-    fill_model(&m);
+    smp_fill_model(&m);
     float *w0 = malloc(m.n_weights * sizeof(float));
     memcpy(w0, m.weights, m.n_weights * sizeof(float));
     tu_rng rng;
@@ -703,7 +680,7 @@ static void test_optim(ts_ctx *ctx)
 
     /* gradient accumulation: two micro-batch backwards at dloss = 1/2 equal
      * one at dloss = 1 (the same batch twice, so BN statistics are equal) */
-    fill_model(&m);
+    smp_fill_model(&m);
     const int N = 2, H = 32, W = 32;
     ts_tensor x = tu_tensor(N, 2, H, W), logits;
     smp_fill_input(x.data, ts_tensor_numel(&x));
@@ -774,7 +751,7 @@ static void test_train(ts_ctx *ctx)
         fx_free(&f);
         return;
     }
-    fill_model(&m);
+    smp_fill_model(&m);
     float *init = malloc(m.n_weights * sizeof(float));
     memcpy(init, m.weights, m.n_weights * sizeof(float));
     int P = 0;
@@ -879,7 +856,7 @@ static void test_train(ts_ctx *ctx)
         }
     }
     if (ng1) {
-        double med = quantile(g1e, ng1, 0.5), p90 = quantile(g1e, ng1, 0.9);
+        double med = tu_quantile(g1e, ng1, 0.5), p90 = tu_quantile(g1e, ng1, 0.9);
         printf("  step 1 clipped gradient norms: rel median %.2e, 90th pct %.2e, worst %.2e (%s)\n", med, p90, g1worst,
                g1worst_name);
         tu_expect(med <= 1e-3 && g1worst <= 1e-2,
@@ -922,7 +899,7 @@ static void test_train(ts_ctx *ctx)
             }
             j++;
         }
-        double mn = quantile(an, nn, 0.5), mv = quantile(av, nv, 0.5), p90 = quantile(av, nv, 0.9);
+        double mn = tu_quantile(an, nn, 0.5), mv = tu_quantile(av, nv, 0.5), p90 = tu_quantile(av, nv, 0.9);
         printf("  after step 3: param-norm rel median %.2e worst %.2e; sampled update error (of the lr sum) median "
                "%.2e, 90th pct %.2e, worst %.2e (%s)\n",
                mn, wn, mv, p90, wv, wv_name);
@@ -940,7 +917,7 @@ static void test_train(ts_ctx *ctx)
             ar[k] = fabs(m.buffers[k] - ref) / fmax(fabs(ref), 1e-2);
             wr = fmax(wr, ar[k]);
         }
-        double mr = quantile(ar, (int)m.n_buffers, 0.5), p90 = quantile(ar, (int)m.n_buffers, 0.9);
+        double mr = tu_quantile(ar, (int)m.n_buffers, 0.5), p90 = tu_quantile(ar, (int)m.n_buffers, 0.9);
         printf("  running stats after step 3: rel median %.2e, 90th pct %.2e, worst %.2e\n", mr, p90, wr);
         tu_expect(mr <= 2e-2, "train3: running stats median %.2e <= 2e-2 (worst %.2e)", mr, wr);
         free(ar);

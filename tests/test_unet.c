@@ -339,18 +339,6 @@ typedef struct gc_errs {
     double worst;
 } gc_errs;
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double quantile(double *v, int n, double q)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n ? v[(int)(q * (n - 1) + 0.5)] : 0;
-}
-
 /* Central differences of L = sum r * logits (train mode) for `count` sampled
  * elements of entry NAME (always including its largest gradient), against
  * the backward's gradient. The error of one element is
@@ -409,7 +397,7 @@ static void gradcheck_entry(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, const f
         }
     }
     int got = res->n - n0 < 64 ? res->n - n0 : 64;
-    double med = quantile(mine, got, 0.5);
+    double med = tu_quantile(mine, got, 0.5);
     printf("  gradcheck %-40s median %.2e worst %.2e at %zu (bp %+.5e fd %+.5e), rms %.3e\n", name, med, worst,
            worst_k, worst_bp, worst_fd, rms);
     /* Per entry too, so a bug confined to one layer cannot hide in the
@@ -470,8 +458,8 @@ static void gradcheck_model(ts_ctx *ctx, const ts_unet_config *cfg, int N, int H
     memset(&res, 0, sizeof res);
     const double step = 1e-3; /* float32 forward: see gradcheck_entry */
     for (int i = 0; i < nnames; i++) gradcheck_entry(&m, ctx, &x, r, names[i], count, step, &rng, &res);
-    double med = quantile(res.e, res.n, 0.5), p80 = quantile(res.e, res.n, 0.8);
-    double med10 = quantile(res.e10, res.n, 0.5);
+    double med = tu_quantile(res.e, res.n, 0.5), p80 = tu_quantile(res.e, res.n, 0.8);
+    double med10 = tu_quantile(res.e10, res.n, 0.5);
     printf("gradcheck depth %d bn %d %dx%dx%d: %d samples, median %.3e, 80th percentile %.3e, worst %.3e; with a 10%% "
            "error the median would be %.3e; %.2f s\n",
            cfg->encoder_depth, cfg->decoder_use_batchnorm, N, H, W, res.n, med, p80, res.worst, med10, now_s() - t0);
@@ -593,17 +581,6 @@ typedef struct worst {
 } worst_t;
 static worst_t W_ALL;
 
-static void fill_model(ts_unet *m)
-{
-    for (int i = 0; i < m->n_params; i++) {
-        const ts_param *p = &m->params[i];
-        if (p->kind == TS_PARAM_COUNTER)
-            m->counters[p->offset] = smp_fill_counter(p->name);
-        else
-            smp_fill_f32(p->name, p->ndim, p->shape, ts_unet_param_f32(m, p), p->numel);
-    }
-}
-
 /* max |got - ref| / max |ref| */
 static double rel_max(const float *got, const float *ref, size_t n, size_t *at)
 {
@@ -709,7 +686,7 @@ static void parity_case(ts_ctx *ctx, const char *cs)
     const fx_record *rh = need(&f, "entry_hash", FX_I64, (size_t)E, cs);
     const fx_record *rn = need(&f, "entry_numel", FX_I64, (size_t)E, cs);
     const fx_record *rs = need(&f, "param_sums", FX_F64, (size_t)E, cs);
-    fill_model(&m);
+    smp_fill_model(&m);
     int bad_hash = -1, bad_numel = -1, bad_sum = -1;
     for (int i = 0; i < E; i++) {
         const ts_param *p = &m.params[i];
@@ -827,7 +804,7 @@ static void parity_case(ts_ctx *ctx, const char *cs)
             }
             j++;
         }
-        double mn = quantile(errs_n, nn, 0.5), mv = quantile(errs_v, nv, 0.5), p90 = quantile(errs_v, nv, 0.9);
+        double mn = tu_quantile(errs_n, nn, 0.5), mv = tu_quantile(errs_v, nv, 0.5), p90 = tu_quantile(errs_v, nv, 0.9);
         printf("  %s grads: norm rel median %.2e worst %.2e (%s); sampled rel median %.2e, 90th pct %.2e, worst %.2e "
                "(%s)\n",
                cs, mn, wn, wn_name, mv, p90, wv, wv_name);
@@ -846,7 +823,7 @@ static void parity_case(ts_ctx *ctx, const char *cs)
     free(errs_v);
 
     /* AdamW: 3 steps from a fresh fill */
-    fill_model(&m);
+    smp_fill_model(&m);
     float *init = malloc(m.n_weights * sizeof(float));
     float *ea = calloc(m.n_weights, sizeof(float)), *es = calloc(m.n_weights, sizeof(float));
     const fx_record *ral = need(&f, "adamw_loss", FX_F64, 3, cs);
@@ -912,7 +889,7 @@ static void parity_case(ts_ctx *ctx, const char *cs)
                 }
                 j++;
             }
-            double mn = quantile(an, nn, 0.5), mv = quantile(av, nv, 0.5), p90 = quantile(av, nv, 0.9);
+            double mn = tu_quantile(an, nn, 0.5), mv = tu_quantile(av, nv, 0.5), p90 = tu_quantile(av, nv, 0.9);
             printf("  %s adamw: param-norm rel median %.2e worst %.2e; sampled update error (of 3 lr) median %.2e, "
                    "90th pct %.2e, worst %.2e (%s); largest move %.3e\n",
                    cs, mn, wn, mv, p90, wv, wv_name, wmove);
@@ -935,7 +912,7 @@ static void parity_case(ts_ctx *ctx, const char *cs)
                 ar[k] = fabs(m.buffers[k] - ref) / fmax(fabs(ref), 1e-2);
                 wr = fmax(wr, ar[k]);
             }
-            double mr = quantile(ar, (int)m.n_buffers, 0.5), p90 = quantile(ar, (int)m.n_buffers, 0.9);
+            double mr = tu_quantile(ar, (int)m.n_buffers, 0.5), p90 = tu_quantile(ar, (int)m.n_buffers, 0.9);
             printf("  %s adamw running stats: rel median %.2e, 90th pct %.2e, worst %.2e\n", cs, mr, p90, wr);
             tu_expect(mr <= 2e-2, "%s: adamw running stats: median %.2e <= 2e-2 (worst %.2e)", cs, mr, wr);
             W_ALL.adam_running = fmax(W_ALL.adam_running, wr);

@@ -196,6 +196,18 @@ size_t tu_sample_indices(tu_rng *r, size_t n, size_t max, size_t *idx)
     return max;
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+double tu_quantile(double *v, int n, double q)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n ? v[(int)(q * (n - 1) + 0.5)] : 0;
+}
+
 /* ---- tally ---- */
 int tu_expect(int ok, const char *fmt, ...)
 {

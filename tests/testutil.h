@@ -58,6 +58,9 @@ void tu_fd_grad(tu_scalar_fn f, void *ctx, double *x, const size_t *idx, size_t 
  * otherwise a random sample. Returns the count written to idx. */
 size_t tu_sample_indices(tu_rng *r, size_t n, size_t max, size_t *idx);
 
+/* The q-quantile (0..1, nearest rank) of v[0..n); sorts v in place. 0 if n == 0. */
+double tu_quantile(double *v, int n, double q);
+
 /* ---- status checks and the tally ----------------------------------------- */
 /* Records one check: prints "FAIL <message>" when !ok. Returns ok. */
 int tu_expect(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
