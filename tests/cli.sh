@@ -24,6 +24,12 @@ expect() {
 }
 
 expect 0 "commands:" --help
+expect 0 "--blend MODE" predict --help
+expect 2 "expects MODEL SCENE OUT.tif" predict model.safetensors
+expect 2 "--blend must be gaussian, cosine or mean, got \"box\"" predict --blend box a b c
+expect 2 "--tta: unknown transform \"spin\"" predict --tta hflip,spin a b c
+expect 2 "--overlap 64 must be less than --tile 64" predict --tile 64 --overlap 64 a b c
+expect 1 "no-such-model" predict no-such-model.safetensors a.tif b.tif
 expect 0 "bench" --help
 expect 2 "usage: terraseg <command>"
 expect 2 "unknown command \"frobnicate\"" frobnicate

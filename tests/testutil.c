@@ -1,10 +1,13 @@
 #include "testutil.h"
 
+#include <ftw.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "kernels/threads.h"
 
@@ -260,4 +263,42 @@ void tu_init(ts_ctx *ctx)
 {
     ts_threads_init(0);
     ts_ctx_init(ctx, NULL); /* tests call the ts_cpu_ ops directly */
+}
+
+/* ---- a scratch folder ---- */
+
+static char tu_dir[256];
+
+const char *tu_tmpdir(const char *name)
+{
+    snprintf(tu_dir, sizeof tu_dir, "/tmp/%s_XXXXXX", name);
+    if (!mkdtemp(tu_dir)) {
+        perror("mkdtemp");
+        tu_dir[0] = 0;
+        return NULL;
+    }
+    return tu_dir;
+}
+
+const char *tu_path(const char *file)
+{
+    static char buf[8][768];
+    static int k;
+    k = (k + 1) % 8;
+    snprintf(buf[k], sizeof buf[k], "%s/%s", tu_dir, file);
+    return buf[k];
+}
+
+static int tu_unlink_cb(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+void tu_tmpdir_remove(void)
+{
+    if (tu_dir[0]) nftw(tu_dir, tu_unlink_cb, 16, FTW_DEPTH | FTW_PHYS);
+    tu_dir[0] = 0;
 }

@@ -61,6 +61,15 @@ size_t tu_sample_indices(tu_rng *r, size_t n, size_t max, size_t *idx);
 /* The q-quantile (0..1, nearest rank) of v[0..n); sorts v in place. 0 if n == 0. */
 double tu_quantile(double *v, int n, double q);
 
+/* ---- a scratch folder ------------------------------------------------------
+ * One per test process: tu_tmpdir("test_x") makes /tmp/test_x_XXXXXX (NULL
+ * and a message on failure), tu_path("a.tif") names a file in it (a ring of
+ * 8 static buffers: copy a name that must outlive 8 later calls), and
+ * tu_tmpdir_remove() deletes the folder and everything in it. */
+const char *tu_tmpdir(const char *name);
+const char *tu_path(const char *file);
+void tu_tmpdir_remove(void);
+
 /* ---- status checks and the tally ----------------------------------------- */
 /* Records one check: prints "FAIL <message>" when !ok. Returns ok. */
 int tu_expect(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

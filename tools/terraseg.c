@@ -12,6 +12,7 @@
 #include "io/io.h"
 #include "tools/bench/bench.h"
 #include "tools/cli.h"
+#include "tools/cmd_predict.h"
 #include "tools/cmd_qc.h"
 #include "tools/cmd_rasterize.h"
 #include "tools/cmd_tile.h"
@@ -122,6 +123,10 @@ static const cli_command commands[] = {
      "Train the U-Net from a YAML config (--set key=value overrides; --resume a checkpoint; Ctrl-C checkpoints "
      "and stops).",
      train_options, run_train},
+    {"predict", "MODEL SCENE OUT.tif",
+     "Classify a whole scene: sliding windows with overlap, smooth blending, optional test-time augmentation, "
+     "streamed into a georeferenced class-map GeoTIFF in bounded memory (+ probabilities, confidence, quick-look).",
+     predict_options, run_predict},
     {"bench", "[conv|model|train]",
      "Measure on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, forward and "
      "backward GFLOP/s next to this machine's sgemm GFLOP/s. model: the whole U-Net, eval forward and train "

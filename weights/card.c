@@ -2,6 +2,7 @@
 
 #include <cJSON.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,7 +43,7 @@ static ts_status check_keys(const cJSON *obj, const char *const *allowed, const 
 
 static ts_status parse_classes(const cJSON *arr, const char *source, ts_model_card *c)
 {
-    static const char *const keys[] = {"id", "name", NULL};
+    static const char *const keys[] = {"id", "name", "color", NULL};
     if (!cJSON_IsArray(arr)) return ts_error(TS_ERR_INVALID_ARG, "%s: model card \"classes\" must be a list", source);
     int n = cJSON_GetArraySize(arr);
     if (n > 4096) return ts_error(TS_ERR_INVALID_ARG, "%s: model card lists %d classes (at most 4096)", source, n);
@@ -62,6 +63,19 @@ static ts_status parse_classes(const cJSON *arr, const char *source, ts_model_ca
             if (c->classes[j].id == (int)id->valuedouble || strcmp(c->classes[j].name, name->valuestring) == 0)
                 return ts_error(TS_ERR_INVALID_ARG, "%s: model card class %d (\"%s\") repeats an id or a name", source,
                                 (int)id->valuedouble, name->valuestring);
+        const cJSON *col = cJSON_GetObjectItemCaseSensitive(e, "color");
+        if (col) {
+            unsigned r, g, b;
+            char tail;
+            if (!cJSON_IsString(col) || strlen(col->valuestring) != 7 ||
+                sscanf(col->valuestring, "#%2x%2x%2x%c", &r, &g, &b, &tail) != 3)
+                return ts_error(TS_ERR_INVALID_ARG, "%s: model card classes[%d] \"color\" must be \"#rrggbb\"",
+                                source, i);
+            c->classes[i].has_color = 1;
+            c->classes[i].rgb[0] = (unsigned char)r;
+            c->classes[i].rgb[1] = (unsigned char)g;
+            c->classes[i].rgb[2] = (unsigned char)b;
+        }
         c->classes[i].id = (int)id->valuedouble;
         if (!(c->classes[i].name = strdup(name->valuestring))) return ts_error(TS_ERR_NOMEM, "%s: out of memory", source);
         c->n_classes = i + 1;
@@ -159,7 +173,14 @@ ts_status ts_card_format(const ts_model_card *c, char **json)
         for (int i = 0; ok && arr && i < c->n_classes; i++) {
             cJSON *e = cJSON_CreateObject();
             ok = e && cJSON_AddNumberToObject(e, "id", c->classes[i].id) &&
-                 cJSON_AddStringToObject(e, "name", c->classes[i].name) && cJSON_AddItemToArray(arr, e);
+                 cJSON_AddStringToObject(e, "name", c->classes[i].name);
+            if (ok && c->classes[i].has_color) {
+                char hex[8];
+                snprintf(hex, sizeof hex, "#%02x%02x%02x", c->classes[i].rgb[0], c->classes[i].rgb[1],
+                         c->classes[i].rgb[2]);
+                ok = cJSON_AddStringToObject(e, "color", hex) != NULL;
+            }
+            ok = ok && cJSON_AddItemToArray(arr, e);
         }
         ok = ok && arr;
     }

@@ -7,7 +7,7 @@
  * (SMP ignores files it does not know), and not at all in a .pth, which holds
  * weights only (`terraseg convert` says when it drops one).
  *
- *   {"classes": [{"id": 0, "name": "background"}, ...],
+ *   {"classes": [{"id": 0, "name": "background", "color": "#404040"}, ...],
  *    "bands": [{"index": 4, "name": "red", "offset": 0, "scale": 10000,
  *               "clip": [0, 3000]}, ...],
  *    "tile_size": 256, "ignore_index": 255}
@@ -24,6 +24,8 @@
 typedef struct ts_card_class {
     int id;
     char *name;
+    int has_color;          /* "color": "#rrggbb", optional: the class map's colour */
+    unsigned char rgb[3];
 } ts_card_class;
 
 typedef struct ts_card_band {

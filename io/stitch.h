@@ -1,0 +1,101 @@
+/* Sliding-window inference over a whole scene in bounded memory: tiles are
+ * read, run through any per-tile function, blended where they overlap and
+ * handed on as final rows, top to bottom, while the scene is still being
+ * read. Nothing here knows about models or files: the caller gives three
+ * functions (read a window, run a batch of tiles, write final rows), so the
+ * stitcher is tested with an identity function and predict plugs in the
+ * U-Net.
+ *
+ * TILES. Square tiles of side T; origins along each axis every T - overlap
+ * pixels from 0, the last one moved back to size - T so that it ends on the
+ * edge (never padded, never left out: the GridGeoSampler bug of peers.md
+ * §3.14). An axis shorter than T has one tile at 0, read at the scene's size
+ * and padded to T by reflection (PyTorch's "reflect": the edge pixel is not
+ * repeated; repeated reflection when T > 2 size - 1; an axis of one pixel is
+ * replicated). The padding is only context: it is never written out.
+ *
+ * BLENDING. Each output pixel is sum_t w_t f_t / sum_t w_t over the tiles t
+ * covering it, with w(y, x) = a(y) a(x) from a 1-D window a over the tile:
+ *   MEAN      a = 1 (the tutorial's plain average);
+ *   GAUSSIAN  a(i) = exp(-(i + 0.5 - T/2)^2 / (2 sigma^2)), sigma = T/8
+ *             (nnU-Net's importance map), floored at 1e-3 so that the
+ *             scene's own edges, seen by one tile only, keep a sound weight;
+ *   COSINE    a(i) = sin^2(pi (i + 0.5) / T) (a Hann window; > 0 everywhere).
+ * The smooth windows give a tile's centre, where the network sees the most
+ * context, the most say and remove the seams a plain mean leaves. Sums are
+ * kept in double, so an identity tile function gives back its input exactly,
+ * bit for bit, in every mode.
+ *
+ * MEMORY. Rows are final once no later tile covers them. The accumulator is
+ * a ring of R = min(T, height) rows (K double sums + one double weight + one
+ * valid byte per pixel), final rows go out in chunks of at most 64 rows
+ * through two write buffers, and two read slots of `batch` tiles feed the
+ * tile function. Peak memory is therefore about
+ *     (8 K + 9) R W + 2 (4 K + 1) 64 W + 2 batch T^2 (4 (C + K) + 1)  bytes
+ * whatever the scene's height (ts_stitch_memory reports it).
+ *
+ * THREADS. The read function runs on a reader thread, the tile function on
+ * the calling thread, the write function on a writer thread, so reading,
+ * compute and writing overlap; each function is called from one thread only
+ * and in order (tiles row-major, rows top to bottom). The first error of any
+ * of them stops all three and is returned with its message. */
+#ifndef TS_IO_STITCH_H
+#define TS_IO_STITCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "io/io.h"
+
+typedef enum ts_blend {
+    TS_BLEND_GAUSSIAN = 0, /* the default */
+    TS_BLEND_COSINE,
+    TS_BLEND_MEAN,
+} ts_blend;
+
+/* "gaussian", "cosine", "mean" -> the mode; -1 when unknown. */
+int ts_blend_parse(const char *name);
+const char *ts_blend_name(ts_blend b);
+
+typedef struct ts_stitch_params {
+    int64_t width, height; /* the scene, >= 1 */
+    int channels;          /* C: planes the read function gives per pixel */
+    int classes;           /* K: planes the tile function returns per pixel */
+    int tile;              /* T >= 1 */
+    int overlap;           /* 0 <= overlap < T */
+    int batch;             /* tiles per tile-function call, >= 1 */
+    ts_blend blend;
+} ts_stitch_params;
+
+typedef struct ts_stitch_fns {
+    void *ctx; /* passed to every function */
+    /* Window w (inside the scene; w->width, w->height <= T): C planes of
+     * w->height x w->width floats and a valid byte per pixel (1 = valid).
+     * Reader thread. */
+    ts_status (*read)(void *ctx, const ts_window *w, float *data, uint8_t *valid);
+    /* n tiles in[n][C][T][T] -> out[n][K][T][T]; wins[i] is tile i's
+     * window on the scene (before padding). Calling thread. */
+    ts_status (*tile)(void *ctx, int n, const ts_window *wins, const float *in, float *out);
+    /* Final rows [row0, row0 + nrows): K planes of nrows x width blended
+     * values, and nrows x width valid bytes. Writer thread. */
+    ts_status (*write)(void *ctx, int64_t row0, int nrows, const float *values, const uint8_t *valid);
+    /* Optional, calling thread, after each batch: tiles done of total. */
+    void (*progress)(void *ctx, int64_t done, int64_t total);
+} ts_stitch_fns;
+
+/* Tile origins along an axis of `size` pixels (see TILES): fills up to
+ * max_n origins and returns how many the axis has (call with max_n = 0 to
+ * count). The tile at origin o covers [o, min(o + T, size)). */
+int64_t ts_stitch_origins(int64_t size, int tile, int overlap, int64_t *origins, int64_t max_n);
+/* Checks p (names the bad field) and gives the peak bytes the stitcher
+ * allocates for it (the MEMORY formula). */
+ts_status ts_stitch_memory(const ts_stitch_params *p, size_t *bytes);
+/* Runs the whole scene. */
+ts_status ts_stitch_run(const ts_stitch_params *p, const ts_stitch_fns *f);
+
+/* The 1-D blending window a[0..T) of the mode (see BLENDING). */
+void ts_blend_window(ts_blend b, int tile, double *a);
+/* Reflection index into [0, n) for any integer i (see TILES). */
+int64_t ts_reflect_index(int64_t i, int64_t n);
+
+#endif
