@@ -728,6 +728,67 @@ static void test_output(void)
     ts_confusion_free(&cm);
 }
 
+/* ts_boundary_add_rows: a scene cut into strips, each read with floor(tol) + 1
+ * context rows above and below (clipped at the scene edges), gives exactly
+ * the counts of the whole scene as one tile, for any strip height. */
+static void test_boundary_rows(tu_rng *r)
+{
+    const int H = 57, W = 41, K = 4;
+    int32_t *t = tu_alloc_i32((size_t)H * W), *p = tu_alloc_i32((size_t)H * W);
+    uint8_t *v = tu_alloc((size_t)H * W);
+    for (int i = 0; i < H * W; i++) {
+        int y = i / W, x = i % W;
+        t[i] = ((y / 6) * 3 + (x + y / 3) / 7) % K;
+        p[i] = tu_randint(r, 8) == 0 ? tu_randint(r, K) : (((y + 1) / 6) * 3 + (x + 1 + y / 3) / 7) % K;
+        if (tu_randint(r, 30) == 0) t[i] = IGN;
+        v[i] = tu_randint(r, 40) != 0;
+    }
+    const double tols[] = {0, 1, 1.5, 2, 3.2};
+    const int strips[] = {1, 2, 5, 7, 16, 57};
+    for (int k = 0; k < 5; k++) {
+        ts_boundary whole, parts;
+        tu_expect_ok(ts_boundary_init(&whole, K, tols[k]), "init");
+        tu_expect_ok(ts_boundary_init(&parts, K, tols[k]), "init");
+        tu_expect_ok(ts_boundary_add(&whole, p, t, v, 1, H, W, IGN), "whole scene");
+        for (int s = 0; s < 6; s++) {
+            ts_boundary_reset(&parts);
+            int halo = (int)floor(tols[k]) + 1;
+            for (int y0 = 0; y0 < H; y0 += strips[s]) {
+                int y1 = y0 + strips[s] < H ? y0 + strips[s] : H;
+                int c0 = y0 - halo > 0 ? y0 - halo : 0, c1 = y1 + halo < H ? y1 + halo : H;
+                size_t at = (size_t)c0 * W;
+                tu_expect_ok(ts_boundary_add_rows(&parts, p + at, t + at, v + at, c1 - c0, W, IGN, y0 - c0, y1 - c0),
+                             "strip");
+            }
+            tu_expect(bcounts_equal(&whole, &parts), "boundary counts: strips of %d rows = whole scene (tol %g)",
+                      strips[s], tols[k]);
+        }
+        /* Without the context rows, matches across strip edges are lost. */
+        if (tols[k] >= 1) {
+            ts_boundary_reset(&parts);
+            for (int y0 = 0; y0 < H; y0 += 5) {
+                int y1 = y0 + 5 < H ? y0 + 5 : H;
+                size_t at = (size_t)y0 * W;
+                tu_expect_ok(ts_boundary_add_rows(&parts, p + at, t + at, v + at, y1 - y0, W, IGN, 0, y1 - y0),
+                             "strip");
+            }
+            tu_expect(!bcounts_equal(&whole, &parts), "strips without context rows differ (tol %g)", tols[k]);
+        }
+        ts_boundary_free(&whole);
+        ts_boundary_free(&parts);
+    }
+    ts_boundary b;
+    tu_expect_ok(ts_boundary_init(&b, K, 1), "init");
+    tu_expect_error(ts_boundary_add_rows(&b, p, t, v, 5, W, IGN, 3, 6), TS_ERR_INVALID_ARG, "rows past h",
+                    "rows [3, 6)", "5 rows", NULL);
+    tu_expect_ok(ts_boundary_add_rows(&b, p, t, v, 5, W, IGN, 2, 2), "empty row range");
+    tu_expect(b.pred_total[0] + b.true_total[0] == 0, "empty row range adds nothing");
+    ts_boundary_free(&b);
+    tu_free(t, "boundary rows", "t");
+    tu_free(p, "boundary rows", "p");
+    tu_free(v, "boundary rows", "v");
+}
+
 int main(void)
 {
     ts_ctx ctx;
@@ -742,6 +803,7 @@ int main(void)
     test_merge_and_reference(&rng);
     test_threads(&rng);
     test_boundary(&rng);
+    test_boundary_rows(&rng);
     test_output();
     ts_ctx_free(&ctx);
     return tu_finish("test_metrics");

@@ -12,6 +12,7 @@
 #include "io/io.h"
 #include "tools/bench/bench.h"
 #include "tools/cli.h"
+#include "tools/cmd_eval.h"
 #include "tools/cmd_predict.h"
 #include "tools/cmd_qc.h"
 #include "tools/cmd_rasterize.h"
@@ -127,6 +128,10 @@ static const cli_command commands[] = {
      "Classify a whole scene: sliding windows with overlap, smooth blending, optional test-time augmentation, "
      "streamed into a georeferenced class-map GeoTIFF in bounded memory (+ probabilities, confidence, quick-look).",
      predict_options, run_predict},
+    {"eval", "PRED TRUTH",
+     "Score a class map against a reference raster or vector layer over the whole scene: IoU, F1, kappa, boundary "
+     "F1, areas; JSON and a confusion-matrix PNG on request.",
+     eval_options, run_eval},
     {"bench", "[conv|model|train]",
      "Measure on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, forward and "
      "backward GFLOP/s next to this machine's sgemm GFLOP/s. model: the whole U-Net, eval forward and train "

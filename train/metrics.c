@@ -467,6 +467,67 @@ ts_status ts_boundary_add(ts_boundary *b, const int32_t *pred, const int32_t *la
     return TS_OK;
 }
 
+ts_status ts_boundary_add_rows(ts_boundary *b, const int32_t *pred, const int32_t *labels, const uint8_t *valid,
+                               int h, int w, int ignore_index, int row_begin, int row_end)
+{
+    const char *op = "boundary F1 add rows";
+    if (!b || !b->pred_total) return ts_error(TS_ERR_INVALID_ARG, "%s: NULL or uninitialized counts", op);
+    ts_status st = check_dims(op, pred, labels, 1, h, w);
+    if (st != TS_OK) return st;
+    if (row_begin < 0 || row_end > h || row_begin > row_end)
+        return ts_error(TS_ERR_INVALID_ARG, "%s: rows [%d, %d) are not within the %d rows given", op, row_begin,
+                        row_end, h);
+    if (row_begin == row_end || w == 0) return TS_OK;
+    const int K = b->classes;
+    /* Every row is checked, context rows included: their ids feed the
+     * boundary maps, and an id beyond int16 would alias a class there. */
+    scan_job j = {K, 1, h, w, ignore_index, pred, NULL, labels, valid};
+    int64_t bad = scan_batch(&j, NULL);
+    if (bad == -2) return ts_error(TS_ERR_NOMEM, "%s: out of memory", op);
+    if (bad >= 0) return bad_pixel_error(op, &j, bad);
+
+    /* Only rows within the tolerance of the counted rows matter: their
+     * boundary maps are matched against, and theirs need one row more of
+     * mask on each side. Rows beyond are never looked at. */
+    const int reach = (int)floor(b->tolerance);
+    const int m0 = row_begin - reach - 1 > 0 ? row_begin - reach - 1 : 0;
+    const int m1 = row_end + reach + 1 < h ? row_end + reach + 1 : h;
+    const int b0 = row_begin - reach > 0 ? row_begin - reach : 0;
+    const int b1 = row_end + reach < h ? row_end + reach : h;
+    size_t hw = (size_t)h * w;
+    int nt = pick_threads(m1 - m0, (int64_t)(m1 - m0) * w * 4);
+    int noff = 0;
+    offset *off = disk_offsets(b->tolerance, &noff);
+    int16_t *tb = malloc(hw * sizeof *tb), *pb = malloc(hw * sizeof *pb);
+    uint8_t *mask = malloc(hw);
+    size_t stride = pad_counts((size_t)4 * K);
+    int64_t *local = calloc((size_t)nt * stride, sizeof *local);
+    if (!off || !tb || !pb || !mask || !local) {
+        free(off), free(tb), free(pb), free(mask), free(local);
+        return ts_error(TS_ERR_NOMEM, "%s: out of memory for %dx%d boundary maps", op, h, w);
+    }
+    boundary_job bj = {K, h, w, ignore_index, off, noff};
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = omp_get_thread_num(), team = omp_get_num_threads();
+        int64_t *l = local + (size_t)t * stride;
+        /* Each phase splits its own row range among the threads. */
+        int y0 = m0 + (int)((int64_t)(m1 - m0) * t / team), y1 = m0 + (int)((int64_t)(m1 - m0) * (t + 1) / team);
+        boundary_phase(&bj, 0, tb, pb, mask, labels, pred, valid, l, y0, y1);
+#pragma omp barrier
+        y0 = b0 + (int)((int64_t)(b1 - b0) * t / team), y1 = b0 + (int)((int64_t)(b1 - b0) * (t + 1) / team);
+        boundary_phase(&bj, 1, tb, pb, mask, labels, pred, valid, l, y0, y1);
+#pragma omp barrier
+        y0 = row_begin + (int)((int64_t)(row_end - row_begin) * t / team);
+        y1 = row_begin + (int)((int64_t)(row_end - row_begin) * (t + 1) / team);
+        boundary_phase(&bj, 2, tb, pb, mask, labels, pred, valid, l, y0, y1);
+    }
+    for (int t = 0; t < nt; t++)
+        for (size_t k = 0; k < (size_t)4 * K; k++) b->pred_total[k] += local[(size_t)t * stride + k];
+    free(off), free(tb), free(pb), free(mask), free(local);
+    return TS_OK;
+}
+
 /* ---- the scores ------------------------------------------------------------------ */
 
 static double ratio0(int64_t num, int64_t den) { return den > 0 ? (double)num / (double)den : 0.0; }

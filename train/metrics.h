@@ -69,7 +69,8 @@
  * bf_mf1 is the mean of BF F1 over classes with boundary pixels (the
  * headline "boundary F1"); bf_precision/bf_recall/bf_f1 pool the counts of
  * all classes. Matching is per tile: a boundary pixel is never matched across
- * a tile edge. Tolerance 0 means exact positional agreement; at most
+ * a tile edge (ts_boundary_add_rows makes strips of one scene exact
+ * instead). Tolerance 0 means exact positional agreement; at most
  * TS_BOUNDARY_MAX_TOLERANCE pixels.
  *
  * THREADS. The accumulators use OpenMP (the confusion matrix over rows;
@@ -140,6 +141,16 @@ ts_status ts_boundary_merge(ts_boundary *dst, const ts_boundary *src);
 /* Adds n tiles of h x w: predicted ids against labels, valid may be NULL. */
 ts_status ts_boundary_add(ts_boundary *b, const int32_t *pred, const int32_t *labels, const uint8_t *valid, int n,
                           int h, int w, int ignore_index);
+/* Adds the rows [row_begin, row_end) of ONE h x w image: only boundary
+ * pixels in those rows are counted (in both maps), while every row given is
+ * context: it decides whether a counted row's pixel is a boundary pixel and
+ * may hold its match. So a scene cut into strips, each read with
+ * floor(tolerance) + 1 extra rows above and below (fewer at the scene's top
+ * and bottom, where the scene ends), counts exactly what ts_boundary_add
+ * counts on the whole scene as one tile: matching is then exact across strip
+ * edges. Every row given is checked for bad ids as ts_boundary_add does. */
+ts_status ts_boundary_add_rows(ts_boundary *b, const int32_t *pred, const int32_t *labels, const uint8_t *valid,
+                               int h, int w, int ignore_index, int row_begin, int row_end);
 
 /* ---- the scores ------------------------------------------------------------------ */
 
