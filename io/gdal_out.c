@@ -80,7 +80,7 @@ static ts_status each_sidecar(const ts_gdal_out *o, ts_status (*fn)(const char *
 {
     ts_status st = TS_OK;
     size_t pe = ext_pos(o->path), te = ext_pos(o->tmp);
-    for (int i = -1; replace_ext[i + 1] || i == -1; i++) {
+    for (int i = -1; i == -1 || replace_ext[i]; i++) {
         char *t, *p;
         if (i < 0) {
             t = dupf(o->tmp, strlen(o->tmp), "", ".aux.xml");

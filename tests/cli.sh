@@ -72,6 +72,10 @@ expect 2 "--split expects train, val or test" tile no.tif --windows w.csv --out 
 expect 2 "--class-map needs --attribute" tile no.tif --windows w.csv --out d --labels l.gpkg --class-map a=1
 expect 2 "--nodata only matters with --skip-empty" tile no.tif --windows w.csv --out d --nodata 0
 expect 1 "cannot open" tile no_such_image.tif --windows w.csv --out d
+expect 0 "--mmu PX" polygonize --help
+expect 2 "expected CLASSES.tif and OUT" polygonize only_one.tif
+expect 2 "--connectivity must be 4 or 8, got 6" polygonize no.tif no.gpkg --connectivity 6
+expect 1 "class raster 'no_such_classes.tif': cannot open" polygonize no_such_classes.tif no_such_out.gpkg
 
 echo "cli: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

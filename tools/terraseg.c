@@ -13,6 +13,7 @@
 #include "tools/bench/bench.h"
 #include "tools/cli.h"
 #include "tools/cmd_eval.h"
+#include "tools/cmd_polygonize.h"
 #include "tools/cmd_predict.h"
 #include "tools/cmd_qc.h"
 #include "tools/cmd_rasterize.h"
@@ -128,6 +129,10 @@ static const cli_command commands[] = {
      "Classify a whole scene: sliding windows with overlap, smooth blending, optional test-time augmentation, "
      "streamed into a georeferenced class-map GeoTIFF in bounded memory (+ probabilities, confidence, quick-look).",
      predict_options, run_predict},
+    {"polygonize", "CLASSES.tif OUT.gpkg",
+     "Polygonize a class raster (4/8-connected; optional majority filter, sieve, simplification, minimum area, "
+     "hole filling) into GPKG (styled for QGIS), GeoJSON, Shapefile or FlatGeobuf with class, area and confidence.",
+     polygonize_options, run_polygonize},
     {"eval", "PRED TRUTH",
      "Score a class map against a reference raster or vector layer over the whole scene: IoU, F1, kappa, boundary "
      "F1, areas; JSON and a confusion-matrix PNG on request.",
