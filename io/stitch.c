@@ -66,7 +66,8 @@ int64_t ts_stitch_origins(int64_t size, int tile, int overlap, int64_t *origins,
         if (max_n > 0) origins[0] = 0;
         return 1;
     }
-    const int64_t stride = tile - overlap;
+    /* A stride below 1 would never reach the edge (check_params refuses it too). */
+    const int64_t stride = tile - overlap > 0 ? tile - overlap : 1;
     /* Regular origins while a tile still ends inside; then one ending on the edge. */
     int64_t n = 0;
     for (int64_t o = 0;; o += stride) {

@@ -24,7 +24,7 @@
  * The smooth windows give a tile's centre, where the network sees the most
  * context, the most say and remove the seams a plain mean leaves. Sums are
  * kept in double, so an identity tile function gives back its input exactly,
- * bit for bit, in every mode.
+ * bit for bit, in every mode (save the sign of a zero: -0.0 comes back +0.0).
  *
  * MEMORY. Rows are final once no later tile covers them. The accumulator is
  * a ring of R = min(T, height) rows (K double sums + one double weight + one
