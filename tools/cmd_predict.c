@@ -48,7 +48,8 @@ cli_option predict_options[] = {
     {"overwrite", 0, CLI_FLAG, &pr_overwrite, NULL, "replace outputs that already exist", 0, 0},
     {"threads", 0, CLI_INT, &pr_threads, "N", "compute threads (default: TERRASEG_THREADS or every core)", 0, 4096},
     {"cache-mb", 0, CLI_INT, &pr_cache_mb, "MB",
-     "GDAL block cache when GDAL_CACHEMAX is not set (reading, and tiles being written)", 16, 1 << 20},
+     "at most this much GDAL block cache when GDAL_CACHEMAX is not set (sized to a band of tile rows of the scene)",
+     16, 1 << 20},
     {"quiet", 'q', CLI_FLAG, &pr_quiet, NULL, "no progress bar", 0, 0},
     {0},
 };
@@ -89,6 +90,37 @@ static void show_warning(void *ctx, const char *msg)
     fprintf(stderr, "terraseg predict: warning: %s\n", msg);
 }
 
+/* GDAL's default block cache is 5% of RAM, which would be the biggest
+ * allocation of a run. What reading and writing need is one band of tile
+ * rows of the scene (every band, any type) plus the output blocks being
+ * filled: size the cache for that with room to spare, within [32 MB,
+ * --cache-mb]. */
+static GIntBig cache_bytes(const char *scene, const ts_unet *m)
+{
+    GIntBig cap = (GIntBig)pr_cache_mb << 20, want = cap;
+    GDALDatasetH ds = GDALOpen(scene, GA_ReadOnly);
+    if (!ds) return cap; /* predict reports the problem */
+    double in_bytes = 0;
+    for (int b = 1; b <= GDALGetRasterCount(ds); b++)
+        in_bytes += GDALGetDataTypeSizeBytes(GDALGetRasterDataType(GDALGetRasterBand(ds, b)));
+    int bx = 256, by = 256;
+    if (GDALGetRasterCount(ds) > 0) GDALGetBlockSize(GDALGetRasterBand(ds, 1), &bx, &by);
+    if (by > 4096) by = 4096;
+    ts_model_card card;
+    int tile = pr_tile;
+    if (!tile && ts_unet_get_card(m, &card) == TS_OK) {
+        tile = card.tile_size;
+        ts_card_free(&card);
+    }
+    if (!tile) tile = 256;
+    /* A tile row can straddle block rows of the scene; the outputs (class
+     * map, confidence, probabilities) fill 256-row blocks. */
+    want = (GIntBig)(1.25 * GDALGetRasterXSize(ds) * ((tile + 2.0 * by) * in_bytes + 256.0 * (2 + m->cfg.classes)));
+    GDALClose(ds);
+    if (want < ((GIntBig)32 << 20)) want = (GIntBig)32 << 20;
+    return want < cap ? want : cap;
+}
+
 int run_predict(int argc, char **argv)
 {
     if (argc != 3) {
@@ -118,9 +150,6 @@ int run_predict(int argc, char **argv)
         return 2;
     }
     ts_threads_init(pr_threads);
-    /* GDAL's default cache is 5% of RAM: bound it so memory stays flat on big scenes. */
-    if (!getenv("GDAL_CACHEMAX") && !CPLGetConfigOption("GDAL_CACHEMAX", NULL))
-        GDALSetCacheMax64((GIntBig)pr_cache_mb << 20);
 
     ts_unet m;
     memset(&m, 0, sizeof m);
@@ -128,6 +157,8 @@ int run_predict(int argc, char **argv)
     memset(&ctx, 0, sizeof ctx);
     ts_status st = ts_model_load(argv[0], &m, NULL);
     int have_model = st == TS_OK;
+    if (have_model && !getenv("GDAL_CACHEMAX") && !CPLGetConfigOption("GDAL_CACHEMAX", NULL))
+        GDALSetCacheMax64(cache_bytes(argv[1], &m));
     if (!st) st = ts_ctx_init(&ctx, ts_backend_cpu());
     progress pg = {.last_pct = -1, .tty = isatty(fileno(stderr))};
     clock_gettime(CLOCK_MONOTONIC, &pg.t0);
