@@ -8,12 +8,14 @@ set -eu
 # terraseg's own loops use OpenMP too, so both share one libgomp thread pool:
 # an sgemm called inside one of our parallel regions runs on the calling
 # thread instead of waking a second pool (see docs/architecture.md).
+# libopenblas0: the small metapackage dpkg-shlibdeps names for libopenblas.so.0,
+# so the .deb's declared dependencies are all installed here (tests/package.sh).
 # libcjson-dev: JSON for safetensors headers and SMP config.json (cJSON keeps
 # duplicate keys visible, so strict readers can reject them).
 # clang + libclang-rt-14-dev: libFuzzer for the fuzz targets in tests/fuzz/.
 # libgdal-dev, libgeos-dev: rasters, vectors and geometry (io/).
 # libyaml-dev: the training configuration (train/config.c).
-PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev clang libclang-rt-14-dev libgdal-dev libgeos-dev libyaml-dev"
+PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev libopenblas0 libcjson-dev clang libclang-rt-14-dev libgdal-dev libgeos-dev libyaml-dev"
 
 missing=""
 for p in $PACKAGES; do
