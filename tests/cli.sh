@@ -24,6 +24,11 @@ expect() {
 }
 
 expect 0 "commands:" --help
+demo_dir=$(mktemp -d)
+expect 0 "held-out mIoU [0-9.]+" demo --out "$demo_dir" --size 512 --epochs 1 --tile 64 --block 128
+expect 1 "already exists; use --overwrite" demo --out "$demo_dir" --size 512 --epochs 1 --tile 64 --block 128
+rm -rf "$demo_dir"
+expect 2 "takes no arguments" demo extra
 expect 0 "--blend MODE" predict --help
 expect 2 "expects MODEL SCENE OUT.tif" predict model.safetensors
 expect 2 "--blend must be gaussian, cosine or mean, got \"box\"" predict --blend box a b c

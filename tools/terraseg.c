@@ -12,6 +12,7 @@
 #include "io/io.h"
 #include "tools/bench/bench.h"
 #include "tools/cli.h"
+#include "tools/cmd_demo.h"
 #include "tools/cmd_eval.h"
 #include "tools/cmd_polygonize.h"
 #include "tools/cmd_predict.h"
@@ -100,6 +101,10 @@ static int run_bench(int argc, char **argv)
 static const cli_command commands[] = {
     {"version", NULL, "Print the version and what was built in (BLAS, CUDA/cuDNN, GDAL, GEOS).", version_options,
      run_version},
+    {"demo", NULL,
+     "Run the whole pipeline on a built-in synthetic scene (no data, no network): generate, split, train, "
+     "predict, polygonize, and evaluate on held-out blocks.",
+     demo_options, run_demo},
     {"info", "MODEL",
      "Describe a model file (.safetensors, .pth/.ckpt or SMP directory): architecture, parameters, model card, "
      "activation memory per tile.",
