@@ -21,16 +21,7 @@
 #define DOC_BEGIN "<!-- BEGIN GENERATED KEY REFERENCE (tests/test_config --write-docs) -->\n"
 #define DOC_END "<!-- END GENERATED KEY REFERENCE -->"
 
-static char tmpdir[256];
-
-static const char *tmp_path(const char *name)
-{
-    static char buf[4][512];
-    static int k;
-    k = (k + 1) % 4;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
-    return buf[k];
-}
+static const char *tmp_path(const char *name) { return tu_path(name); }
 
 static int write_text(const char *path, const char *text)
 {
@@ -767,11 +758,7 @@ static void test_docs(int write)
 int main(int argc, char **argv)
 {
     int write_docs = argc > 1 && !strcmp(argv[1], "--write-docs");
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/ts_config_XXXXXX");
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    if (!tu_tmpdir("test_config")) return 1;
     test_schema();
     test_defaults();
     test_types();
@@ -781,8 +768,6 @@ int main(int argc, char **argv)
     test_builders();
     test_examples();
     test_docs(write_docs);
-    const char *files[] = {"big.yaml", "bad.yaml"};
-    for (size_t i = 0; i < 2; i++) unlink(tmp_path(files[i]));
-    rmdir(tmpdir);
+    tu_tmpdir_remove();
     return tu_finish("config");
 }

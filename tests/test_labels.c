@@ -27,16 +27,7 @@
 #include "io/labels.h"
 #include "tests/testutil.h"
 
-static char tmpdir[256];
-
-static const char *tmp(const char *name)
-{
-    static char buf[8][512];
-    static int k;
-    k = (k + 1) % 8;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
-    return buf[k];
-}
+static const char *tmp(const char *name) { return tu_path(name); }
 
 /* ---- the image grid: 97x83 pixels of 10 m in UTM 33N ---- */
 #define IW 97
@@ -979,28 +970,9 @@ static void test_parsers(void)
     tu_expect_error(ts_label_parse_color_map("#ff00=1", &c, &n), TS_ERR_INVALID_ARG, "bad colour", "#ff00=1", NULL);
 }
 
-static void remove_tmpdir(void)
-{
-    DIR *d = opendir(tmpdir);
-    if (!d) return;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-        char p[600];
-        snprintf(p, sizeof p, "%s/%s", tmpdir, e->d_name);
-        unlink(p);
-    }
-    closedir(d);
-    rmdir(tmpdir);
-}
-
 int main(void)
 {
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/ts_labels_XXXXXX");
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    if (!tu_tmpdir("test_labels")) return 1;
     ts_gdal_init();
     make_features();
     test_parsers();
@@ -1012,8 +984,8 @@ int main(void)
     test_raster_warp();
     test_raster_direct_and_errors();
     test_colors();
-    if (!getenv("TERRASEG_LABELS_KEEP")) remove_tmpdir();
-    else printf("kept %s\n", tmpdir);
+    if (!getenv("TERRASEG_LABELS_KEEP")) tu_tmpdir_remove();
+    else printf("kept %s\n", tu_path(""));
     GDALDestroyDriverManager();
     OSRCleanup();
     return tu_finish("test_labels");

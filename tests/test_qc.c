@@ -24,16 +24,7 @@
 #include "io/qc.h"
 #include "tests/testutil.h"
 
-static char tmpdir[256];
-
-static const char *tmp(const char *name)
-{
-    static char buf[8][512];
-    static int k;
-    k = (k + 1) % 8;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
-    return buf[k];
-}
+static const char *tmp(const char *name) { return tu_path(name); }
 
 #define W 40
 #define H 30
@@ -549,18 +540,12 @@ int main(void)
     ts_ctx ctx;
     tu_init(&ctx);
     ts_gdal_init();
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/terraseg_qc_XXXXXX");
-    if (!mkdtemp(tmpdir)) {
-        fprintf(stderr, "cannot make a temporary folder\n");
-        return 1;
-    }
+    if (!tu_tmpdir("test_qc")) return 1;
     test_weights();
     test_many_bad_ids();
     test_counts();
     test_geometry();
     test_vector();
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    if (system(cmd) != 0) fprintf(stderr, "note: could not remove %s\n", tmpdir);
+    tu_tmpdir_remove();
     return tu_finish("qc");
 }

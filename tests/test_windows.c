@@ -21,16 +21,7 @@
 #include "kernels/threads.h"
 #include "tests/testutil.h"
 
-static char tmpdir[256];
-
-static const char *tmp_path(const char *name)
-{
-    static char buf[8][512];
-    static int k;
-    k = (k + 1) % 8;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
-    return buf[k];
-}
+static const char *tmp_path(const char *name) { return tu_path(name); }
 
 static int write_text(const char *path, const char *text)
 {
@@ -835,23 +826,11 @@ static void test_split(void)
     ts_window_list_free(&base);
 }
 
-static void remove_tree(const char *dir)
-{
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);
-}
-
 int main(void)
 {
     ts_threads_init(0);
     ts_gdal_init();
-    const char *base = getenv("TMPDIR");
-    snprintf(tmpdir, sizeof tmpdir, "%s/test_windows.XXXXXX", base && *base ? base : "/tmp");
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    if (!tu_tmpdir("test_windows")) return 1;
     test_grid();
     test_random();
     test_csv();
@@ -860,7 +839,7 @@ int main(void)
     test_filters();
     test_cache();
     test_split();
-    remove_tree(tmpdir);
+    tu_tmpdir_remove();
     GDALDestroyDriverManager();
     OSRCleanup();
     return tu_finish("test_windows");
