@@ -1,5 +1,6 @@
 /* The backend tables and their lookup. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend.h"
@@ -23,17 +24,26 @@ ts_status ts_backend_get(const char *name, const ts_backend **out)
         *out = &cpu_backend;
         return TS_OK;
     }
-    if (strcmp(name, "cuda") == 0) {
+    if (strncmp(name, "cuda", 4) == 0 && (name[4] == 0 || name[4] == ':')) {
+        int device = 0;
+        if (name[4] == ':') {
+            char *end = NULL;
+            long d = strtol(name + 5, &end, 10);
+            if (end == name + 5 || *end || d < 0 || d > 1023)
+                return ts_error(TS_ERR_INVALID_ARG, "backend \"%s\": write cuda or cuda:N with N a device index", name);
+            device = (int)d;
+        }
 #ifdef TERRASEG_HAVE_CUDA
-        return ts_cuda_backend(out);
+        return ts_cuda_backend(device, out);
 #else
+        (void)device;
         return ts_error(TS_ERR_UNSUPPORTED,
                         "backend \"cuda\": this terraseg was built without CUDA (TERRASEG_CUDA=OFF or no nvcc/cuDNN "
                         "found at configure time); rebuild with -DTERRASEG_CUDA=ON on a machine with the CUDA "
                         "toolkit, or use --backend cpu");
 #endif
     }
-    return ts_error(TS_ERR_INVALID_ARG, "unknown backend \"%s\": choose cpu or cuda", name);
+    return ts_error(TS_ERR_INVALID_ARG, "unknown backend \"%s\": choose cpu, cuda or cuda:N", name);
 }
 
 ts_status ts_backend_check(const ts_backend *b)

@@ -1,4 +1,12 @@
-/* The CUDA side of the runtime, compiled only when TERRASEG_CUDA is on. */
+/* The CUDA side of the runtime, compiled only when TERRASEG_CUDA is on.
+ *
+ * Pointer convention of the CUDA backend: every tensor's data and every
+ * per-channel vector, index and label array passed to an op is DEVICE memory
+ * (ts_cuda_malloc). Parameter structs and what they point to (class weights
+ * in ts_ce_params / ts_dice_params) stay on the HOST, as do the scalar results
+ * (the double loss of the loss ops, the double of sum_squares): those ops
+ * synchronize before they return. Ops run in order on the backend's one
+ * stream; a kernel launch error is reported by the op that launched it. */
 #ifndef TS_CUDA_BACKEND_H
 #define TS_CUDA_BACKEND_H
 
@@ -10,7 +18,31 @@
  * each library's own version so a mismatch is visible. */
 void ts_cuda_describe(char *buf, size_t size);
 
-/* The CUDA backend table, or an error saying why it cannot be used. */
-ts_status ts_cuda_backend(const ts_backend **out);
+/* The CUDA backend table for device `device` (0-based), creating the
+ * process-wide state (stream, cuDNN and cuBLAS handles, workspace) on first
+ * use; or an error saying why it cannot be used (no device, driver too old,
+ * device index out of range). Only one device per process. */
+ts_status ts_cuda_backend(int device, const ts_backend **out);
+
+/* Device memory and copies on the backend's stream (synchronous: they return
+ * when the copy is done). All return an error naming the call and the size. */
+ts_status ts_cuda_malloc(void **p, size_t bytes);
+void ts_cuda_free(void *p);
+ts_status ts_cuda_memcpy_h2d(void *dst_device, const void *src_host, size_t bytes);
+ts_status ts_cuda_memcpy_d2h(void *dst_host, const void *src_device, size_t bytes);
+ts_status ts_cuda_memcpy_d2d(void *dst_device, const void *src_device, size_t bytes);
+/* Waits for every op queued so far; reports an asynchronous kernel error. */
+ts_status ts_cuda_synchronize(void);
+
+/* Determinism (issue 8, bit-exact resume): when on, convolutions use only
+ * deterministic cuDNN algorithms and every reduction uses a fixed order (no
+ * float atomics). Off by default. */
+void ts_cuda_set_deterministic(int on);
+/* TF32 tensor-core math for fp32 convolutions and GEMMs (off by default: fp32
+ * results then match the CPU backend to float rounding). */
+void ts_cuda_set_tf32(int on);
+/* Upper bound of the cuDNN workspace in bytes (default 256 MiB): algorithms
+ * needing more are not chosen. */
+void ts_cuda_set_workspace_limit(size_t bytes);
 
 #endif

@@ -40,9 +40,10 @@ void ts_cuda_describe(char *buf, size_t size)
              cudnn % 10000 / 100, cudnn % 100, cb, devs);
 }
 
-ts_status ts_cuda_backend(const ts_backend **out)
+ts_status ts_cuda_backend(int device, const ts_backend **out)
 {
     *out = NULL;
+    (void)device;
     /* The CUDA ops are not written yet; say so rather than run anything on
      * the CPU behind the user's back. */
     return ts_error(TS_ERR_UNSUPPORTED,
