@@ -40,7 +40,7 @@ ts_status ts_backend_get(const char *name, const ts_backend **out)
         return ts_error(TS_ERR_UNSUPPORTED,
                         "backend \"cuda\": this terraseg was built without CUDA (TERRASEG_CUDA=OFF or no nvcc/cuDNN "
                         "found at configure time); rebuild with -DTERRASEG_CUDA=ON on a machine with the CUDA "
-                        "toolkit, or use --backend cpu");
+                        "toolkit, or use --device cpu");
 #endif
     }
     return ts_error(TS_ERR_INVALID_ARG, "unknown backend \"%s\": choose cpu, cuda or cuda:N", name);

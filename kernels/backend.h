@@ -30,6 +30,11 @@
 #include "status.h"
 #include "tensor.h"
 
+/* C linkage for the CUDA backend's .cu files, which nvcc compiles as C++. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct ts_backend ts_backend;
 
 /* Per-run state an op may need: the backend and a bounded scratch buffer
@@ -242,7 +247,13 @@ struct ts_backend {
 
 #define TS_BACKEND_COUNT_OP(op) +1
 enum { TS_BACKEND_OP_COUNT = 0 TS_BACKEND_OPS(TS_BACKEND_COUNT_OP) };
-_Static_assert(sizeof(struct ts_backend) == sizeof(const char *) + TS_BACKEND_OP_COUNT * sizeof(void (*)(void)),
+/* static_assert is C23 and C++; _Static_assert is C11. */
+#ifdef __cplusplus
+#define TS_STATIC_ASSERT static_assert
+#else
+#define TS_STATIC_ASSERT _Static_assert
+#endif
+TS_STATIC_ASSERT(sizeof(struct ts_backend) == sizeof(const char *) + TS_BACKEND_OP_COUNT * sizeof(void (*)(void)),
                "TS_BACKEND_OPS must list every op of struct ts_backend");
 
 /* The CPU backend (always built). */
@@ -253,5 +264,9 @@ ts_status ts_backend_get(const char *name, const ts_backend **out);
 /* TS_OK if every op of the table is implemented, else an error listing the
  * missing ones. */
 ts_status ts_backend_check(const ts_backend *b);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

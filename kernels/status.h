@@ -7,6 +7,11 @@
 #ifndef TS_STATUS_H
 #define TS_STATUS_H
 
+/* C linkage for the CUDA backend's .cu files, which nvcc compiles as C++. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum ts_status {
     TS_OK = 0,
     TS_ERR_INVALID_ARG,   /* bad shape, parameter or option: the caller's input */
@@ -31,5 +36,9 @@ ts_status ts_error(ts_status s, const char *fmt, ...)
 /* The message of the last ts_error() on this thread ("" if none). */
 const char *ts_last_error(void);
 void ts_clear_error(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -13,6 +13,11 @@
 
 #include "status.h"
 
+/* C linkage for the CUDA backend's .cu files, which nvcc compiles as C++. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Every allocation is aligned to a cache line, which is also enough for AVX-512. */
 #define TS_ALIGN 64
 
@@ -40,5 +45,9 @@ int ts_tensor_same_shape(const ts_tensor *a, const ts_tensor *b);
 /* Writes "[n,c,h,w]" into buf (at least TS_SHAPE_STR bytes) and returns buf. */
 #define TS_SHAPE_STR 64
 const char *ts_shape_str(const ts_tensor *t, char *buf);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -21,13 +21,20 @@ static void test_table(void)
     const ts_backend *b = NULL;
     tu_expect_ok(ts_backend_get("cpu", &b), "ts_backend_get(cpu)");
     tu_expect(b == cpu, "backend: get(\"cpu\") is the CPU table");
-    tu_expect_error(ts_backend_get("tpu", &b), TS_ERR_INVALID_ARG, "ts_backend_get(tpu)", "tpu", "cpu or cuda",
+    tu_expect_error(ts_backend_get("tpu", &b), TS_ERR_INVALID_ARG, "ts_backend_get(tpu)", "tpu", "cpu, cuda or cuda:N",
                     (char *)NULL);
-    /* Built with or without CUDA, the CUDA ops do not exist yet: that must be
-     * an error that tells the user to use the CPU, never a silent CPU run. */
-    tu_expect_error(ts_backend_get("cuda", &b), TS_ERR_UNSUPPORTED, "ts_backend_get(cuda)", "--backend cpu",
+    tu_expect_error(ts_backend_get("cuda:x", &b), TS_ERR_INVALID_ARG, "ts_backend_get(cuda:x)", "cuda:x", "cuda:N",
                     (char *)NULL);
-    tu_expect(b == NULL, "backend: no table handed out for cuda");
+    /* CUDA is either a complete table (a CUDA build on a machine with a GPU)
+     * or an error that tells the user to use the CPU: never a silent CPU run. */
+    ts_status st = ts_backend_get("cuda", &b);
+    if (st == TS_OK) {
+        tu_expect(b != NULL && b != cpu, "backend: get(\"cuda\") is its own table");
+        if (b) tu_expect_ok(ts_backend_check(b), "ts_backend_check(cuda)");
+    } else {
+        tu_expect_error(st, TS_ERR_UNSUPPORTED, "ts_backend_get(cuda)", "--device cpu", (char *)NULL);
+        tu_expect(b == NULL, "backend: no table handed out for cuda");
+    }
 
     ts_backend partial = *cpu;
     partial.name = "partial";

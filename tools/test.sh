@@ -1,6 +1,7 @@
 #!/bin/sh
 # Sets up, builds and runs every test, in two configurations:
-#   build/       Release, warnings as errors, CUDA when nvcc and cuDNN are found
+#   build/       Release, warnings as errors, CUDA when nvcc and cuDNN are found (the CUDA code and the
+#                GPU tests are compiled and linked; the GPU tests run only in tools/test_gpu.sh)
 #   build-asan/  Debug with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only)
 # Usage: tools/test.sh            (from anywhere; .ci/run calls it)
 set -eu
@@ -9,9 +10,10 @@ tools/setup.sh
 jobs=$(nproc)
 
 echo "== Release build and tests"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DTERRASEG_WERROR=ON
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DTERRASEG_WERROR=ON -DTERRASEG_CUDA=AUTO
 cmake --build build -j"$jobs"
-ctest --test-dir build --output-on-failure
+# -LE gpu: the tests labelled "gpu" (tests/gpu/) need a device; tools/test_gpu.sh runs them.
+ctest --test-dir build --output-on-failure -LE gpu
 
 echo "== ASan+UBSan build and tests"
 # CUDA is off here: the CUDA runtime and ASan's shadow memory do not mix, and

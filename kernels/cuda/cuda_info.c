@@ -39,14 +39,3 @@ void ts_cuda_describe(char *buf, size_t size)
     snprintf(buf, size, "CUDA runtime %s, driver %s; cuDNN %zu.%zu.%zu; cuBLAS %s; %s", rt, drv, cudnn / 10000,
              cudnn % 10000 / 100, cudnn % 100, cb, devs);
 }
-
-ts_status ts_cuda_backend(int device, const ts_backend **out)
-{
-    *out = NULL;
-    (void)device;
-    /* The CUDA ops are not written yet; say so rather than run anything on
-     * the CPU behind the user's back. */
-    return ts_error(TS_ERR_UNSUPPORTED,
-                    "backend \"cuda\": this build has the CUDA toolkit and cuDNN linked, but terraseg's CUDA ops are "
-                    "not implemented yet; use --backend cpu");
-}

@@ -1,0 +1,469 @@
+/* 2-D convolution on the GPU through cuDNN's convolution API (the "legacy"
+ * descriptor API, still in cuDNN 9): cudnnConvolutionForward,
+ * cudnnConvolutionBackwardData and cudnnConvolutionBackwardFilter on NCHW
+ * float tensors, cross-correlation, dilation 1, one group, as the CPU twins in
+ * kernels/cpu/conv2d.c (same shape checks, same messages, same semantics):
+ *     forward          y   = conv(x, w), then + bias and the fused ReLU
+ *     backward data    dx += conv_transpose(dy, w)    (beta = 1)
+ *     backward filter  dw += dy (*) x                  (beta = 1)
+ *     backward bias    dbias[c] += sum of dy[:, c]    (own kernel, double)
+ * The forward's bias and ReLU and the bias gradient are small kernels in
+ * conv_epilogue.cu; see there for why they are not cuDNN's.
+ *
+ * Plans. Everything cuDNN needs for one convolution (the four descriptors,
+ * the algorithm, its workspace size) is made once per key and cached: the
+ * key is the op, every shape and parameter, TF32 on/off, determinism on/off
+ * and the workspace limit, so changing a setting makes new plans instead of
+ * running a plan chosen under the old one.
+ *
+ * Choosing the algorithm. We take cuDNN's heuristic ranking
+ * (cudnnGet*Algorithm_v7, PyTorch's choice when cudnn.benchmark is off), not
+ * a timed search (cudnnFind*): the ranking depends only on the shapes, the
+ * device and the cuDNN version, so a resumed run picks the same algorithms and
+ * therefore the same bits, and nothing is benchmarked on the first step. The
+ * first candidate in ranked order is taken that
+ *  - reports CUDNN_STATUS_SUCCESS,
+ *  - needs no more workspace than the limit (asked again with
+ *    cudnnGet*WorkspaceSize for the chosen math type),
+ *  - is CUDNN_DETERMINISTIC when determinism is on,
+ *  - and keeps fp32 honest: with TF32 off the descriptor is CUDNN_FMA_MATH
+ *    (no tensor-core rounding) and tensor-op candidates are skipped; with TF32
+ *    on it is CUDNN_DEFAULT_MATH and the descriptor takes the candidate's own
+ *    math type, as cuDNN asks. A candidate that may convert fp32 to half
+ *    (CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) is never taken.
+ * The workspace is the backend's one grow-only buffer (ts_cuda_workspace). */
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "conv_epilogue.h"
+#include "cuda_internal.h"
+
+/* ---- shape checks (as kernels/cpu/conv2d.c) ---------------------------------- */
+
+typedef struct conv_geom {
+    int n, cin, h, w; /* input */
+    int cout, kh, kw; /* weight */
+    int ho, wo;       /* output */
+    int sh, sw, ph, pw;
+} conv_geom;
+
+static int dims_ok(const ts_tensor *t) { return t && t->data && t->n >= 1 && t->c >= 1 && t->h >= 1 && t->w >= 1; }
+
+static size_t numel(const ts_tensor *t) { return (size_t)t->n * t->c * t->h * t->w; }
+
+/* The CPU's conv_check, message for message, with cuDNN's size limit in place
+ * of the BLAS one. */
+static ts_status conv_check(const char *op, conv_geom *g, const ts_tensor *x, const char *xn, const ts_tensor *w,
+                            const char *wn, const ts_tensor *y, const char *yn, const ts_conv2d_params *p)
+{
+    char sx[TS_SHAPE_STR] = "(null)", sw[TS_SHAPE_STR] = "(null)", sy[TS_SHAPE_STR] = "(null)";
+    if (x) ts_shape_str(x, sx);
+    if (w) ts_shape_str(w, sw);
+    if (y) ts_shape_str(y, sy);
+#define CONV_FAIL(...)                                                                                               \
+    do {                                                                                                             \
+        char why_[256];                                                                                              \
+        snprintf(why_, sizeof why_, __VA_ARGS__);                                                                    \
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s %s, %s %s, %s %s, stride (%d,%d), pad (%d,%d): %s", op, xn, sx, \
+                        wn, sw, yn, sy, p ? p->stride_h : 0, p ? p->stride_w : 0, p ? p->pad_h : 0,                  \
+                        p ? p->pad_w : 0, why_);                                                                     \
+    } while (0)
+
+    if (!p) CONV_FAIL("params are NULL");
+    if (!dims_ok(x) || !dims_ok(w) || !dims_ok(y))
+        CONV_FAIL("a tensor is NULL, has no data or has a dimension < 1");
+    if (p->stride_h < 1 || p->stride_w < 1) CONV_FAIL("strides must be >= 1");
+    if (p->pad_h < 0 || p->pad_w < 0) CONV_FAIL("padding must be >= 0");
+    if (p->relu && strcmp(op, "conv2d_forward") != 0)
+        CONV_FAIL("the fused ReLU is forward-only (inference); train with a separate relu op");
+    if (x->c != w->c) CONV_FAIL("%s has %d input channels but %s expects %d", xn, x->c, wn, w->c);
+    int ho = ts_conv_out_size(x->h, w->h, p->stride_h, p->pad_h);
+    int wo = ts_conv_out_size(x->w, w->w, p->stride_w, p->pad_w);
+    if (ho < 1 || wo < 1)
+        CONV_FAIL("the %dx%d kernel does not fit the padded %dx%d input", w->h, w->w, x->h + 2 * p->pad_h,
+                  x->w + 2 * p->pad_w);
+    if (y->n != x->n) CONV_FAIL("batch sizes differ (%d vs %d)", y->n, x->n);
+    if (y->c != w->n) CONV_FAIL("%s has %d channels but %s has %d output channels", yn, y->c, wn, w->n);
+    if (y->h != ho || y->w != wo) CONV_FAIL("%s must be %dx%d, got %dx%d", yn, ho, wo, y->h, y->w);
+    /* cuDNN's descriptor API takes int dimensions and tensors of fewer than
+     * 2^31 elements. */
+    if (numel(x) > INT_MAX || numel(w) > INT_MAX || numel(y) > INT_MAX)
+        CONV_FAIL("a tensor has 2^31 or more elements, more than cuDNN takes; use a smaller batch or tile");
+    if (x->data == y->data) CONV_FAIL("%s and %s share memory; cuDNN convolutions cannot run in place", xn, yn);
+#undef CONV_FAIL
+
+    *g = (conv_geom){.n = x->n, .cin = x->c, .h = x->h, .w = x->w, .cout = w->n, .kh = w->h, .kw = w->w,
+                     .ho = ho, .wo = wo, .sh = p->stride_h, .sw = p->stride_w, .ph = p->pad_h, .pw = p->pad_w};
+    return TS_OK;
+}
+
+/* ---- plans ------------------------------------------------------------------------ */
+
+typedef enum conv_kind { CONV_FWD = 0, CONV_BWD_DATA = 1, CONV_BWD_FILTER = 2 } conv_kind;
+static const char *const kind_name[] = {"conv2d_forward", "conv2d_backward_data", "conv2d_backward_filter"};
+
+typedef struct conv_key {
+    int kind;
+    conv_geom g;
+    int tf32, deterministic;
+    size_t workspace_limit;
+} conv_key;
+
+typedef struct conv_plan {
+    int used;
+    conv_key key;
+    cudnnTensorDescriptor_t x, y; /* x [n,cin,h,w], y [n,cout,ho,wo] */
+    cudnnFilterDescriptor_t w;    /* [cout,cin,kh,kw] */
+    cudnnConvolutionDescriptor_t conv;
+    int algo;         /* a cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t, by key.kind */
+    size_t workspace; /* bytes that algorithm needs */
+} conv_plan;
+
+/* One model has a few dozen distinct conv shapes per input shape and op, so
+ * 256 plans hold a training run's train and validation shapes; past that the
+ * oldest slot is recycled (a linear scan over 256 small keys costs nothing
+ * next to a convolution). */
+#define PLAN_CACHE 256
+static conv_plan g_plans[PLAN_CACHE];
+static int g_next_slot;
+
+/* Members compared one by one: the struct has no guaranteed-zero padding. */
+static int key_equal(const conv_key *a, const conv_key *b)
+{
+    const conv_geom *p = &a->g, *q = &b->g;
+    return a->kind == b->kind && a->tf32 == b->tf32 && a->deterministic == b->deterministic &&
+           a->workspace_limit == b->workspace_limit && p->n == q->n && p->cin == q->cin && p->h == q->h &&
+           p->w == q->w && p->cout == q->cout && p->kh == q->kh && p->kw == q->kw && p->ho == q->ho &&
+           p->wo == q->wo && p->sh == q->sh && p->sw == q->sw && p->ph == q->ph && p->pw == q->pw;
+}
+
+/* Destroys a plan's descriptors. Destroy calls fail only for a bad handle;
+ * if one does, it is reported, but the slot is cleared anyway so it can never
+ * be used half-built. */
+static ts_status plan_clear(conv_plan *pl)
+{
+    cudnnStatus_t first = CUDNN_STATUS_SUCCESS, e;
+    const char *call = "";
+    if (pl->x && (e = cudnnDestroyTensorDescriptor(pl->x)) != CUDNN_STATUS_SUCCESS && !call[0])
+        first = e, call = "cudnnDestroyTensorDescriptor(x)";
+    if (pl->y && (e = cudnnDestroyTensorDescriptor(pl->y)) != CUDNN_STATUS_SUCCESS && !call[0])
+        first = e, call = "cudnnDestroyTensorDescriptor(y)";
+    if (pl->w && (e = cudnnDestroyFilterDescriptor(pl->w)) != CUDNN_STATUS_SUCCESS && !call[0])
+        first = e, call = "cudnnDestroyFilterDescriptor";
+    if (pl->conv && (e = cudnnDestroyConvolutionDescriptor(pl->conv)) != CUDNN_STATUS_SUCCESS && !call[0])
+        first = e, call = "cudnnDestroyConvolutionDescriptor";
+    memset(pl, 0, sizeof *pl);
+    if (call[0]) return ts_cudnn_error(first, call, __FILE__, __LINE__);
+    return TS_OK;
+}
+
+/* The descriptors of a plan, with the math type the TF32 setting asks for. */
+static ts_status plan_descriptors(conv_plan *pl)
+{
+    const conv_geom *g = &pl->key.g;
+    TS_CUDNN_CHECK(cudnnCreateTensorDescriptor(&pl->x));
+    TS_CUDNN_CHECK(cudnnCreateTensorDescriptor(&pl->y));
+    TS_CUDNN_CHECK(cudnnCreateFilterDescriptor(&pl->w));
+    TS_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&pl->conv));
+    TS_CUDNN_CHECK(cudnnSetTensor4dDescriptor(pl->x, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, g->n, g->cin, g->h, g->w));
+    TS_CUDNN_CHECK(cudnnSetTensor4dDescriptor(pl->y, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, g->n, g->cout, g->ho, g->wo));
+    TS_CUDNN_CHECK(
+        cudnnSetFilter4dDescriptor(pl->w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, g->cout, g->cin, g->kh, g->kw));
+    /* Cross-correlation is what torch.nn.Conv2d computes; float accumulation. */
+    TS_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(pl->conv, g->ph, g->pw, g->sh, g->sw, 1, 1,
+                                                   CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
+    TS_CUDNN_CHECK(cudnnSetConvolutionMathType(pl->conv, pl->key.tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH));
+    /* Our output size rule and cuDNN's must agree, or every op would read or
+     * write out of bounds; a cheap guard against a descriptor mistake. */
+    int on, oc, oh, ow;
+    TS_CUDNN_CHECK(cudnnGetConvolution2dForwardOutputDim(pl->conv, pl->x, pl->w, &on, &oc, &oh, &ow));
+    if (on != g->n || oc != g->cout || oh != g->ho || ow != g->wo)
+        return ts_error(TS_ERR_BACKEND, "%s: cuDNN computes output [%d,%d,%d,%d], terraseg [%d,%d,%d,%d]",
+                        kind_name[pl->key.kind], on, oc, oh, ow, g->n, g->cout, g->ho, g->wo);
+    return TS_OK;
+}
+
+/* One ranked candidate, whatever the op. */
+typedef struct conv_candidate {
+    int algo;
+    cudnnStatus_t status;
+    size_t memory;
+    cudnnDeterminism_t determinism;
+    cudnnMathType_t math;
+} conv_candidate;
+
+/* cuDNN 9 has 8 forward, 6 backward-data and 7 backward-filter algorithms;
+ * the lists are ranked, so the first 16 are all we could want. */
+#define MAX_CANDIDATES 16
+
+static ts_status ranked_candidates(const conv_plan *pl, conv_candidate *out, int *count)
+{
+    cudnnHandle_t h = ts_cuda_state_get()->cudnn;
+    int max = 0, got = 0;
+    *count = 0;
+    switch ((conv_kind)pl->key.kind) {
+    case CONV_FWD: {
+        cudnnConvolutionFwdAlgoPerf_t perf[MAX_CANDIDATES];
+        TS_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithmMaxCount(h, &max));
+        if (max > MAX_CANDIDATES) max = MAX_CANDIDATES;
+        if (max < 1) break;
+        TS_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithm_v7(h, pl->x, pl->w, pl->conv, pl->y, max, &got, perf));
+        for (int i = 0; i < got && i < max; i++)
+            out[i] = (conv_candidate){(int)perf[i].algo, perf[i].status, perf[i].memory, perf[i].determinism,
+                                      perf[i].mathType};
+        break;
+    }
+    case CONV_BWD_DATA: {
+        cudnnConvolutionBwdDataAlgoPerf_t perf[MAX_CANDIDATES];
+        TS_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithmMaxCount(h, &max));
+        if (max > MAX_CANDIDATES) max = MAX_CANDIDATES;
+        if (max < 1) break;
+        TS_CUDNN_CHECK(
+            cudnnGetConvolutionBackwardDataAlgorithm_v7(h, pl->w, pl->y, pl->conv, pl->x, max, &got, perf));
+        for (int i = 0; i < got && i < max; i++)
+            out[i] = (conv_candidate){(int)perf[i].algo, perf[i].status, perf[i].memory, perf[i].determinism,
+                                      perf[i].mathType};
+        break;
+    }
+    case CONV_BWD_FILTER: {
+        cudnnConvolutionBwdFilterAlgoPerf_t perf[MAX_CANDIDATES];
+        TS_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(h, &max));
+        if (max > MAX_CANDIDATES) max = MAX_CANDIDATES;
+        if (max < 1) break;
+        TS_CUDNN_CHECK(
+            cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, pl->x, pl->y, pl->conv, pl->w, max, &got, perf));
+        for (int i = 0; i < got && i < max; i++)
+            out[i] = (conv_candidate){(int)perf[i].algo, perf[i].status, perf[i].memory, perf[i].determinism,
+                                      perf[i].mathType};
+        break;
+    }
+    }
+    *count = got < max ? got : max;
+    return TS_OK;
+}
+
+/* The workspace the algorithm needs with the descriptor's current math type,
+ * or a failed status when cuDNN cannot run it for these shapes. */
+static cudnnStatus_t workspace_size(const conv_plan *pl, int algo, size_t *bytes)
+{
+    cudnnHandle_t h = ts_cuda_state_get()->cudnn;
+    switch ((conv_kind)pl->key.kind) {
+    case CONV_FWD:
+        return cudnnGetConvolutionForwardWorkspaceSize(h, pl->x, pl->w, pl->conv, pl->y,
+                                                       (cudnnConvolutionFwdAlgo_t)algo, bytes);
+    case CONV_BWD_DATA:
+        return cudnnGetConvolutionBackwardDataWorkspaceSize(h, pl->w, pl->y, pl->conv, pl->x,
+                                                            (cudnnConvolutionBwdDataAlgo_t)algo, bytes);
+    case CONV_BWD_FILTER:
+        return cudnnGetConvolutionBackwardFilterWorkspaceSize(h, pl->x, pl->y, pl->conv, pl->w,
+                                                              (cudnnConvolutionBwdFilterAlgo_t)algo, bytes);
+    }
+    return CUDNN_STATUS_BAD_PARAM;
+}
+
+static const char *math_name(cudnnMathType_t m)
+{
+    switch (m) {
+    case CUDNN_DEFAULT_MATH: return "default";
+    case CUDNN_TENSOR_OP_MATH: return "tensor-op";
+    case CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION: return "tensor-op-with-conversion";
+    case CUDNN_FMA_MATH: return "fma";
+    }
+    return "unknown";
+}
+
+/* Picks the algorithm (see the top of the file) and leaves the descriptor's
+ * math type set for it. */
+static ts_status plan_choose(conv_plan *pl)
+{
+    const conv_key *k = &pl->key;
+    const cudnnMathType_t base = k->tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH;
+    conv_candidate cand[MAX_CANDIDATES];
+    int count = 0;
+    ts_status st = ranked_candidates(pl, cand, &count);
+    if (st != TS_OK) return st;
+
+    /* Why each candidate was passed over, for the message if none is left. */
+    char skipped[512] = "";
+    size_t len = 0;
+    for (int i = 0; i < count; i++) {
+        const conv_candidate *c = &cand[i];
+        const char *why = NULL;
+        size_t need = c->memory;
+        if (c->status != CUDNN_STATUS_SUCCESS)
+            why = "not supported";
+        else if (k->deterministic && c->determinism != CUDNN_DETERMINISTIC)
+            why = "not deterministic";
+        else if (c->math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION || (!k->tf32 && c->math == CUDNN_TENSOR_OP_MATH))
+            why = "tensor-op math";
+        else if (c->memory > k->workspace_limit)
+            why = "workspace";
+        if (!why) {
+            /* cuDNN asks for the descriptor to carry the candidate's math type
+             * when tensor cores are allowed; with TF32 off it stays FMA. */
+            const cudnnMathType_t m = k->tf32 ? c->math : CUDNN_FMA_MATH;
+            TS_CUDNN_CHECK(cudnnSetConvolutionMathType(pl->conv, m));
+            size_t bytes = 0;
+            if (workspace_size(pl, c->algo, &bytes) != CUDNN_STATUS_SUCCESS)
+                why = "no workspace size";
+            else if (bytes > k->workspace_limit)
+                why = "workspace";
+            if (bytes > need) need = bytes;
+            if (!why) {
+                pl->algo = c->algo;
+                pl->workspace = need;
+                return TS_OK;
+            }
+            TS_CUDNN_CHECK(cudnnSetConvolutionMathType(pl->conv, base));
+        }
+        int n = snprintf(skipped + len, sizeof skipped - len, "%salgo %d (%s, %s math, %zu bytes)", i ? "; " : "",
+                         c->algo, why, math_name(c->math), need);
+        if (n > 0 && (size_t)n < sizeof skipped - len)
+            len += (size_t)n;
+        else
+            len = sizeof skipped - 1; /* full: the message keeps what fitted */
+    }
+    const conv_geom *g = &k->g;
+    return ts_error(TS_ERR_UNSUPPORTED,
+                    "%s: x [%d,%d,%d,%d], w [%d,%d,%d,%d], stride (%d,%d), pad (%d,%d): no cuDNN algorithm fits "
+                    "(deterministic %s, TF32 %s, workspace limit %zu bytes); cuDNN ranked: %s. Raise the workspace "
+                    "limit or turn determinism off",
+                    kind_name[k->kind], g->n, g->cin, g->h, g->w, g->cout, g->cin, g->kh, g->kw, g->sh, g->sw, g->ph,
+                    g->pw, k->deterministic ? "on" : "off", k->tf32 ? "on" : "off", k->workspace_limit,
+                    count ? skipped : "nothing");
+}
+
+/* The cached plan for (kind, g, current settings), made on first use. */
+static ts_status get_plan(conv_kind kind, const conv_geom *g, conv_plan **out)
+{
+    const ts_cuda_state *s = ts_cuda_state_get();
+    *out = NULL;
+    if (!s->initialized)
+        return ts_error(TS_ERR_INVALID_ARG, "%s: the CUDA backend is not initialized; call ts_cuda_backend first",
+                        kind_name[kind]);
+    /* The current device is per host thread; an op may be called from
+     * another thread than the one that chose the device (cheap when it is
+     * already current). */
+    TS_CUDA_CHECK(cudaSetDevice(s->device));
+    conv_key key;
+    memset(&key, 0, sizeof key);
+    key.kind = kind;
+    key.g = *g;
+    key.tf32 = s->tf32 != 0;
+    key.deterministic = s->deterministic != 0;
+    key.workspace_limit = s->workspace_limit;
+    for (int i = 0; i < PLAN_CACHE; i++)
+        if (g_plans[i].used && key_equal(&g_plans[i].key, &key)) {
+            *out = &g_plans[i];
+            return TS_OK;
+        }
+
+    conv_plan *pl = NULL;
+    for (int i = 0; i < PLAN_CACHE && !pl; i++)
+        if (!g_plans[i].used) pl = &g_plans[i];
+    if (!pl) {
+        pl = &g_plans[g_next_slot];
+        g_next_slot = (g_next_slot + 1) % PLAN_CACHE;
+        ts_status st = plan_clear(pl);
+        if (st != TS_OK) return st;
+    }
+    pl->key = key;
+    ts_status st = plan_descriptors(pl);
+    if (st == TS_OK) st = plan_choose(pl);
+    if (st != TS_OK) {
+        /* Keep the message of the failure, not of the cleanup. */
+        (void)plan_clear(pl);
+        return st;
+    }
+    pl->used = 1;
+    *out = pl;
+    return TS_OK;
+}
+
+/* The shared workspace for a plan, with the op named in a failure. */
+static ts_status plan_workspace(const conv_plan *pl, void **ws)
+{
+    ts_status st = ts_cuda_workspace(pl->workspace, ws);
+    if (st != TS_OK) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", ts_last_error());
+        return ts_error(st, "%s: %s", kind_name[pl->key.kind], msg);
+    }
+    return TS_OK;
+}
+
+/* ---- the ops ------------------------------------------------------------------------ */
+
+ts_status ts_cuda_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w, const float *bias,
+                                 const ts_conv2d_params *p)
+{
+    (void)ctx; /* the CPU's column buffer; cuDNN uses the backend's workspace */
+    conv_geom g;
+    conv_plan *pl = NULL;
+    void *ws = NULL;
+    ts_status st = conv_check("conv2d_forward", &g, x, "x", w, "w", y, "y", p);
+    if (st == TS_OK) st = get_plan(CONV_FWD, &g, &pl);
+    if (st == TS_OK) st = plan_workspace(pl, &ws);
+    if (st != TS_OK) return st;
+    /* beta = 0: y is overwritten and never read, whatever it held. */
+    const float one = 1.0f, zero = 0.0f;
+    TS_CUDNN_CHECK(cudnnConvolutionForward(ts_cuda_state_get()->cudnn, &one, pl->x, x->data, pl->w, w->data, pl->conv,
+                                           (cudnnConvolutionFwdAlgo_t)pl->algo, ws, pl->workspace, &zero, pl->y,
+                                           y->data));
+    return ts_cuda_conv_epilogue(y->data, bias, g.n, g.cout, (size_t)g.ho * g.wo, p->relu);
+}
+
+ts_status ts_cuda_conv2d_backward_data(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *w,
+                                       const ts_conv2d_params *p)
+{
+    (void)ctx;
+    conv_geom g;
+    conv_plan *pl = NULL;
+    void *ws = NULL;
+    ts_status st = conv_check("conv2d_backward_data", &g, dx, "dx", w, "w", dy, "dy", p);
+    if (st == TS_OK) st = get_plan(CONV_BWD_DATA, &g, &pl);
+    if (st == TS_OK) st = plan_workspace(pl, &ws);
+    if (st != TS_OK) return st;
+    /* beta = 1: dx += ..., the accumulate convention of every backward op. */
+    const float one = 1.0f;
+    TS_CUDNN_CHECK(cudnnConvolutionBackwardData(ts_cuda_state_get()->cudnn, &one, pl->w, w->data, pl->y, dy->data,
+                                                pl->conv, (cudnnConvolutionBwdDataAlgo_t)pl->algo, ws, pl->workspace,
+                                                &one, pl->x, dx->data));
+    return TS_OK;
+}
+
+ts_status ts_cuda_conv2d_backward_filter(ts_ctx *ctx, ts_tensor *dw, const ts_tensor *dy, const ts_tensor *x,
+                                         const ts_conv2d_params *p)
+{
+    (void)ctx;
+    conv_geom g;
+    conv_plan *pl = NULL;
+    void *ws = NULL;
+    ts_status st = conv_check("conv2d_backward_filter", &g, x, "x", dw, "dw", dy, "dy", p);
+    if (st == TS_OK) st = get_plan(CONV_BWD_FILTER, &g, &pl);
+    if (st == TS_OK) st = plan_workspace(pl, &ws);
+    if (st != TS_OK) return st;
+    const float one = 1.0f; /* alpha 1, beta 1: dw += dy (*) x */
+    TS_CUDNN_CHECK(cudnnConvolutionBackwardFilter(ts_cuda_state_get()->cudnn, &one, pl->x, x->data, pl->y, dy->data,
+                                                  pl->conv, (cudnnConvolutionBwdFilterAlgo_t)pl->algo, ws,
+                                                  pl->workspace, &one, pl->w, dw->data));
+    return TS_OK;
+}
+
+ts_status ts_cuda_conv2d_backward_bias(ts_ctx *ctx, float *dbias, const ts_tensor *dy)
+{
+    (void)ctx;
+    if (!dbias || !dims_ok(dy)) {
+        char s[TS_SHAPE_STR] = "(null)";
+        if (dy) ts_shape_str(dy, s);
+        return ts_error(TS_ERR_INVALID_ARG, "conv2d_backward_bias: dbias %s, dy %s: need a dbias array and a dy "
+                        "tensor with data and every dimension >= 1", dbias ? "given" : "NULL", s);
+    }
+    const ts_cuda_state *s = ts_cuda_state_get();
+    if (!s->initialized)
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "conv2d_backward_bias: the CUDA backend is not initialized; call ts_cuda_backend first");
+    TS_CUDA_CHECK(cudaSetDevice(s->device)); /* per host thread, as in get_plan */
+    return ts_cuda_conv_bias_grad(dbias, dy->data, dy->n, dy->c, (size_t)dy->h * dy->w);
+}

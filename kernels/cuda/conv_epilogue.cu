@@ -1,0 +1,158 @@
+/* The pieces of the conv ops that cuDNN does not do the CPU's way:
+ *
+ * - The forward epilogue, y = y + bias (then max(., 0) with the fused ReLU),
+ *   as a pass after cudnnConvolutionForward rather than through
+ *   cudnnConvolutionBiasActivationForward: the fused call only supports some
+ *   algorithms, needs a bias even for a plain ReLU, and its ReLU and rounding
+ *   are cuDNN's; this pass computes exactly the CPU's float expression.
+ * - The bias gradient, summed in double in a fixed order as the CPU does
+ *   (cudnnConvolutionBackwardBias accumulates in float and promises no order).
+ *
+ * Reduction layout. The sum for channel c runs over N planes of `plane`
+ * contiguous floats, count = N * plane values. It is cut into S slices of
+ * consecutive values (S from the shape alone, never from the device, so a
+ * given shape sums in the same order on any GPU); block (c, s) adds its slice
+ * in double, each thread a fixed strided subset and then a fixed tree, and a
+ * second tiny kernel adds the S partial sums of each channel in order. The
+ * slices keep the GPU busy when there are few channels (the segmentation
+ * head's bias has one per class over full-resolution planes). */
+
+#include <limits.h>
+
+#include "conv_epilogue.h"
+#include "cuda_internal.h"
+
+#define RED_THREADS 256
+#define RED_MAX_SLICES 64
+#define RED_SLICE_TARGET 8192 /* values per slice we aim for before adding slices */
+
+/* A fixed-order sum of one double per thread of a RED_THREADS block; every
+ * thread gets the total. */
+__device__ static double block_sum(double v)
+{
+    __shared__ double buf[RED_THREADS];
+    buf[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = RED_THREADS / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+        __syncthreads();
+    }
+    const double total = buf[0];
+    __syncthreads(); /* buf may be reused by a later call */
+    return total;
+}
+
+/* ---- forward epilogue ---------------------------------------------------------- */
+
+/* One block row per (n, c) plane (blockIdx.x), blockIdx.y strides the plane. */
+__global__ static void epilogue_kernel(float *y, const float *bias, int C, size_t plane, int relu)
+{
+    const size_t p = blockIdx.x;
+    const float b = bias ? bias[p % (size_t)C] : 0.0f;
+    float *yp = y + p * plane;
+    const size_t step = (size_t)gridDim.y * blockDim.x;
+    for (size_t i = (size_t)blockIdx.y * blockDim.x + threadIdx.x; i < plane; i += step) {
+        /* __fadd_rn: exactly the CPU's v = y + b, whatever nvcc would fuse. */
+        const float v = __fadd_rn(yp[i], b);
+        yp[i] = relu ? (v > 0.0f ? v : 0.0f) : v;
+    }
+}
+
+extern "C" ts_status ts_cuda_conv_epilogue(float *y, const float *bias, int n, int c, size_t plane, int relu)
+{
+    if (!bias && !relu) return TS_OK;
+    const size_t planes = (size_t)n * (size_t)c;
+    if (n < 1 || c < 1 || plane < 1 || planes > INT_MAX)
+        return ts_error(TS_ERR_INVALID_ARG, "conv2d_forward epilogue: bad shape n %d, c %d, plane %zu", n, c, plane);
+    /* Small planes (deep layers at low resolution) get a block just wide
+     * enough, so most threads are not idle. */
+    const unsigned threads = plane >= 256 ? 256u : (unsigned)((plane + 31) / 32 * 32);
+    size_t gy = (plane + (size_t)threads * 4 - 1) / ((size_t)threads * 4);
+    if (gy > 65535) gy = 65535;
+    dim3 grid((unsigned)planes, (unsigned)gy);
+    epilogue_kernel<<<grid, threads, 0, ts_cuda_state_get()->stream>>>(y, bias, c, plane, relu);
+    TS_CUDA_LAUNCH_CHECK();
+    return TS_OK;
+}
+
+/* ---- bias gradient ---------------------------------------------------------------- */
+
+/* Device scratch for the partial sums: grow-only, reused by every call. */
+static double *g_part;
+static size_t g_part_bytes;
+
+static ts_status part_buffer(size_t bytes, double **out)
+{
+    if (bytes > g_part_bytes) {
+        ts_cuda_state *s = ts_cuda_state_get();
+        if (g_part) {
+            /* Kernels queued earlier may still read the old buffer. */
+            TS_CUDA_CHECK(cudaStreamSynchronize(s->stream));
+            TS_CUDA_CHECK(cudaFree(g_part));
+            g_part = NULL;
+            g_part_bytes = 0;
+        }
+        void *p = NULL;
+        TS_CUDA_CHECK(cudaMalloc(&p, bytes));
+        g_part = (double *)p;
+        g_part_bytes = bytes;
+    }
+    *out = g_part;
+    return TS_OK;
+}
+
+/* Block (c, s): the double sum of slice s of channel c. Thread t adds values
+ * j0 + t, j0 + t + RED_THREADS, ... in that order; (n, i) follow j without a
+ * division per value. */
+__global__ static void bias_grad_partial(const float *dy, int C, size_t plane, size_t count, size_t len, double *part)
+{
+    const int c = blockIdx.x, s = blockIdx.y, S = gridDim.y;
+    const size_t j0 = (size_t)s * len;
+    const size_t j1 = j0 + len < count ? j0 + len : count;
+    double acc = 0.0;
+    size_t j = j0 + threadIdx.x;
+    if (j < j1) {
+        size_t n = j / plane, i = j - n * plane;
+        for (; j < j1; j += RED_THREADS) {
+            acc += (double)dy[(n * (size_t)C + (size_t)c) * plane + i];
+            i += RED_THREADS;
+            if (i >= plane) {
+                n += i / plane;
+                i %= plane;
+            }
+        }
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) part[(size_t)c * S + s] = acc;
+}
+
+/* One thread per channel: the S partials in slice order, then one float add
+ * into the caller's gradient (the CPU's dbias[c] += (float)s). */
+__global__ static void bias_grad_finalize(float *dbias, int C, int S, const double *part)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double sum = 0.0;
+    for (int s = 0; s < S; s++) sum += part[(size_t)c * S + s];
+    dbias[c] = __fadd_rn(dbias[c], (float)sum);
+}
+
+extern "C" ts_status ts_cuda_conv_bias_grad(float *dbias, const float *dy, int n, int c, size_t plane)
+{
+    if (n < 1 || c < 1 || plane < 1)
+        return ts_error(TS_ERR_INVALID_ARG, "conv2d_backward_bias: bad shape n %d, c %d, plane %zu", n, c, plane);
+    const size_t count = (size_t)n * plane;
+    size_t S = (count + RED_SLICE_TARGET - 1) / RED_SLICE_TARGET;
+    if (S > RED_MAX_SLICES) S = RED_MAX_SLICES;
+    if (S < 1) S = 1;
+    const size_t len = (count + S - 1) / S;
+    double *part = NULL;
+    ts_status st = part_buffer((size_t)c * S * sizeof(double), &part);
+    if (st != TS_OK) return st;
+    cudaStream_t stream = ts_cuda_state_get()->stream;
+    bias_grad_partial<<<dim3((unsigned)c, (unsigned)S), RED_THREADS, 0, stream>>>(dy, c, plane, count, len, part);
+    TS_CUDA_LAUNCH_CHECK();
+    bias_grad_finalize<<<(unsigned)((c + 127) / 128), 128, 0, stream>>>(dbias, c, (int)S, part);
+    TS_CUDA_LAUNCH_CHECK();
+    return TS_OK;
+}
