@@ -5,7 +5,7 @@ T="$1"
 passed=0
 failed=0
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+trap 'rm -f "$out" "$out.doc" "$out.gen"' EXIT
 
 # expect <exit code> <regex the output must match> <args...>
 expect() {
@@ -24,6 +24,25 @@ expect() {
 }
 
 expect 0 "commands:" --help
+expect 0 "commands:" help
+expect 0 "usage: terraseg predict \[options\] MODEL SCENE OUT.tif" help predict
+expect 0 "^## terraseg predict" help --markdown predict
+expect 0 "\| \`--blend MODE\` \| \`gaussian\` \|" help --markdown
+expect 2 "help: unknown command or option \"frobnicate\"" help frobnicate
+expect 2 "help: one command at a time" help predict eval
+
+# docs/commands.md: the part between its markers is exactly `terraseg help --markdown`.
+doc="$(dirname "$0")/../docs/commands.md"
+sed -n '/^<!-- BEGIN GENERATED COMMAND REFERENCE/,/^<!-- END GENERATED COMMAND REFERENCE/p' "$doc" | sed '1d;$d' >"$out.doc"
+"$T" help --markdown >"$out.gen" 2>&1
+if [ -s "$out.doc" ] && cmp -s "$out.doc" "$out.gen"; then
+    passed=$((passed + 1))
+else
+    failed=$((failed + 1))
+    echo "FAIL docs/commands.md: its generated command reference differs from 'terraseg help --markdown';"
+    echo "     regenerate it with: tools/update-docs.sh $T   (< the file, > the binary)"
+    diff "$out.doc" "$out.gen" | head -n 20 | sed 's/^/    /'
+fi
 demo_dir=$(mktemp -d)
 expect 0 "held-out mIoU [0-9.]+" demo --out "$demo_dir" --size 512 --epochs 1 --tile 64 --block 128
 expect 1 "already exists; use --overwrite" demo --out "$demo_dir" --size 512 --epochs 1 --tile 64 --block 128
@@ -56,6 +75,14 @@ expect 0 "decoder" bench --size 33 --iters 1 --batch 2
 expect 0 "tiles/s" bench train --size 64 --iters 1 --batch 1
 # BatchNorm in training needs more than one value per channel: a 32-px tile leaves 1x1 at layer4.
 expect 1 "Expected more than 1 value per channel" bench train --size 32 --iters 1 --batch 1
+# --device: the whole U-Net is host-memory only (never run with the CUDA table); bad names and --tf32 on
+# the CPU are refused before anything runs, in every build. (bench conv --device cuda: exit 2 without
+# CUDA, 1 without a GPU, 0 on one: not checked here.)
+expect 2 "the U-Net's CUDA path is not implemented yet; the CUDA ops can be benchmarked with terraseg bench conv --device cuda" bench model --device cuda
+expect 2 "bench train: --device cuda:1: the U-Net's CUDA path is not implemented yet" bench train --device cuda:1
+expect 2 "--device gpu: unknown backend \"gpu\"" bench conv --device gpu
+expect 2 "write cuda or cuda:N" bench conv --device cuda:x
+expect 2 "--tf32 applies to --device cuda only" bench conv --tf32
 # windows filters and tile: option checks that fire before any file is read.
 expect 0 "--drop-background +filter: drop windows" windows --help
 expect 0 "--max-nodata FRACTION" windows --help

@@ -51,6 +51,97 @@ void cli_print_usage(FILE *f, const char *prog, const cli_command *cmd)
     fprintf(f, "%-32s %s\n", "  -h, --help", "show this help");
 }
 
+/* ---- Markdown reference (docs/commands.md, `terraseg help --markdown`) ---- */
+
+/* Text in a Markdown table cell: '|' would end the cell. */
+static void md_text(FILE *f, const char *s)
+{
+    for (; s && *s; s++) {
+        if (*s == '|') fputc('\\', f);
+        fputc(*s, f);
+    }
+}
+
+/* A number of an option's range: whole numbers without a fraction. */
+static void md_number(FILE *f, double v)
+{
+    if (v == floor(v) && fabs(v) < 1e15)
+        fprintf(f, "%.0f", v);
+    else
+        fprintf(f, "%g", v);
+}
+
+/* The default as cli_print_usage shows it, except where the value stands
+ * for something that depends on the machine: an option named "threads"
+ * whose 0 means TERRASEG_THREADS or every core is "all cores", so the
+ * generated page is the same on every machine. */
+static void md_default(FILE *f, const cli_option *o)
+{
+    switch (o->kind) {
+    case CLI_FLAG: fputs("off", f); break;
+    case CLI_INT:
+        if (strcmp(o->name, "threads") == 0 && *(int *)o->dest == 0)
+            fputs("all cores", f);
+        else
+            fprintf(f, "`%d`", *(int *)o->dest);
+        break;
+    case CLI_DOUBLE: fprintf(f, "`%g`", *(double *)o->dest); break;
+    case CLI_STRING:
+        if (*(const char **)o->dest) {
+            fputc('`', f);
+            md_text(f, *(const char **)o->dest);
+            fputc('`', f);
+        } else {
+            fputs("none", f);
+        }
+        break;
+    case CLI_STRING_LIST: fputs("none (repeatable)", f); break;
+    }
+}
+
+static void md_range(FILE *f, const cli_option *o)
+{
+    if (o->kind != CLI_INT && o->kind != CLI_DOUBLE) return;
+    if (o->max >= 2147483647.0) {
+        fputs(">= ", f);
+        md_number(f, o->min);
+    } else {
+        md_number(f, o->min);
+        fputs(" to ", f);
+        md_number(f, o->max);
+    }
+}
+
+void cli_print_markdown(FILE *f, const char *prog, const cli_command *cmd)
+{
+    fprintf(f, "## %s %s\n\n```\n%s %s [options]%s%s\n```\n\n", prog, cmd->name, prog, cmd->name,
+            cmd->args ? " " : "", cmd->args ? cmd->args : "");
+    fprintf(f, "%s\n\n", cmd->summary);
+    int n = count_options(cmd);
+    if (n == 0) {
+        fputs("No options besides `-h`, `--help`.\n", f);
+        return;
+    }
+    fputs("| option | default | range | meaning |\n|---|---|---|---|\n", f);
+    for (int i = 0; i < n; i++) {
+        const cli_option *o = &cmd->options[i];
+        fputs("| ", f);
+        if (o->short_name) fprintf(f, "`-%c`, ", o->short_name);
+        fprintf(f, "`--%s", o->name);
+        if (o->kind != CLI_FLAG) {
+            fputc(' ', f);
+            md_text(f, o->metavar ? o->metavar : "VALUE");
+        }
+        fputs("` | ", f);
+        md_default(f, o);
+        fputs(" | ", f);
+        md_range(f, o);
+        fputs(" | ", f);
+        md_text(f, o->help);
+        fputs(" |\n", f);
+    }
+}
+
 static int parse_value(const char *prog, const cli_command *cmd, const cli_option *o, const char *arg)
 {
     char *end = NULL;

@@ -47,5 +47,12 @@ int cli_parse(const char *prog, const cli_command *cmd, int argc, char **argv, i
 /* The usage text of one command, generated from its option table (defaults
  * are the destinations' current values). */
 void cli_print_usage(FILE *f, const char *prog, const cli_command *cmd);
+/* The same reference as Markdown (docs/commands.md, `terraseg help
+ * --markdown`): a "## PROG NAME" heading, the synopsis, the summary and a
+ * table of the options with their defaults and ranges. Defaults are the
+ * destinations' current values, so a table must hold only values that are
+ * the same on every machine (0 for "every core", never a count found at run
+ * time); an option named "threads" shows its 0 as "all cores". */
+void cli_print_markdown(FILE *f, const char *prog, const cli_command *cmd);
 
 #endif

@@ -65,7 +65,7 @@ static int run_version(int argc, char **argv)
 static cli_option version_options[] = {{0}};
 
 /* ---- terraseg bench ---- */
-static ts_bench_opts bench_opts = {.batch = 1, .size = 256, .in_channels = 3, .classes = 2, .iters = 3};
+static ts_bench_opts bench_opts = {.batch = 1, .size = 256, .in_channels = 3, .classes = 2, .iters = 3, .device = "cpu"};
 static int bench_threads = 0;
 
 static cli_option bench_options[] = {
@@ -76,6 +76,10 @@ static cli_option bench_options[] = {
     {"iters", 'n', CLI_INT, &bench_opts.iters, "N", "timed repetitions per measurement", 1, 10000},
     {"threads", 't', CLI_INT, &bench_threads, "N", "threads (0: TERRASEG_THREADS or all cores)", 0, 1024},
     {"csv", 0, CLI_STRING, &bench_opts.csv, "FILE", "also write the measurements as CSV (for tools/bench scripts)", 0, 0},
+    {"device", 0, CLI_STRING, &bench_opts.device, "DEV",
+     "cpu, cuda or cuda:N; on CUDA only conv runs for now (the U-Net's CUDA path is not implemented yet)", 0, 0},
+    {"tf32", 0, CLI_FLAG, &bench_opts.tf32, NULL, "with --device cuda: TF32 tensor-core math for fp32 convs and GEMMs",
+     0, 0},
     {0},
 };
 
@@ -86,10 +90,18 @@ static int run_bench(int argc, char **argv)
         fprintf(stderr, "%s bench: expected one benchmark name, got %d arguments\n", prog, argc);
         return 2;
     }
+    if (strcmp(what, "conv") != 0 && strcmp(what, "model") != 0 && strcmp(what, "train") != 0) {
+        fprintf(stderr, "%s bench: unknown benchmark \"%s\"; available: conv, model, train\n", prog, what);
+        return 2;
+    }
+    /* --device and --tf32 are refused here, before anything is printed or run. */
+    int rc = ts_bench_check_device(&bench_opts, what);
+    if (rc) return rc;
     int threads = ts_threads_init(bench_threads);
-    printf("terraseg bench %s: %dx%d synthetic tile, batch %d, %d in, %d classes, %d threads, %d iterations\n", what,
-           bench_opts.size, bench_opts.size, bench_opts.batch, bench_opts.in_channels, bench_opts.classes, threads,
-           bench_opts.iters);
+    printf("terraseg bench %s: %dx%d synthetic tile, batch %d, %d in, %d classes, %d threads, %d iterations%s%s%s\n",
+           what, bench_opts.size, bench_opts.size, bench_opts.batch, bench_opts.in_channels, bench_opts.classes,
+           threads, bench_opts.iters, ts_bench_is_cuda(&bench_opts) ? ", device " : "",
+           ts_bench_is_cuda(&bench_opts) ? bench_opts.device : "", bench_opts.tf32 ? " (TF32)" : "");
     if (strcmp(what, "conv") == 0) return ts_bench_conv(&bench_opts);
     if (strcmp(what, "model") == 0) return ts_bench_model(&bench_opts);
     if (strcmp(what, "train") == 0) return ts_bench_train(&bench_opts);
@@ -145,7 +157,8 @@ static const cli_command commands[] = {
     {"bench", "[conv|model|train]",
      "Measure on a synthetic tile. conv (the default): every conv shape of the U-Net ResNet-34, forward and "
      "backward GFLOP/s next to this machine's sgemm GFLOP/s. model: the whole U-Net, eval forward and train "
-     "forward+backward per tile. train: full training steps (forward, loss, backward, AdamW), ms/step and tiles/s.",
+     "forward+backward per tile. train: full training steps (forward, loss, backward, AdamW), ms/step and tiles/s. "
+     "--device cuda runs conv on the CUDA backend.",
      bench_options, run_bench},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
@@ -157,7 +170,54 @@ static void print_main_usage(FILE *f)
             "terraseg trains and runs U-Net ResNet-34 segmentation on geospatial rasters.\n\ncommands:\n",
             prog);
     for (int i = 0; i < N_COMMANDS; i++) fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
-    fprintf(f, "\n'%s <command> --help' lists a command's options.\n", prog);
+    fprintf(f,
+            "\n'%s <command> --help' (or '%s help <command>') lists a command's options;\n"
+            "'%s help --markdown' prints them all as Markdown (docs/commands.md).\n",
+            prog, prog, prog);
+}
+
+/* terraseg help [--markdown] [COMMAND]: the command list, one command's
+ * usage, or the command reference as Markdown. The generated part of
+ * docs/commands.md is exactly `terraseg help --markdown` (tests/cli.sh
+ * checks it; tools/update-docs.sh rewrites it). */
+static int run_help(int argc, char **argv)
+{
+    int markdown = 0;
+    const cli_command *only = NULL;
+    for (int a = 0; a < argc; a++) {
+        if (strcmp(argv[a], "--markdown") == 0) {
+            markdown = 1;
+            continue;
+        }
+        const cli_command *c = NULL;
+        for (int i = 0; i < N_COMMANDS; i++)
+            if (strcmp(argv[a], commands[i].name) == 0) c = &commands[i];
+        if (!c || only) {
+            fprintf(stderr, "%s help: %s \"%s\" (usage: %s help [--markdown] [COMMAND])\n", prog,
+                    c ? "one command at a time, not also" : "unknown command or option", argv[a], prog);
+            return 2;
+        }
+        only = c;
+    }
+    if (!markdown) {
+        if (only)
+            cli_print_usage(stdout, prog, only);
+        else
+            print_main_usage(stdout);
+        return 0;
+    }
+    if (only) {
+        cli_print_markdown(stdout, prog, only);
+        return 0;
+    }
+    printf("| command | what it does |\n|---|---|\n");
+    for (int i = 0; i < N_COMMANDS; i++)
+        printf("| [`%s %s`](#%s-%s) | %s |\n", prog, commands[i].name, prog, commands[i].name, commands[i].summary);
+    for (int i = 0; i < N_COMMANDS; i++) {
+        printf("\n");
+        cli_print_markdown(stdout, prog, &commands[i]);
+    }
+    return 0;
 }
 
 /* If OpenBLAS did not recognise this CPU and fell back to generic kernels,
@@ -182,10 +242,11 @@ int main(int argc, char **argv)
         print_main_usage(stderr);
         return 2;
     }
-    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         print_main_usage(stdout);
         return 0;
     }
+    if (strcmp(argv[1], "help") == 0) return run_help(argc - 2, argv + 2);
     if (strcmp(argv[1], "--version") == 0) return run_version(0, NULL);
     for (int i = 0; i < N_COMMANDS; i++) {
         if (strcmp(argv[1], commands[i].name) != 0) continue;

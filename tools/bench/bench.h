@@ -1,5 +1,7 @@
 /* Benchmarks behind `terraseg bench`. They print their own tables to stdout
- * and return 0 on success, 1 after printing an error to stderr. */
+ * and return 0 on success, 1 after printing an error to stderr, 2 for a
+ * request this build or benchmark cannot serve (a device it lacks, --tf32
+ * without CUDA), also with a message on stderr. */
 #ifndef TS_BENCH_H
 #define TS_BENCH_H
 
@@ -10,11 +12,23 @@ typedef struct ts_bench_opts {
     int classes;     /* output classes (segmentation head) */
     int iters;       /* timed repetitions per measurement (after one warm-up) */
     const char *csv; /* if not NULL: also write one row per measurement to this file */
+    const char *device; /* "cpu" (or NULL), "cuda" or "cuda:N" */
+    int tf32;           /* CUDA only: TF32 tensor-core math for fp32 convs and GEMMs (ts_cuda_set_tf32) */
 } ts_bench_opts;
+
+/* Checks o->device and o->tf32 for benchmark `what` ("conv", "model",
+ * "train") before anything runs; touches no GPU. 0 if the benchmark can run
+ * on that device, else prints why to stderr and returns 2: an unknown device
+ * name, a build without CUDA, --tf32 on the CPU, or the whole U-Net on CUDA
+ * (not implemented yet: only `bench conv` runs on the CUDA backend). */
+int ts_bench_check_device(const ts_bench_opts *o, const char *what);
+/* 1 if o->device names a CUDA device ("cuda" or "cuda:N"), else 0. */
+int ts_bench_is_cuda(const ts_bench_opts *o);
 
 /* Every conv shape of the U-Net ResNet-34 on a synthetic tile: forward,
  * backward-data and backward-filter GFLOP/s next to this machine's measured
- * sgemm GFLOP/s. */
+ * sgemm GFLOP/s: OpenBLAS on the CPU, cuBLAS with o->device a CUDA device
+ * (the convs then run on the CUDA backend, on device memory). */
 int ts_bench_conv(const ts_bench_opts *o);
 
 /* The whole model on a synthetic tile: eval forward and train forward +

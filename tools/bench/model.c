@@ -1,4 +1,7 @@
-/* terraseg bench model: the whole U-Net on a synthetic tile. */
+/* terraseg bench model: the whole U-Net on a synthetic tile. Host memory and
+ * the CPU backend only: --device cuda is refused (ts_bench_check_device)
+ * until nn/unet.c can keep its tensors on the device, so a CUDA table is
+ * never handed host pointers. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -53,6 +56,8 @@ fail:
 
 int ts_bench_model(const ts_bench_opts *o)
 {
+    int check = ts_bench_check_device(o, "model");
+    if (check) return check;
     ts_unet_config cfg = ts_unet_default_config(o->in_channels, o->classes);
     ts_unet m;
     ts_ctx ctx;
@@ -104,6 +109,8 @@ int ts_bench_model(const ts_bench_opts *o)
  * decay 1e-4), at o->batch and batch 4: ms per step and tiles/s. */
 int ts_bench_train(const ts_bench_opts *o)
 {
+    int check = ts_bench_check_device(o, "train");
+    if (check) return check;
     ts_unet_config cfg = ts_unet_default_config(o->in_channels, o->classes);
     ts_unet m;
     ts_ctx ctx;
