@@ -476,7 +476,7 @@ static ts_status make_vegetation_soil(gen *g)
         if (st) break;
         f->kind = 1;
         f->spec[0] = (float)runif(r, 400, 520), f->spec[1] = (float)runif(r, 720, 1000);
-        f->spec[2] = (float)runif(r, 430, 650), f->spec[3] = (float)runif(r, 3000, 4500);
+        f->spec[2] = (float)runif(r, 430, 600), f->spec[3] = (float)runif(r, 3300, 4500);
         f->angle = ang + (rint_n(r, 2) ? M_PI / 2 : 0);
         f->period = runif(r, 3, 6);
     }
@@ -530,7 +530,11 @@ static void render_pixel(const render *R, int col, int row, float out[4])
     switch (cls) {
     case C_BG:
     default: {
-        const double t = clampd(0.45 + 0.9 * fbm(s + S_BG, X, Y, 90, 3), -0.3, 1); /* < 0: lush */
+        /* Meadow and rough ground between the mapped features: from moderately
+         * green to dry, never as lush as the forest and crops of the vegetation
+         * class (red stays above ~650, NIR below ~2900), as in a dry-season
+         * scene where the spectral gap is what separates the two. */
+        const double t = 0.6 + 0.35 * tanh(1.5 * fbm(s + S_BG, X, Y, 90, 3));
         for (int b = 0; b < 4; b++) v[b] = green[b] + t * (dry[b] - green[b]);
         k = 1 + 0.07 * vnoise(s + S_BGF, X / 2.5, Y / 2.5) + 0.04 * vnoise(s + S_BGF2, X / 1.2, Y / 1.2);
         break;

@@ -696,7 +696,12 @@ ts_status ts_predict_run(ts_unet *m, ts_ctx *ctx, const ts_predict_opts *o, ts_p
     /* The class map last: when it is there, everything else is too. */
     for (int i = N_OUT - 1; i >= 0; i--) {
         if (!paths[i]) continue;
-        if (stages[i]) VSIUnlink(stages[i]);
+        if (stages[i]) {
+            /* GDAL may have written statistics beside the staging file. */
+            VSIUnlink(stages[i]);
+            char aux[4200];
+            if (snprintf(aux, sizeof aux, "%s.aux.xml", stages[i]) < (int)sizeof aux) VSIUnlink(aux);
+        }
         if (!st) st = ts_gdal_out_commit(&outs[i]);
         else ts_gdal_out_abort(&outs[i]);
         free(stages[i]);

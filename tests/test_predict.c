@@ -100,6 +100,17 @@ static int count_files(void)
     return n;
 }
 
+/* Files of the scratch folder whose name holds ".tmp-": what an interrupted
+ * or sloppy atomic write leaves behind. */
+static int count_temporaries(void)
+{
+    DIR *d = opendir(tu_path(""));
+    int n = 0;
+    for (struct dirent *e; d && (e = readdir(d));) n += strstr(e->d_name, ".tmp-") != NULL;
+    if (d) closedir(d);
+    return n;
+}
+
 /* ---- per-tile functions ---- */
 
 /* K planes: one-hot of round(in[0]) mod K. */
@@ -223,6 +234,8 @@ static void test_tile_fn_outputs(void)
     const char *layout = ds ? GDALGetMetadataItem(ds, "LAYOUT", "IMAGE_STRUCTURE") : NULL;
     tu_expect(layout && strcmp(layout, "COG") == 0, "LAYOUT=COG (got %s)", layout ? layout : "none");
     if (ds) GDALClose(ds);
+    tu_expect(count_temporaries() == 0, "no temporary (staging file or its .aux.xml) is left, found %d",
+              count_temporaries());
 
     /* A failing tile function: no output, no temporary. */
     files = count_files();

@@ -4,6 +4,7 @@
 #include "tools/cmd_predict.h"
 
 #include <cpl_conv.h>
+#include <cpl_error.h>
 #include <gdal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "io/io.h"
 #include "io/predict.h"
 #include "kernels/threads.h"
 #include "tools/data_args.h"
@@ -98,7 +100,11 @@ static void show_warning(void *ctx, const char *msg)
 static GIntBig cache_bytes(const char *scene, const ts_unet *m)
 {
     GIntBig cap = (GIntBig)pr_cache_mb << 20, want = cap;
+    ts_gdal_init(); /* the drivers: this runs before predict opens anything */
+    /* Quiet: a scene that does not open is predict's error to report, with its own message. */
+    CPLPushErrorHandler(CPLQuietErrorHandler);
     GDALDatasetH ds = GDALOpen(scene, GA_ReadOnly);
+    CPLPopErrorHandler();
     if (!ds) return cap; /* predict reports the problem */
     double in_bytes = 0;
     for (int b = 1; b <= GDALGetRasterCount(ds); b++)

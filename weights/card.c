@@ -192,7 +192,7 @@ ts_status ts_card_format(const ts_model_card *c, char **json)
             ok = e != NULL;
             if (ok && b->index) ok = cJSON_AddNumberToObject(e, "index", b->index) != NULL;
             if (ok && b->name) ok = cJSON_AddStringToObject(e, "name", b->name) != NULL;
-            if (ok) ok = cJSON_AddNumberToObject(e, "offset", b->offset) && cJSON_AddNumberToObject(e, "scale", b->scale);
+            if (ok) ok = cJSON_AddNumberToObject(e, "offset", b->offset + 0.0 /* -0 -> 0 */) && cJSON_AddNumberToObject(e, "scale", b->scale);
             if (ok && b->has_clip) {
                 double lohi[2] = {b->clip_lo, b->clip_hi};
                 cJSON *clip = cJSON_CreateDoubleArray(lohi, 2);
