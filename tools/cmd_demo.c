@@ -28,7 +28,7 @@
 #include "weights/smp.h"
 
 static const char *dm_out = "terraseg-demo";
-static int dm_size = 2048, dm_seed = 1, dm_epochs = 4, dm_tile = 128, dm_batch = 8, dm_block = 512;
+static int dm_size = 2048, dm_seed = 1, dm_epochs = 5, dm_tile = 128, dm_batch = 8, dm_block = 512;
 static int dm_overwrite = 0, dm_threads = 0;
 
 cli_option demo_options[] = {

@@ -5,7 +5,7 @@
 # demo-output/). Usage: tools/demo.sh [terraseg demo options]
 set -eu
 cd "$(dirname "$0")/.."
-tools/setup.sh
+tools/setup.sh --no-fuzz
 # The CUDA backend only where a GPU answers: compiling it costs minutes of the
 # demo's budget on a machine that cannot run it (tools/test.sh still builds it).
 cuda=OFF

@@ -15,7 +15,15 @@ set -eu
 # clang + libclang-rt-14-dev: libFuzzer for the fuzz targets in tests/fuzz/.
 # libgdal-dev, libgeos-dev: rasters, vectors and geometry (io/).
 # libyaml-dev: the training configuration (train/config.c).
-PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev libopenblas0 libcjson-dev clang libclang-rt-14-dev libgdal-dev libgeos-dev libyaml-dev"
+# Usage: tools/setup.sh [--no-fuzz]   (--no-fuzz: without clang, which only the
+# fuzz test needs; tools/demo.sh uses it to spend less of its time in apt)
+PACKAGES="build-essential cmake pkg-config libopenblas-openmp-dev libopenblas0 libcjson-dev libgdal-dev libgeos-dev libyaml-dev"
+FUZZ_PACKAGES="clang libclang-rt-14-dev"
+case "${1:-}" in
+    --no-fuzz) ;;
+    "") PACKAGES="$PACKAGES $FUZZ_PACKAGES" ;;
+    *) echo "setup: unknown option '$1' (usage: tools/setup.sh [--no-fuzz])" >&2; exit 2 ;;
+esac
 
 missing=""
 for p in $PACKAGES; do
