@@ -90,6 +90,11 @@ typedef struct predictor {
     /* tile function scratch */
     float *xt, *prob; /* [batch][C][T][T], [batch][model_k][T][T] */
     int *srcidx;      /* [T*T] per transform */
+    /* A backend with its own memory (CUDA) runs a device copy of the model;
+     * its logits come back to the host for softmax, TTA and blending. */
+    ts_unet_device dev;
+    int on_device;
+    float *logits; /* [batch][model_k][T][T], device path only */
     /* outputs */
     GDALDatasetH cls, probs, conf;
     uint8_t *row_bytes; /* grows to nrows * W */
@@ -173,7 +178,13 @@ static ts_status model_tile_fn(void *vp, int n, const ts_window *wins, const flo
             x = p->xt;
         }
         ts_tensor xin = ts_tensor_view((float *)x, n, C, T, T), logits;
-        ts_status st = ts_unet_forward_folded(p->m, p->ctx, &xin, &logits);
+        ts_status st;
+        if (p->on_device) {
+            logits = ts_tensor_view(p->logits, n, MK, T, T);
+            st = ts_unet_device_forward(&p->dev, p->ctx, &xin, &logits);
+        } else {
+            st = ts_unet_forward_folded(p->m, p->ctx, &xin, &logits);
+        }
         if (st) return st;
         /* The model saw pixel src[i] at position i: its answer there belongs back at src[i]. */
 #pragma omp parallel for schedule(static)
@@ -551,6 +562,8 @@ static void predictor_free(predictor *p)
     free(p->prob);
     free(p->srcidx);
     free(p->row_bytes);
+    ts_unet_device_free(&p->dev);
+    free(p->logits);
 }
 
 static char *stage_name(const char *tmp)
@@ -639,8 +652,16 @@ ts_status ts_predict_run(ts_unet *m, ts_ctx *ctx, const ts_predict_opts *o, ts_p
     p.width = W;
 
     if (!st && !o->tile_fn) {
-        st = ts_unet_fold_bn(m);
         const size_t plane = (size_t)p.T * p.T;
+        if (ts_backend_is_host(ctx->backend)) {
+            st = ts_unet_fold_bn(m);
+        } else {
+            /* Folds and uploads once; m itself is left as it is. */
+            st = ts_unet_device_init(&p.dev, m, ctx->backend);
+            p.on_device = st == TS_OK;
+            p.logits = malloc((size_t)batch * p.model_k * plane * sizeof *p.logits);
+            if (!st && !p.logits) st = ts_error(TS_ERR_NOMEM, "predict: out of memory");
+        }
         p.xt = malloc((size_t)batch * p.C * plane * sizeof *p.xt);
         p.prob = malloc((size_t)batch * p.model_k * plane * sizeof *p.prob);
         p.srcidx = malloc(plane * sizeof *p.srcidx);

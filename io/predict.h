@@ -10,12 +10,12 @@
  * equal the model's in_channels. Tile size: option, else the card's
  * tile_size, else 256; overlap: option, else a quarter of the tile.
  *
- * PER TILE. The folded-BN eval forward, softmax over classes (a one-class
- * model: sigmoid, as [1 - p, p], so its map has classes 0 and 1), averaged
- * over the test-time augmentations asked for (each transform's prediction
- * is transformed back before averaging). The stitcher blends these
- * probabilities; the class of a pixel is their arg-max (ties to the lowest
- * id).
+ * PER TILE. The folded-BN eval forward (on ctx's backend), softmax over
+ * classes (a one-class model: sigmoid, as [1 - p, p], so its map has classes
+ * 0 and 1), averaged over the test-time augmentations asked for (each
+ * transform's prediction is transformed back before averaging). The
+ * stitcher blends these probabilities; the class of a pixel is their
+ * arg-max (ties to the lowest id).
  *
  * OUTPUT. A tiled (256 x 256), DEFLATE-compressed GeoTIFF (or a COG) of one
  * Byte band: class ids, 255 = nodata where the input is invalid, a colour
@@ -95,7 +95,12 @@ typedef struct ts_predict_report {
 } ts_predict_report;
 
 /* Runs the whole scene with model m (BN folded here; m's weights are left as
- * they were) on ctx's backend. report may be NULL. */
+ * they were) on ctx's backend. report may be NULL. On a backend whose memory
+ * is not host memory (CUDA), the model runs as a device copy
+ * (ts_unet_device: the folded weights uploaded once, each batch of tiles
+ * uploaded and its logits downloaded), and softmax, test-time augmentation
+ * and blending stay on the host; the result is the same computation as on
+ * the CPU, up to the backend's own float rounding. */
 ts_status ts_predict_run(ts_unet *m, ts_ctx *ctx, const ts_predict_opts *o, ts_predict_report *report);
 
 #endif

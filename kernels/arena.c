@@ -1,6 +1,9 @@
 #include "arena.h"
 
+#include <stdio.h>
 #include <string.h>
+
+#include "backend.h"
 
 void ts_arena_init(ts_arena *a) { memset(a, 0, sizeof *a); }
 
@@ -38,6 +41,26 @@ ts_status ts_arena_commit(ts_arena *a)
     return TS_OK;
 }
 
+ts_status ts_arena_commit_on(ts_arena *a, const ts_backend_memory *mem)
+{
+    if (!mem) return ts_error(TS_ERR_INVALID_ARG, "arena: commit_on needs a backend memory interface");
+    if (a->base) return ts_error(TS_ERR_INVALID_ARG, "arena: already committed");
+    void *p = NULL;
+    ts_status st = mem->alloc(&p, a->planned);
+    if (st == TS_OK && !p && a->planned)
+        st = ts_error(TS_ERR_NOMEM, "arena: the backend returned no memory for %zu bytes", a->planned);
+    if (st != TS_OK) {
+        if (p) mem->free(p);
+        char why[512]; /* the message buffer cannot be both format argument and destination */
+        snprintf(why, sizeof why, "%s", ts_last_error());
+        return ts_error(st, "arena: allocating %.1f MiB for %zu buffers on the backend: %s",
+                        (double)a->planned / (1 << 20), a->slots, why);
+    }
+    a->base = p;
+    a->mem = mem;
+    return TS_OK;
+}
+
 void *ts_arena_at(const ts_arena *a, size_t offset) { return a->base + offset; }
 
 ts_tensor ts_arena_tensor(const ts_arena *a, size_t offset, int n, int c, int h, int w)
@@ -47,6 +70,9 @@ ts_tensor ts_arena_tensor(const ts_arena *a, size_t offset, int n, int c, int h,
 
 void ts_arena_reset(ts_arena *a)
 {
-    ts_aligned_free(a->base);
+    if (a->mem)
+        a->mem->free(a->base);
+    else
+        ts_aligned_free(a->base);
     memset(a, 0, sizeof *a);
 }

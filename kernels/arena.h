@@ -14,10 +14,13 @@
 #include "status.h"
 #include "tensor.h"
 
+struct ts_backend_memory; /* kernels/backend.h */
+
 typedef struct ts_arena {
     unsigned char *base; /* NULL until committed */
     size_t planned;      /* bytes planned so far (each slot rounded to TS_ALIGN) */
     size_t slots;        /* number of planned slots, for reporting */
+    const struct ts_backend_memory *mem; /* where base lives: NULL for host memory */
 } ts_arena;
 
 void ts_arena_init(ts_arena *a);
@@ -28,6 +31,12 @@ ts_status ts_arena_plan(ts_arena *a, size_t bytes, size_t *offset);
 ts_status ts_arena_plan_tensor(ts_arena *a, int n, int c, int h, int w, size_t *offset);
 /* Allocates the planned bytes at once, zero-filled. */
 ts_status ts_arena_commit(ts_arena *a);
+/* Allocates the planned bytes in a backend's memory (mem->alloc, freed by
+ * ts_arena_reset through mem->free). Not zero-filled: that memory may not be
+ * host-writable, so every slot must be written before it is read. Offsets,
+ * ts_arena_at and ts_arena_tensor work as for a host arena, but the pointers
+ * they give are the backend's: only its ops may dereference them. */
+ts_status ts_arena_commit_on(ts_arena *a, const struct ts_backend_memory *mem);
 /* Pointer to a planned slot (committed arenas only). */
 void *ts_arena_at(const ts_arena *a, size_t offset);
 /* A tensor view of a planned slot. */

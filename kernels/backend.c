@@ -9,9 +9,39 @@
 #include "cuda/cuda_backend.h"
 #endif
 
+/* The CPU backend's memory is the process's own: the interface exists so
+ * that code written for a separate-memory backend (ts_unet_device) also runs,
+ * and is tested, on the CPU. */
+static ts_status cpu_alloc(void **p, size_t bytes)
+{
+    *p = ts_aligned_alloc(bytes ? bytes : 1);
+    if (!*p) return ts_error(TS_ERR_NOMEM, "cpu backend: out of memory allocating %zu bytes", bytes);
+    return TS_OK;
+}
+
+static void cpu_free(void *p) { ts_aligned_free(p); }
+
+static ts_status cpu_copy(void *dst, const void *src, size_t bytes)
+{
+    if (bytes) memcpy(dst, src, bytes);
+    return TS_OK;
+}
+
+static ts_status cpu_sync(void) { return TS_OK; }
+
+static const ts_backend_memory cpu_memory = {
+    .host = 1,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .sync = cpu_sync,
+};
+
 #define TS_CPU_ENTRY(op) .op = ts_cpu_##op,
 static const ts_backend cpu_backend = {
     .name = "cpu",
+    .memory = &cpu_memory,
     TS_BACKEND_OPS(TS_CPU_ENTRY)
 };
 
@@ -59,7 +89,15 @@ ts_status ts_backend_check(const ts_backend *b)
     }
     TS_BACKEND_OPS(TS_CHECK_ENTRY)
 #undef TS_CHECK_ENTRY
+    const ts_backend_memory *m = b->memory;
+    if (!m || !m->alloc || !m->free || !m->upload || !m->download || !m->sync) {
+        int k = snprintf(missing + len, sizeof missing - len, "%s%s", count ? ", " : "", "memory");
+        if (k > 0 && (size_t)k < sizeof missing - len) len += (size_t)k;
+        count++;
+    }
     if (count)
         return ts_error(TS_ERR_UNSUPPORTED, "backend \"%s\" lacks %d op(s): %s", b->name, count, missing);
     return TS_OK;
 }
+
+int ts_backend_is_host(const ts_backend *b) { return b && b->memory && b->memory->host; }

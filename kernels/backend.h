@@ -130,10 +130,35 @@ typedef struct ts_adamw_step {
 /* t is the 1-based step number after increment, as PyTorch's state["step"]. */
 ts_status ts_adamw_prepare(ts_adamw_step *s, const ts_adamw_hparams *h, long t);
 
+/* ---- memory ---------------------------------------------------------- */
+
+/* Where a backend's ops expect their tensors, and how to get data there. The
+ * CPU backend works on host memory (host = 1: alloc is an aligned malloc,
+ * upload and download are memcpy); the CUDA backend on device memory
+ * (kernels/cuda/cuda_backend.h), which host code must never dereference.
+ * Code that keeps its own tensors (ts_unet's weights and arena) runs only on
+ * a backend with host = 1; ts_unet_device is the model's copy for the others.
+ * Every function returns an error naming the call and the size. */
+typedef struct ts_backend_memory {
+    int host; /* 1: the memory is host memory (host code may read and write it) */
+    /* *p = bytes of backend memory (contents undefined), or NULL and
+     * TS_ERR_NOMEM; bytes == 0 may give NULL. */
+    ts_status (*alloc)(void **p, size_t bytes);
+    void (*free)(void *p); /* NULL is a no-op */
+    /* Synchronous copies: they return when the data has arrived. */
+    ts_status (*upload)(void *dst_backend, const void *src_host, size_t bytes);
+    ts_status (*download)(void *dst_host, const void *src_backend, size_t bytes);
+    /* Waits for every op queued so far and reports an asynchronous error. */
+    ts_status (*sync)(void);
+} ts_backend_memory;
+
 /* ---- the table ------------------------------------------------------- */
 
 struct ts_backend {
     const char *name;
+    /* The memory the ops below take pointers into (never NULL in a table
+     * terraseg builds; ts_backend_check reports it missing). */
+    const ts_backend_memory *memory;
 
     /* y = conv(x, w) (+ bias). x [N,Cin,H,W], w [Cout,Cin,kh,kw], bias [Cout] or NULL. */
     ts_status (*conv2d_forward)(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w,
@@ -253,17 +278,21 @@ enum { TS_BACKEND_OP_COUNT = 0 TS_BACKEND_OPS(TS_BACKEND_COUNT_OP) };
 #else
 #define TS_STATIC_ASSERT _Static_assert
 #endif
-TS_STATIC_ASSERT(sizeof(struct ts_backend) == sizeof(const char *) + TS_BACKEND_OP_COUNT * sizeof(void (*)(void)),
-               "TS_BACKEND_OPS must list every op of struct ts_backend");
+/* The name and the memory interface are the only members that are not ops. */
+TS_STATIC_ASSERT(sizeof(struct ts_backend) == sizeof(const char *) + sizeof(const ts_backend_memory *) +
+                                                  TS_BACKEND_OP_COUNT * sizeof(void (*)(void)),
+                 "TS_BACKEND_OPS must list every op of struct ts_backend");
 
 /* The CPU backend (always built). */
 const ts_backend *ts_backend_cpu(void);
 /* Looks a backend up by name ("cpu", "cuda"); an unknown or unbuilt one is an
  * error that says which backends this build has. */
 ts_status ts_backend_get(const char *name, const ts_backend **out);
-/* TS_OK if every op of the table is implemented, else an error listing the
- * missing ones. */
+/* TS_OK if every op of the table and the memory interface are implemented,
+ * else an error listing the missing ones. */
 ts_status ts_backend_check(const ts_backend *b);
+/* 1 when the backend's ops take host memory (see ts_backend_memory). */
+int ts_backend_is_host(const ts_backend *b);
 
 #ifdef __cplusplus
 }

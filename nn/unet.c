@@ -220,10 +220,13 @@ typedef struct unet_node {
     /* planned per shape */
     size_t save_mean, save_invstd; /* bn (train plan) */
     size_t index;                  /* maxpool arg-max, int32 */
-    /* BN folding: folded weight and bias of a conv followed by a BN */
-    size_t fold_w, fold_b;
+    /* Folded inference (fold_layout): every conv's weight and bias in the
+     * folded block, BN folded in when folded (a BN reads its output). */
+    size_t fold_w, fold_b; /* fold_b is NO_BIAS for a conv with neither bias nor BN */
     int folded;
 } unet_node;
+
+#define NO_BIAS ((size_t)-1)
 
 typedef struct unet_tensor {
     int n, c, h, w;
@@ -245,7 +248,7 @@ struct ts_unet_layers {
     const float *x_data;    /* the input of that forward (conv1's backward reads it) */
     size_t grad_begin, grad_bytes;
 
-    float *folded; /* BN-folded conv weights and biases (ts_unet_fold_bn) */
+    float *folded; /* host model only: every conv's weights and biases, BN folded in (ts_unet_fold_bn) */
     size_t n_folded;
     int have_folded;
 };
@@ -858,47 +861,72 @@ ts_status ts_unet_activation_bytes(const ts_unet_config *cfg, int n, int h, int 
     return st;
 }
 
+/* What a forward or backward runs on: a layer graph with its plan, the
+ * table (shapes), an arena and the parameter bases. The host model and its
+ * device copy (ts_unet_device) each make one, so both run the same graph
+ * code. That code only does arithmetic on these pointers and hands the
+ * results to the backend's ops; it reads host memory only through the
+ * parameter bases, which the device copy leaves NULL (it runs folded
+ * forwards only, which read every conv from `folded` and nothing else). */
+typedef struct unet_exec {
+    ts_unet_layers *g;
+    const ts_param *params;
+    ts_arena *arena;
+    int *plan_n, *plan_h, *plan_w;
+    const ts_backend_memory *mem; /* the arena's memory: NULL for host memory */
+    float *weights, *grads, *buffers; /* host model only */
+    int64_t *counters;                /* host model only */
+    const float *folded;              /* the folded block (host or backend memory) */
+} unet_exec;
+
+static unet_exec host_exec(ts_unet *m)
+{
+    unet_exec e = {m->layers, m->params, &m->arena, &m->plan_n, &m->plan_h, &m->plan_w, NULL,
+                   m->weights, m->grads, m->buffers, m->counters, m->layers ? m->layers->folded : NULL};
+    return e;
+}
+
 /* Makes the arena hold a plan for this batch shape; a train plan serves eval
  * forwards too (it is a superset), an eval plan is replaced for training. */
-static ts_status ensure_plan(ts_unet *m, int n, int h, int w, int train)
+static ts_status ensure_plan(const unet_exec *e, int n, int h, int w, int train)
 {
-    ts_unet_layers *g = m->layers;
-    if (g->planned && m->plan_n == n && m->plan_h == h && m->plan_w == w && (g->planned_train || !train))
+    ts_unet_layers *g = e->g;
+    if (g->planned && *e->plan_n == n && *e->plan_h == h && *e->plan_w == w && (g->planned_train || !train))
         return TS_OK;
-    ts_arena_reset(&m->arena);
+    ts_arena_reset(e->arena);
     g->planned = 0;
     g->have_train = 0;
-    ts_status st = plan(g, m->params, &m->arena, n, h, w, train);
-    if (st == TS_OK) st = ts_arena_commit(&m->arena);
+    ts_status st = plan(g, e->params, e->arena, n, h, w, train);
+    if (st == TS_OK) st = e->mem ? ts_arena_commit_on(e->arena, e->mem) : ts_arena_commit(e->arena);
     if (st != TS_OK) {
-        ts_arena_reset(&m->arena);
+        ts_arena_reset(e->arena);
         return st;
     }
     g->planned = 1;
     g->planned_train = train;
-    m->plan_n = n;
-    m->plan_h = h;
-    m->plan_w = w;
+    *e->plan_n = n;
+    *e->plan_h = h;
+    *e->plan_w = w;
     return TS_OK;
 }
 
-static ts_tensor tval(const ts_unet *m, int t)
+static ts_tensor tval(const unet_exec *e, int t)
 {
-    const unet_tensor *T = &m->layers->tensors[t];
-    if (t == 0) return ts_tensor_view((float *)m->layers->x_data, T->n, T->c, T->h, T->w);
-    return ts_arena_tensor(&m->arena, T->val, T->n, T->c, T->h, T->w);
+    const unet_tensor *T = &e->g->tensors[t];
+    if (t == 0) return ts_tensor_view((float *)e->g->x_data, T->n, T->c, T->h, T->w);
+    return ts_arena_tensor(e->arena, T->val, T->n, T->c, T->h, T->w);
 }
 
-static ts_tensor tgrad(const ts_unet *m, int t)
+static ts_tensor tgrad(const unet_exec *e, int t)
 {
-    const unet_tensor *T = &m->layers->tensors[t];
-    return ts_arena_tensor(&m->arena, T->grad, T->n, T->c, T->h, T->w);
+    const unet_tensor *T = &e->g->tensors[t];
+    return ts_arena_tensor(e->arena, T->grad, T->n, T->c, T->h, T->w);
 }
 
-static ts_tensor pweight(const ts_unet *m, int idx, float *base)
+static ts_tensor pweight(const unet_exec *e, int idx, float *base)
 {
-    const ts_param *e = &m->params[idx];
-    return ts_tensor_view(base + e->offset, e->shape[0], e->shape[1], e->shape[2], e->shape[3]);
+    const ts_param *p = &e->params[idx];
+    return ts_tensor_view(base + p->offset, p->shape[0], p->shape[1], p->shape[2], p->shape[3]);
 }
 
 /* Adds the layer's module path to the op's message, so a user sees where in
@@ -921,44 +949,64 @@ static ts_status check_ctx(const ts_unet *m, const ts_ctx *ctx, const char *what
         return ts_error(TS_ERR_INVALID_ARG, "unet %s: model is not initialised (call ts_unet_init)", what);
     if (!ctx || !ctx->backend)
         return ts_error(TS_ERR_INVALID_ARG, "unet %s: no backend in the context (ts_ctx_init with a backend)", what);
+    /* The model's weights and arena are host memory: a backend with its own
+     * memory would be handed host pointers as if they were its own. */
+    if (!ts_backend_is_host(ctx->backend))
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "unet %s: backend \"%s\" works on its own memory, and this model lives in host memory; run "
+                        "inference on it through a device copy (ts_unet_device_init)",
+                        what, ctx->backend->name ? ctx->backend->name : "?");
     return TS_OK;
 }
 
-static ts_status check_input(const ts_unet *m, const ts_tensor *x, const ts_tensor *logits, const char *what)
+static ts_status check_input(const ts_unet_config *cfg, const ts_tensor *x, const ts_tensor *logits, const char *what)
 {
     if (!x || !x->data || x->n < 1 || x->c < 1 || x->h < 1 || x->w < 1)
         return ts_error(TS_ERR_INVALID_ARG, "unet %s: input must be a non-NULL tensor with dimensions >= 1", what);
-    if (x->c != m->cfg.in_channels) {
+    if (x->c != cfg->in_channels) {
         char s[TS_SHAPE_STR];
         return ts_error(TS_ERR_INVALID_ARG, "unet %s: input %s has %d channels but the model has in_channels %d", what,
-                        ts_shape_str(x, s), x->c, m->cfg.in_channels);
+                        ts_shape_str(x, s), x->c, cfg->in_channels);
     }
     if (!logits) return ts_error(TS_ERR_INVALID_ARG, "unet %s: NULL logits pointer", what);
     return TS_OK;
 }
 
-static ts_status run_forward(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int train, int folded, ts_tensor *logits)
+/* The forward over e. folded = 1 (inference with BN folded, ts_unet_fold_bn
+ * or ts_unet_device_init): every conv reads its weight and bias from
+ * e->folded, BN nodes are skipped, and nothing but x, e->folded and the arena
+ * is touched, all through the backend's ops, so e may live in a backend's
+ * own memory. folded = 0 (host model only) reads e->weights and e->buffers,
+ * and in train mode updates e->counters on the host. */
+static ts_status run_forward(const unet_exec *e, ts_ctx *ctx, const ts_tensor *x, int train, int folded,
+                             ts_tensor *logits)
 {
-    ts_unet_layers *g = m->layers;
+    ts_unet_layers *g = e->g;
     const ts_backend *B = ctx->backend;
-    ts_status st = ensure_plan(m, x->n, x->h, x->w, train);
+    ts_status st = ensure_plan(e, x->n, x->h, x->w, train);
     if (st != TS_OK) return st;
     g->have_train = 0;
     g->x_data = x->data;
     const ts_bn_params bnp = {BN_EPS, BN_MOMENTUM};
     for (int i = 0; i < g->n_nodes; i++) {
         unet_node *nd = &g->nodes[i];
-        ts_tensor a = tval(m, nd->in0), y = tval(m, nd->out);
+        ts_tensor a = tval(e, nd->in0), y = tval(e, nd->out);
         switch (nd->kind) {
         case OP_CONV: {
             ts_conv2d_params cp = {.stride_h = nd->stride, .stride_w = nd->stride, .pad_h = nd->pad, .pad_w = nd->pad};
-            if (folded && nd->folded) {
+            if (folded) {
+                const ts_param *wp = &e->params[nd->w];
+                ts_tensor fw = ts_tensor_view((float *)e->folded + nd->fold_w, wp->shape[0], wp->shape[1],
+                                              wp->shape[2], wp->shape[3]);
+                const float *fb = nd->fold_b == NO_BIAS ? NULL : e->folded + nd->fold_b;
+                if (!nd->folded) {
+                    /* a conv with its own bias (the head, a decoder without BN) */
+                    st = B->conv2d_forward(ctx, &y, &a, &fw, fb, &cp);
+                    break;
+                }
                 /* conv + BN in one: write the BN's output and skip the BN node. */
                 const unet_node *bn = &g->nodes[i + 1];
-                const ts_param *wp = &m->params[nd->w];
-                ts_tensor fw = ts_tensor_view(g->folded + nd->fold_w, wp->shape[0], wp->shape[1], wp->shape[2],
-                                              wp->shape[3]);
-                ts_tensor yb = tval(m, bn->out);
+                ts_tensor yb = tval(e, bn->out);
                 /* An in-place ReLU right after the BN runs in the conv's
                  * epilogue (bias + ReLU in one pass over the output). */
                 const unet_node *rl = i + 2 < g->n_nodes ? &g->nodes[i + 2] : NULL;
@@ -966,25 +1014,30 @@ static ts_status run_forward(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int tr
                 int fuse = rl && rl->kind == OP_RELU && rl->in0 == bn->out &&
                            (rl->out == bn->out || g->tensors[rl->out].alias == bn_root);
                 cp.relu = fuse;
-                st = B->conv2d_forward(ctx, &yb, &a, &fw, g->folded + nd->fold_b, &cp);
+                st = B->conv2d_forward(ctx, &yb, &a, &fw, fb, &cp);
                 if (st != TS_OK) return wrap_error(st, "forward", nd);
                 i += fuse ? 2 : 1;
                 continue;
             }
-            ts_tensor wt = pweight(m, nd->w, m->weights);
-            st = B->conv2d_forward(ctx, &y, &a, &wt, nd->b >= 0 ? m->weights + m->params[nd->b].offset : NULL, &cp);
+            ts_tensor wt = pweight(e, nd->w, e->weights);
+            st = B->conv2d_forward(ctx, &y, &a, &wt, nd->b >= 0 ? e->weights + e->params[nd->b].offset : NULL, &cp);
             break;
         }
         case OP_BN: {
-            const float *gamma = m->weights + m->params[nd->gamma].offset;
-            const float *beta = m->weights + m->params[nd->beta].offset;
-            float *rm = m->buffers + m->params[nd->rmean].offset;
-            float *rv = m->buffers + m->params[nd->rvar].offset;
+            /* fold_layout folds every BN that follows a conv, which is every
+             * BN of the U-Net: one left over would read host parameters. */
+            if (folded)
+                return ts_error(TS_ERR_INVALID_ARG, "unet forward: internal error: %s was not folded into its conv",
+                                nd->name);
+            const float *gamma = e->weights + e->params[nd->gamma].offset;
+            const float *beta = e->weights + e->params[nd->beta].offset;
+            float *rm = e->buffers + e->params[nd->rmean].offset;
+            float *rv = e->buffers + e->params[nd->rvar].offset;
             if (train) {
                 /* PyTorch counts the batch before normalising it. */
-                m->counters[m->params[nd->counter].offset] += 1;
-                st = B->batchnorm_forward_train(ctx, &y, ts_arena_at(&m->arena, nd->save_mean),
-                                                ts_arena_at(&m->arena, nd->save_invstd), &a, gamma, beta, rm, rv, &bnp);
+                e->counters[e->params[nd->counter].offset] += 1;
+                st = B->batchnorm_forward_train(ctx, &y, ts_arena_at(e->arena, nd->save_mean),
+                                                ts_arena_at(e->arena, nd->save_invstd), &a, gamma, beta, rm, rv, &bnp);
             } else {
                 st = B->batchnorm_forward_eval(ctx, &y, &a, gamma, beta, rm, rv, &bnp);
             }
@@ -992,18 +1045,18 @@ static ts_status run_forward(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int tr
         }
         case OP_RELU: st = B->relu_forward(ctx, &y, &a); break;
         case OP_ADD: {
-            ts_tensor b = tval(m, nd->in1);
+            ts_tensor b = tval(e, nd->in1);
             st = B->add_forward(ctx, &y, &a, &b);
             break;
         }
         case OP_MAXPOOL: {
             ts_pool2d_params pp = {3, 3, 2, 2, 1, 1};
-            st = B->maxpool2d_forward(ctx, &y, ts_arena_at(&m->arena, nd->index), &a, &pp);
+            st = B->maxpool2d_forward(ctx, &y, ts_arena_at(e->arena, nd->index), &a, &pp);
             break;
         }
         case OP_UPSAMPLE: st = B->upsample_nearest_forward(ctx, &y, &a); break;
         case OP_CONCAT: {
-            ts_tensor b = tval(m, nd->in1);
+            ts_tensor b = tval(e, nd->in1);
             st = B->concat_forward(ctx, &y, &a, &b);
             break;
         }
@@ -1011,16 +1064,17 @@ static ts_status run_forward(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int tr
         if (st != TS_OK) return wrap_error(st, "forward", nd);
     }
     g->have_train = train;
-    *logits = tval(m, g->logits);
+    *logits = tval(e, g->logits);
     return TS_OK;
 }
 
 ts_status ts_unet_forward(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int train, ts_tensor *logits)
 {
     ts_status st = check_ctx(m, ctx, "forward");
-    if (st == TS_OK) st = check_input(m, x, logits, "forward");
+    if (st == TS_OK) st = check_input(&m->cfg, x, logits, "forward");
     if (st != TS_OK) return st;
-    return run_forward(m, ctx, x, train ? 1 : 0, 0, logits);
+    unet_exec e = host_exec(m);
+    return run_forward(&e, ctx, x, train ? 1 : 0, 0, logits);
 }
 
 ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
@@ -1041,28 +1095,29 @@ ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
                         L->n, L->c, L->h, L->w);
     }
     const ts_backend *B = ctx->backend;
+    const unet_exec ex = host_exec(m), *e = &ex;
     st = B->zero(ctx, ts_arena_at(&m->arena, g->grad_begin), g->grad_bytes / sizeof(float));
     if (st != TS_OK) return st;
     for (int i = g->n_nodes - 1; i >= 0; i--) {
         const unet_node *nd = &g->nodes[i];
-        ts_tensor dy = nd->out == g->logits ? *dlogits : tgrad(m, nd->out);
+        ts_tensor dy = nd->out == g->logits ? *dlogits : tgrad(e, nd->out);
         int need_dx = nd->in0 != 0; /* no gradient for the input image */
-        ts_tensor dx = need_dx ? tgrad(m, nd->in0) : dy;
+        ts_tensor dx = need_dx ? tgrad(e, nd->in0) : dy;
         switch (nd->kind) {
         case OP_CONV: {
             ts_conv2d_params cp = {.stride_h = nd->stride, .stride_w = nd->stride, .pad_h = nd->pad, .pad_w = nd->pad};
-            ts_tensor x = tval(m, nd->in0);
-            ts_tensor dw = pweight(m, nd->w, m->grads);
+            ts_tensor x = tval(e, nd->in0);
+            ts_tensor dw = pweight(e, nd->w, m->grads);
             st = B->conv2d_backward_filter(ctx, &dw, &dy, &x, &cp);
             if (st == TS_OK && nd->b >= 0) st = B->conv2d_backward_bias(ctx, m->grads + m->params[nd->b].offset, &dy);
             if (st == TS_OK && need_dx) {
-                ts_tensor wt = pweight(m, nd->w, m->weights);
+                ts_tensor wt = pweight(e, nd->w, m->weights);
                 st = B->conv2d_backward_data(ctx, &dx, &dy, &wt, &cp);
             }
             break;
         }
         case OP_BN: {
-            ts_tensor x = tval(m, nd->in0);
+            ts_tensor x = tval(e, nd->in0);
             st = B->batchnorm_backward(ctx, &dx, m->grads + m->params[nd->gamma].offset,
                                        m->grads + m->params[nd->beta].offset, &dy, &x,
                                        m->weights + m->params[nd->gamma].offset, ts_arena_at(&m->arena, nd->save_mean),
@@ -1070,12 +1125,12 @@ ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
             break;
         }
         case OP_RELU: {
-            ts_tensor y = tval(m, nd->out);
+            ts_tensor y = tval(e, nd->out);
             st = B->relu_backward(ctx, &dx, &dy, &y);
             break;
         }
         case OP_ADD: {
-            ts_tensor db = tgrad(m, nd->in1);
+            ts_tensor db = tgrad(e, nd->in1);
             st = B->add_backward(ctx, &dx, &db, &dy);
             break;
         }
@@ -1086,7 +1141,7 @@ ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
         }
         case OP_UPSAMPLE: st = B->upsample_nearest_backward(ctx, &dx, &dy); break;
         case OP_CONCAT: {
-            ts_tensor db = tgrad(m, nd->in1);
+            ts_tensor db = tgrad(e, nd->in1);
             st = B->concat_backward(ctx, &dx, &db, &dy);
             break;
         }
@@ -1107,18 +1162,74 @@ ts_status ts_unet_zero_grad(ts_unet *m, ts_ctx *ctx)
  * Inference with BatchNorm folded into the convs
  * ====================================================================== */
 
+/* Lays the folded block out over the graph g: every conv gets its weight and,
+ * when it has a bias or a BN is folded into it, a bias, each starting on a
+ * TS_ALIGN boundary (backend libraries such as cuDNN prefer aligned
+ * operands); a conv whose output only a BN reads becomes folded. A folded
+ * forward then reads every conv from the block and no other parameter, so
+ * the block is all a device copy needs. Returns the size in floats. */
+static size_t fold_layout(ts_unet_layers *g, const ts_param *p)
+{
+    const size_t A = TS_ALIGN / sizeof(float);
+    size_t at = 0;
+    for (int i = 0; i < g->n_nodes; i++) {
+        unet_node *nd = &g->nodes[i];
+        nd->folded = 0;
+        if (nd->kind != OP_CONV) continue;
+        nd->folded = i + 1 < g->n_nodes && g->nodes[i + 1].kind == OP_BN && g->nodes[i + 1].in0 == nd->out;
+        const ts_param *wp = &p[nd->w];
+        nd->fold_w = at;
+        at = (at + wp->numel + A - 1) / A * A;
+        nd->fold_b = NO_BIAS;
+        if (nd->folded || nd->b >= 0) {
+            nd->fold_b = at;
+            at = (at + (size_t)wp->shape[0] + A - 1) / A * A;
+        }
+    }
+    return at;
+}
+
+/* Fills the block fold_layout planned (total floats, padding zeroed) from m's
+ * current weights and running statistics. g is m's graph or a copy of it
+ * built from the same table (the device copy's). */
+static void fold_fill(const ts_unet_layers *g, const ts_unet *m, float *blk, size_t total)
+{
+    memset(blk, 0, total * sizeof(float));
+    for (int i = 0; i < g->n_nodes; i++) {
+        const unet_node *nd = &g->nodes[i];
+        if (nd->kind != OP_CONV) continue;
+        const ts_param *wp = &m->params[nd->w];
+        const float *w = m->weights + wp->offset;
+        const float *bias = nd->b >= 0 ? m->weights + m->params[nd->b].offset : NULL;
+        float *fw = blk + nd->fold_w, *fb = nd->fold_b == NO_BIAS ? NULL : blk + nd->fold_b;
+        int cout = wp->shape[0];
+        if (!nd->folded) {
+            memcpy(fw, w, wp->numel * sizeof(float));
+            if (bias) memcpy(fb, bias, (size_t)cout * sizeof(float));
+            continue;
+        }
+        const unet_node *bn = &g->nodes[i + 1];
+        size_t per = wp->numel / (size_t)cout;
+        const float *gamma = m->weights + m->params[bn->gamma].offset;
+        const float *beta = m->weights + m->params[bn->beta].offset;
+        const float *rm = m->buffers + m->params[bn->rmean].offset;
+        const float *rv = m->buffers + m->params[bn->rvar].offset;
+        for (int o = 0; o < cout; o++) {
+            /* eval BN: (z - mean) * gamma / sqrt(var + eps) + beta, z = conv + bias */
+            double scale = (double)gamma[o] / sqrt((double)rv[o] + (double)BN_EPS);
+            for (size_t k = 0; k < per; k++) fw[(size_t)o * per + k] = (float)((double)w[(size_t)o * per + k] * scale);
+            double b0 = bias ? bias[o] : 0.0;
+            fb[o] = (float)((double)beta[o] + (b0 - (double)rm[o]) * scale);
+        }
+    }
+}
+
 ts_status ts_unet_fold_bn(ts_unet *m)
 {
     if (!m || !m->layers || !m->params)
         return ts_error(TS_ERR_INVALID_ARG, "unet fold_bn: model is not initialised (call ts_unet_init)");
     ts_unet_layers *g = m->layers;
-    /* Size: a copy of each folded conv's weight plus a bias of its width. */
-    size_t total = 0;
-    for (int i = 0; i + 1 < g->n_nodes; i++) {
-        unet_node *nd = &g->nodes[i];
-        nd->folded = nd->kind == OP_CONV && g->nodes[i + 1].kind == OP_BN && g->nodes[i + 1].in0 == nd->out;
-        if (nd->folded) total += m->params[nd->w].numel + (size_t)m->params[nd->w].shape[0];
-    }
+    size_t total = fold_layout(g, m->params);
     if (!g->folded || g->n_folded < total) {
         ts_aligned_free(g->folded);
         g->n_folded = 0;
@@ -1127,32 +1238,7 @@ ts_status ts_unet_fold_bn(ts_unet *m)
         if (!g->folded) return ts_error(TS_ERR_NOMEM, "unet fold_bn: out of memory for %zu folded weights", total);
         g->n_folded = total;
     }
-    size_t at = 0;
-    for (int i = 0; i + 1 < g->n_nodes; i++) {
-        unet_node *nd = &g->nodes[i];
-        if (!nd->folded) continue;
-        const unet_node *bn = &g->nodes[i + 1];
-        const ts_param *wp = &m->params[nd->w];
-        int cout = wp->shape[0];
-        size_t per = wp->numel / (size_t)cout;
-        nd->fold_w = at;
-        nd->fold_b = at + wp->numel;
-        const float *w = m->weights + wp->offset;
-        const float *gamma = m->weights + m->params[bn->gamma].offset;
-        const float *beta = m->weights + m->params[bn->beta].offset;
-        const float *rm = m->buffers + m->params[bn->rmean].offset;
-        const float *rv = m->buffers + m->params[bn->rvar].offset;
-        const float *bias = nd->b >= 0 ? m->weights + m->params[nd->b].offset : NULL;
-        float *fw = g->folded + at, *fb = g->folded + at + wp->numel;
-        for (int o = 0; o < cout; o++) {
-            /* eval BN: (z - mean) * gamma / sqrt(var + eps) + beta, z = conv + bias */
-            double scale = (double)gamma[o] / sqrt((double)rv[o] + (double)BN_EPS);
-            for (size_t k = 0; k < per; k++) fw[(size_t)o * per + k] = (float)((double)w[(size_t)o * per + k] * scale);
-            double b0 = bias ? bias[o] : 0.0;
-            fb[o] = (float)((double)beta[o] + (b0 - (double)rm[o]) * scale);
-        }
-        at += wp->numel + (size_t)cout;
-    }
+    fold_fill(g, m, g->folded, total);
     g->have_folded = 1;
     return TS_OK;
 }
@@ -1160,10 +1246,131 @@ ts_status ts_unet_fold_bn(ts_unet *m)
 ts_status ts_unet_forward_folded(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)
 {
     ts_status st = check_ctx(m, ctx, "forward_folded");
-    if (st == TS_OK) st = check_input(m, x, logits, "forward_folded");
+    if (st == TS_OK) st = check_input(&m->cfg, x, logits, "forward_folded");
     if (st != TS_OK) return st;
     if (!m->layers->have_folded)
         return ts_error(TS_ERR_INVALID_ARG, "unet forward_folded: call ts_unet_fold_bn first (and again after the "
                                             "weights or running statistics change)");
-    return run_forward(m, ctx, x, 0, 1, logits);
+    unet_exec e = host_exec(m);
+    return run_forward(&e, ctx, x, 0, 1, logits);
+}
+
+/* ======================================================================
+ * The device copy for inference
+ * ====================================================================== */
+
+void ts_unet_device_free(ts_unet_device *d)
+{
+    if (!d) return;
+    /* Through the backend that allocated them (the arena remembers its own). */
+    const ts_backend_memory *mem = d->backend ? d->backend->memory : NULL;
+    ts_arena_reset(&d->arena);
+    if (mem) {
+        mem->free(d->weights);
+        mem->free(d->x);
+    }
+    layers_free(d->layers);
+    free(d->params);
+    memset(d, 0, sizeof *d);
+}
+
+ts_status ts_unet_device_init(ts_unet_device *d, const ts_unet *m, const ts_backend *b)
+{
+    if (!d) return ts_error(TS_ERR_INVALID_ARG, "unet device init: NULL device copy");
+    memset(d, 0, sizeof *d);
+    ts_arena_init(&d->arena);
+    if (!m || !m->layers || !m->params)
+        return ts_error(TS_ERR_INVALID_ARG, "unet device init: model is not initialised (call ts_unet_init)");
+    if (!b) return ts_error(TS_ERR_INVALID_ARG, "unet device init: no backend");
+    ts_status st = ts_backend_check(b);
+    if (st != TS_OK) return st;
+    const ts_backend_memory *mem = b->memory;
+    d->backend = b;
+    d->cfg = m->cfg;
+    /* Its own table and graph: the plan lives in the graph, so the device copy
+     * and the host model can run different shapes, and the host model may be
+     * freed or go on training after this returns. */
+    d->params = malloc((size_t)m->n_params * sizeof *d->params);
+    d->layers = calloc(1, sizeof *d->layers);
+    if (!d->params || !d->layers) {
+        ts_unet_device_free(d);
+        return ts_error(TS_ERR_NOMEM, "unet device init: out of memory for the layer graph");
+    }
+    memcpy(d->params, m->params, (size_t)m->n_params * sizeof *d->params);
+    d->n_params = m->n_params;
+    st = build_graph(&d->cfg, d->params, d->n_params, d->layers);
+    if (st != TS_OK) {
+        ts_unet_device_free(d);
+        return st;
+    }
+    /* Folded on the host in a temporary block, then uploaded in one copy. */
+    size_t total = fold_layout(d->layers, d->params);
+    size_t bytes = total * sizeof(float);
+    float *blk = ts_aligned_alloc(bytes ? bytes : 1);
+    if (!blk) {
+        ts_unet_device_free(d);
+        return ts_error(TS_ERR_NOMEM, "unet device init: out of memory for %zu folded weights", total);
+    }
+    fold_fill(d->layers, m, blk, total);
+    void *dw = NULL;
+    st = mem->alloc(&dw, bytes);
+    if (st == TS_OK && !dw) st = ts_error(TS_ERR_NOMEM, "unet device init: backend gave no memory");
+    d->weights = dw;
+    d->n_weights = total;
+    if (st == TS_OK) st = mem->upload(d->weights, blk, bytes);
+    ts_aligned_free(blk);
+    if (st != TS_OK) {
+        char why[512];
+        snprintf(why, sizeof why, "%s", ts_last_error());
+        ts_unet_device_free(d);
+        return ts_error(st, "unet device init: %.1f MiB of folded weights on backend \"%s\": %s",
+                        (double)bytes / (1 << 20), b->name, why);
+    }
+    return TS_OK;
+}
+
+ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)
+{
+    if (!d || !d->layers || !d->weights)
+        return ts_error(TS_ERR_INVALID_ARG, "unet device forward: not initialised (call ts_unet_device_init)");
+    if (!ctx || ctx->backend != d->backend)
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "unet device forward: the context's backend (%s) is not the one the device copy lives on (%s)",
+                        ctx && ctx->backend ? ctx->backend->name : "none", d->backend->name);
+    ts_status st = check_input(&d->cfg, x, logits, "device forward");
+    if (st != TS_OK) return st;
+    const int K = d->cfg.classes;
+    if (!logits->data || logits->n != x->n || logits->c != K || logits->h != x->h || logits->w != x->w) {
+        char s[TS_SHAPE_STR] = "no data";
+        if (logits->data) ts_shape_str(logits, s);
+        return ts_error(TS_ERR_INVALID_ARG, "unet device forward: logits %s must be a host tensor [%d,%d,%d,%d]", s,
+                        x->n, K, x->h, x->w);
+    }
+    const ts_backend_memory *mem = d->backend->memory;
+    unet_exec e = {d->layers, d->params, &d->arena, &d->plan_n, &d->plan_h, &d->plan_w, mem,
+                   NULL, NULL, NULL, NULL, d->weights};
+    st = ensure_plan(&e, x->n, x->h, x->w, 0);
+    if (st != TS_OK) return st;
+    /* The input buffer grows to the largest batch seen and is then reused. */
+    const size_t in_bytes = ts_tensor_numel(x) * sizeof(float);
+    if (in_bytes > d->x_bytes) {
+        mem->free(d->x);
+        d->x = NULL;
+        d->x_bytes = 0;
+        void *p = NULL;
+        st = mem->alloc(&p, in_bytes);
+        if (st == TS_OK && !p) st = ts_error(TS_ERR_NOMEM, "unet device forward: backend gave no memory");
+        if (st != TS_OK) {
+            mem->free(p);
+            return st;
+        }
+        d->x = p;
+        d->x_bytes = in_bytes;
+    }
+    st = mem->upload(d->x, x->data, in_bytes);
+    if (st != TS_OK) return st;
+    ts_tensor xd = ts_tensor_view(d->x, x->n, x->c, x->h, x->w), ld;
+    st = run_forward(&e, ctx, &xd, 0, 1, &ld);
+    if (st != TS_OK) return st;
+    return mem->download(logits->data, ld.data, ts_tensor_numel(&ld) * sizeof(float));
 }

@@ -115,4 +115,40 @@ ts_status ts_unet_activation_bytes(const ts_unet_config *cfg, int n, int h, int 
 ts_status ts_unet_fold_bn(ts_unet *m);
 ts_status ts_unet_forward_folded(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits);
 
+/* The ts_unet functions above keep the model in host memory and run only on
+ * a backend whose memory is host memory (ts_backend_is_host; another is an
+ * error). For inference on a backend with its own memory (CUDA), make a
+ * device copy: the BN-folded weights in the backend's memory, uploaded once,
+ * and the model's layer graph with its own eval plan, whose arena is
+ * allocated in the backend's memory too. Its forward is
+ * ts_unet_forward_folded's own code over these pointers, so on the CPU
+ * backend it gives the same logits bit for bit. The copy does not refer to
+ * the host model after init: free it, or train it, and call init again for
+ * new weights. */
+typedef struct ts_unet_device {
+    const ts_backend *backend;
+    ts_unet_config cfg;
+    ts_param *params;       /* a copy of the table: the graph's shapes */
+    int n_params;
+    ts_unet_layers *layers; /* a graph of its own (the plan lives in it) */
+    float *weights;         /* backend memory: the folded block */
+    size_t n_weights;       /* floats in it */
+    ts_arena arena;         /* backend memory: activations for (plan_n, plan_h, plan_w) */
+    int plan_n, plan_h, plan_w;
+    float *x;               /* backend memory: the input batch */
+    size_t x_bytes;
+} ts_unet_device;
+
+/* Folds m's BN as ts_unet_fold_bn does (from its current weights and running
+ * statistics; m is not changed) and uploads the folded weights to b's memory
+ * in one copy. On error nothing is left allocated. */
+ts_status ts_unet_device_init(ts_unet_device *d, const ts_unet *m, const ts_backend *b);
+/* Logits of a batch: x_host [N, in_channels, H, W] (host memory) is uploaded
+ * in one copy, the folded forward runs on ctx's backend (which must be the
+ * copy's), and the logits are downloaded into logits_host, a host tensor the
+ * caller allocates with shape [N, classes, H, W]. Plans (and allocates) the
+ * arena when (N, H, W) changes. Errors leave the copy usable. */
+ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x_host, ts_tensor *logits_host);
+void ts_unet_device_free(ts_unet_device *d);
+
 #endif

@@ -54,6 +54,16 @@ expect 2 "--blend must be gaussian, cosine or mean, got \"box\"" predict --blend
 expect 2 "--tta: unknown transform \"spin\"" predict --tta hflip,spin a b c
 expect 2 "--overlap 64 must be less than --tile 64" predict --tile 64 --overlap 64 a b c
 expect 1 "no-such-model" predict no-such-model.safetensors a.tif b.tif
+expect 2 "--device bogus: unknown device \(cpu, cuda or cuda:N\)" predict --device bogus a b c
+expect 2 "--device cuda:x: .*cuda:N" predict --device cuda:x a b c
+# --device cuda: without a usable GPU (or in a CPU-only build) a refusal that names the device and the way out,
+# before the model is read; with one, predict gets as far as the missing model.
+if "$T" version 2>/dev/null | grep -Eq "cuda backend: built; .*[0-9]+ device\(s\)"; then
+    expect 1 "no-such-model" predict --device cuda no-such-model.safetensors a.tif b.tif
+else
+    expect 1 "--device cuda: .*--device cpu" predict --device cuda no-such-model.safetensors a.tif b.tif
+    expect 1 "--device cuda:1: .*--device cpu" predict --device cuda:1 no-such-model.safetensors a.tif b.tif
+fi
 expect 0 "bench" --help
 expect 2 "usage: terraseg <command>"
 expect 2 "unknown command \"frobnicate\"" frobnicate

@@ -10,6 +10,9 @@
  *     clip): a scene of exactly one tile equals the eval forward on the card-
  *     normalized input; a scene smaller than the tile equals the forward on
  *     the input reflect-padded by this test's own code.
+ *   - On a backend with its own memory (the separate-memory CPU backend of
+ *     tests/fake_device.h), the device copy's results equal the CPU's byte
+ *     for byte, with one weight upload and one copy each way per batch.
  *   - Test-time augmentation: predicting with transform t equals predicting
  *     the transformed scene and mapping the answer back (every transform);
  *     ts_tta_source agrees with torch.rot90 / flip / transpose on a 2x2.
@@ -34,6 +37,7 @@
 #include "io/io.h"
 #include "io/predict.h"
 #include "nn/unet.h"
+#include "tests/fake_device.h"
 #include "tests/testutil.h"
 #include "weights/card.h"
 #include "weights/smp.h"
@@ -399,6 +403,57 @@ static void compare_to_reference(ts_unet *m, ts_ctx *ctx, int w, int h, int T, c
     free(pp);
 }
 
+/* The device path of predict on the separate-memory CPU backend
+ * (tests/fake_device.h): several tiles, a last batch smaller than the others,
+ * test-time augmentation; the class map and the probabilities equal the CPU
+ * run's byte for byte, the weights are uploaded once, every batch is one
+ * upload and one download, and nothing is left allocated. */
+static void test_device_path(ts_unet *m, ts_ctx *cpu, int T)
+{
+    ts_ctx dev;
+    if (!tu_expect_ok(ts_ctx_init(&dev, tu_fake_device_backend()), "fake device context")) return;
+    char *sp = strdup(tu_path("dev_scene.tif"));
+    scene_for_model(sp, 100, 77);
+    char *c[2], *pr[2];
+    ts_predict_report r[2];
+    for (int i = 0; i < 2; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "dev_classes%d.tif", i);
+        c[i] = strdup(tu_path(name));
+        snprintf(name, sizeof name, "dev_probs%d.tif", i);
+        pr[i] = strdup(tu_path(name));
+        ts_predict_opts o = {.scene = sp, .out = c[i], .probabilities = pr[i], .overlap = -1, .batch = 4,
+                             .tta = TS_TTA_IDENTITY | TS_TTA_HFLIP | TS_TTA_ROT90};
+        tu_fake_reset_counts();
+        tu_expect_ok(ts_predict_run(m, i ? &dev : cpu, &o, &r[i]), i ? "predict on the fake device" : "predict on cpu");
+    }
+    tu_expect(r[0].tiles == 6 && r[1].tiles == 6 && r[0].tile == T, "six tiles of %d px (%lld)", T,
+              (long long)r[1].tiles);
+    /* 6 tiles in batches of 4 and 2, 3 transforms each: 6 forwards. */
+    tu_expect(tu_fake.uploads == 7 && tu_fake.downloads == 6,
+              "device predict: weights once, then one upload and one download per forward (%ld, %ld)", tu_fake.uploads,
+              tu_fake.downloads);
+    tu_expect(tu_fake.live == 0 && tu_fake.foreign_ptrs == 0 && tu_fake.bad_memory == 0,
+              "device predict releases its memory (%ld live, %ld foreign, %ld bad)", tu_fake.live,
+              tu_fake.foreign_ptrs, tu_fake.bad_memory);
+    int bad = 0, w, h;
+    for (int b = 0; b <= 3; b++) {
+        /* band 1 of the class maps, then the three probability bands */
+        uint8_t *x = read_bytes(b ? pr[0] : c[0], b ? b : 1, &w, &h);
+        uint8_t *y = read_bytes(b ? pr[1] : c[1], b ? b : 1, &w, &h);
+        bad += !x || !y || memcmp(x, y, (size_t)w * h) != 0;
+        free(x);
+        free(y);
+    }
+    tu_expect(bad == 0, "device predict equals cpu predict byte for byte (%d bands differ)", bad);
+    for (int i = 0; i < 2; i++) {
+        free(c[i]);
+        free(pr[i]);
+    }
+    free(sp);
+    ts_ctx_free(&dev);
+}
+
 /* predict(S, tta = t) against predict(t(S)) mapped back. */
 static void test_tta(ts_unet *m, ts_ctx *ctx, int T)
 {
@@ -579,6 +634,7 @@ int main(void)
     compare_to_reference(&m, &ctx, 48, 48, 48, "one_tile");
     compare_to_reference(&m, &ctx, 40, 29, 48, "padded");
     test_tta(&m, &ctx, 48);
+    test_device_path(&m, &ctx, 48);
     ts_unet_free(&m);
     test_memory_flat();
     tu_tmpdir_remove();

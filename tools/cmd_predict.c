@@ -21,7 +21,7 @@
 static int pr_tile = 0, pr_overlap = -1, pr_batch = 4, pr_cog = 0, pr_overwrite = 0, pr_threads = 0;
 static int pr_quicklook_size = 1024, pr_quiet = 0, pr_cache_mb = 256;
 static const char *pr_blend = "gaussian", *pr_tta = "none", *pr_bands = NULL, *pr_nodata = NULL;
-static const char *pr_probs = NULL, *pr_conf = NULL, *pr_quicklook = NULL;
+static const char *pr_probs = NULL, *pr_conf = NULL, *pr_quicklook = NULL, *pr_device = "cpu";
 
 cli_option predict_options[] = {
     {"tile", 0, CLI_INT, &pr_tile, "PX", "tile side (default: the model card's tile size, else 256)", 0, 16384},
@@ -48,6 +48,10 @@ cli_option predict_options[] = {
     {"quicklook", 0, CLI_STRING, &pr_quicklook, "FILE.png", "also write a PNG of class colours over the image", 0, 0},
     {"quicklook-size", 0, CLI_INT, &pr_quicklook_size, "PX", "long side of the quick-look", 16, 16384},
     {"overwrite", 0, CLI_FLAG, &pr_overwrite, NULL, "replace outputs that already exist", 0, 0},
+    {"device", 0, CLI_STRING, &pr_device, "DEV",
+     "where the model runs: cpu, or cuda / cuda:N (a GPU of a CUDA build; reading, blending and writing stay on the "
+     "CPU)",
+     0, 0},
     {"threads", 0, CLI_INT, &pr_threads, "N", "compute threads (default: TERRASEG_THREADS or every core)", 0, 4096},
     {"cache-mb", 0, CLI_INT, &pr_cache_mb, "MB",
      "at most this much GDAL block cache when GDAL_CACHEMAX is not set (sized to a band of tile rows of the scene)",
@@ -155,6 +159,22 @@ int run_predict(int argc, char **argv)
         free(bands);
         return 2;
     }
+    /* The device before the model: a name that is wrong is a usage error, and
+     * a GPU that is missing should be said before a large model is read. */
+    const ts_backend *backend = ts_backend_cpu();
+    if (strcmp(pr_device, "cpu") != 0) {
+        if (strncmp(pr_device, "cuda", 4) != 0 || (pr_device[4] != 0 && pr_device[4] != ':')) {
+            fprintf(stderr, "terraseg predict: --device %s: unknown device (cpu, cuda or cuda:N)\n", pr_device);
+            free(bands);
+            return 2;
+        }
+        ts_status bs = ts_backend_get(pr_device, &backend);
+        if (bs != TS_OK) {
+            fprintf(stderr, "terraseg predict: --device %s: %s\n", pr_device, ts_last_error());
+            free(bands);
+            return bs == TS_ERR_INVALID_ARG ? 2 : 1;
+        }
+    }
     ts_threads_init(pr_threads);
 
     ts_unet m;
@@ -165,7 +185,7 @@ int run_predict(int argc, char **argv)
     int have_model = st == TS_OK;
     if (have_model && !getenv("GDAL_CACHEMAX") && !CPLGetConfigOption("GDAL_CACHEMAX", NULL))
         GDALSetCacheMax64(cache_bytes(argv[1], &m));
-    if (!st) st = ts_ctx_init(&ctx, ts_backend_cpu());
+    if (!st) st = ts_ctx_init(&ctx, backend);
     progress pg = {.last_pct = -1, .tty = isatty(fileno(stderr))};
     clock_gettime(CLOCK_MONOTONIC, &pg.t0);
     ts_predict_opts o = {
@@ -205,6 +225,7 @@ int run_predict(int argc, char **argv)
             printf("  class %3d: %12lld px  %5.1f%%\n", k, (long long)r.class_pixels[k],
                    valid ? 100.0 * (double)r.class_pixels[k] / (double)valid : 0.0);
         printf("  nodata:    %12lld px\n", (long long)r.nodata_pixels);
+        if (strcmp(pr_device, "cpu") != 0) printf("  device:    %s\n", pr_device);
         printf("wrote %s%s%s%s%s%s%s\n", argv[2], pr_probs ? ", " : "", pr_probs ? pr_probs : "",
                pr_conf ? ", " : "", pr_conf ? pr_conf : "", pr_quicklook ? ", " : "", pr_quicklook ? pr_quicklook : "");
     } else {

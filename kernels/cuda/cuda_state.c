@@ -60,9 +60,20 @@ ts_status ts_cublas_error(cublasStatus_t e, const char *call, const char *file, 
 
 /* ---- the backend table ------------------------------------------------------- */
 
+/* Device memory: the checked calls of the memory API below. */
+static const ts_backend_memory cuda_memory = {
+    .host = 0,
+    .alloc = ts_cuda_malloc,
+    .free = ts_cuda_free,
+    .upload = ts_cuda_memcpy_h2d,
+    .download = ts_cuda_memcpy_d2h,
+    .sync = ts_cuda_synchronize,
+};
+
 #define TS_CUDA_ENTRY(op) .op = ts_cuda_##op,
 static const ts_backend cuda_backend = {
     .name = "cuda",
+    .memory = &cuda_memory,
     TS_BACKEND_OPS(TS_CUDA_ENTRY)
 };
 #undef TS_CUDA_ENTRY
