@@ -73,6 +73,12 @@ typedef struct ts_pool2d_params {
     int pad_h, pad_w;
 } ts_pool2d_params;
 
+/* The shape and parameter checks of max pooling (PyTorch's rules), shared by
+ * the backends: `in` [N,C,H,W] is the pooled input, `out` the pooled output;
+ * op, inname and outname name them in the error. */
+ts_status ts_pool2d_check(const char *op, const ts_tensor *in, const char *inname, const ts_tensor *out,
+                          const char *outname, const ts_pool2d_params *p);
+
 /* BatchNorm2d: eps 1e-5 and momentum 0.1 are PyTorch's defaults. */
 typedef struct ts_bn_params {
     float eps;

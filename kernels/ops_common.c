@@ -1,6 +1,7 @@
 /* Backend-independent helpers of backend.h: the op context, output sizes and
  * the host half of AdamW. */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -59,5 +60,49 @@ ts_status ts_adamw_prepare(ts_adamw_step *s, const ts_adamw_hparams *h, long t)
     s->bc2_sqrt = (float)sqrt(bc2);
     s->eps = (float)h->eps;
     s->neg_step_size = (float)(-(h->lr / bc1));
+    return TS_OK;
+}
+
+static int pool_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
+
+/* Parameter and size checks shared by forward and backward, with PyTorch's
+ * rules (max_pool2d_with_indices shape checks in Pool.h): kernel and stride
+ * positive, 0 <= pad <= kernel / 2, output at least 1x1. Both backends' max-pool
+ * ops call it, so they refuse the same inputs with the same messages. */
+ts_status ts_pool2d_check(const char *op, const ts_tensor *in, const char *inname, const ts_tensor *out,
+                            const char *outname, const ts_pool2d_params *p)
+{
+    if (!pool_tensor_ok(in) || !pool_tensor_ok(out) || !p)
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s, %s and params must be non-NULL, with dimensions >= 1", op, inname,
+                        outname);
+    if (p->kernel_h < 1 || p->kernel_w < 1 || p->stride_h < 1 || p->stride_w < 1)
+        return ts_error(TS_ERR_INVALID_ARG, "%s: kernel (%d,%d) and stride (%d,%d) must be >= 1", op, p->kernel_h,
+                        p->kernel_w, p->stride_h, p->stride_w);
+    if (p->pad_h < 0 || p->pad_w < 0 || p->pad_h > p->kernel_h / 2 || p->pad_w > p->kernel_w / 2)
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "%s: pad should be at most half of kernel size (PyTorch's rule), but got pad=(%d,%d), "
+                        "kernel_size=(%d,%d)",
+                        op, p->pad_h, p->pad_w, p->kernel_h, p->kernel_w);
+    /* Arg-max indices are int32 within one plane. */
+    if ((int64_t)in->h * in->w > INT32_MAX) {
+        char s[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s plane %s is too large for int32 indices", op, inname,
+                        ts_shape_str(in, s));
+    }
+    int oh = ts_conv_out_size(in->h, p->kernel_h, p->stride_h, p->pad_h);
+    int ow = ts_conv_out_size(in->w, p->kernel_w, p->stride_w, p->pad_w);
+    char si[TS_SHAPE_STR], so[TS_SHAPE_STR];
+    if (oh < 1 || ow < 1)
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "%s: %s %s is too small for kernel (%d,%d), stride (%d,%d), pad (%d,%d): output size would be "
+                        "%dx%d",
+                        op, inname, ts_shape_str(in, si), p->kernel_h, p->kernel_w, p->stride_h, p->stride_w, p->pad_h,
+                        p->pad_w, oh, ow);
+    if (out->n != in->n || out->c != in->c || out->h != oh || out->w != ow)
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "%s: %s shape %s does not match %s shape %s pooled with kernel (%d,%d), stride (%d,%d), pad "
+                        "(%d,%d): expected [%d,%d,%d,%d]",
+                        op, outname, ts_shape_str(out, so), inname, ts_shape_str(in, si), p->kernel_h, p->kernel_w,
+                        p->stride_h, p->stride_w, p->pad_h, p->pad_w, in->n, in->c, oh, ow);
     return TS_OK;
 }

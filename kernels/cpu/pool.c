@@ -16,57 +16,12 @@
 
 #include "cpu.h"
 
-static int pool_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
-
-/* Parameter and size checks shared by forward and backward, with PyTorch's
- * rules (max_pool2d_with_indices shape checks in Pool.h): kernel and stride
- * positive, 0 <= pad <= kernel / 2, output at least 1x1. in is the pooled
- * input ([N,C,H,W]) and out the pooled output; both must agree on N and C and
- * out must have the computed size. */
-static ts_status pool_check(const char *op, const ts_tensor *in, const char *inname, const ts_tensor *out,
-                            const char *outname, const ts_pool2d_params *p)
-{
-    if (!pool_tensor_ok(in) || !pool_tensor_ok(out) || !p)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s, %s and params must be non-NULL, with dimensions >= 1", op, inname,
-                        outname);
-    if (p->kernel_h < 1 || p->kernel_w < 1 || p->stride_h < 1 || p->stride_w < 1)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: kernel (%d,%d) and stride (%d,%d) must be >= 1", op, p->kernel_h,
-                        p->kernel_w, p->stride_h, p->stride_w);
-    if (p->pad_h < 0 || p->pad_w < 0 || p->pad_h > p->kernel_h / 2 || p->pad_w > p->kernel_w / 2)
-        return ts_error(TS_ERR_INVALID_ARG,
-                        "%s: pad should be at most half of kernel size (PyTorch's rule), but got pad=(%d,%d), "
-                        "kernel_size=(%d,%d)",
-                        op, p->pad_h, p->pad_w, p->kernel_h, p->kernel_w);
-    /* Arg-max indices are int32 within one plane. */
-    if ((int64_t)in->h * in->w > INT32_MAX) {
-        char s[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s plane %s is too large for int32 indices", op, inname,
-                        ts_shape_str(in, s));
-    }
-    int oh = ts_conv_out_size(in->h, p->kernel_h, p->stride_h, p->pad_h);
-    int ow = ts_conv_out_size(in->w, p->kernel_w, p->stride_w, p->pad_w);
-    char si[TS_SHAPE_STR], so[TS_SHAPE_STR];
-    if (oh < 1 || ow < 1)
-        return ts_error(TS_ERR_INVALID_ARG,
-                        "%s: %s %s is too small for kernel (%d,%d), stride (%d,%d), pad (%d,%d): output size would be "
-                        "%dx%d",
-                        op, inname, ts_shape_str(in, si), p->kernel_h, p->kernel_w, p->stride_h, p->stride_w, p->pad_h,
-                        p->pad_w, oh, ow);
-    if (out->n != in->n || out->c != in->c || out->h != oh || out->w != ow)
-        return ts_error(TS_ERR_INVALID_ARG,
-                        "%s: %s shape %s does not match %s shape %s pooled with kernel (%d,%d), stride (%d,%d), pad "
-                        "(%d,%d): expected [%d,%d,%d,%d]",
-                        op, outname, ts_shape_str(out, so), inname, ts_shape_str(in, si), p->kernel_h, p->kernel_w,
-                        p->stride_h, p->stride_w, p->pad_h, p->pad_w, in->n, in->c, oh, ow);
-    return TS_OK;
-}
-
 ts_status ts_cpu_maxpool2d_forward(ts_ctx *ctx, ts_tensor *y, int32_t *index, const ts_tensor *x,
                                    const ts_pool2d_params *p)
 {
     static const char op[] = "maxpool2d_forward";
     (void)ctx;
-    ts_status st = pool_check(op, x, "x", y, "y", p);
+    ts_status st = ts_pool2d_check(op, x, "x", y, "y", p);
     if (st != TS_OK) return st;
     if (!index) return ts_error(TS_ERR_INVALID_ARG, "%s: index must not be NULL", op);
 
@@ -115,7 +70,7 @@ ts_status ts_cpu_maxpool2d_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor 
 {
     static const char op[] = "maxpool2d_backward";
     (void)ctx;
-    ts_status st = pool_check(op, dx, "dx", dy, "dy", p);
+    ts_status st = ts_pool2d_check(op, dx, "dx", dy, "dy", p);
     if (st != TS_OK) return st;
     if (!index) return ts_error(TS_ERR_INVALID_ARG, "%s: index must not be NULL", op);
 
