@@ -66,6 +66,23 @@ typedef struct ts_conv2d_params {
 /* floor((in + 2 pad - k) / stride) + 1, or 0 when the kernel does not fit. */
 int ts_conv_out_size(int in, int kernel, int stride, int pad);
 
+/* The shape and parameter checks of conv2d, shared by the backends: x is the
+ * input (or dx), w the weight (or dw), y the output (or dy); xn, wn, yn name
+ * them in the error. On TS_OK, y is [x->n, w->n, ho, wo] with ho and wo the
+ * output size. A backend's own limits report through ts_conv2d_error, which
+ * formats the same message: op, the three shapes, stride and padding, then
+ * the printf-style reason. */
+ts_status ts_conv2d_check(const char *op, const ts_tensor *x, const char *xn, const ts_tensor *w, const char *wn,
+                          const ts_tensor *y, const char *yn, const ts_conv2d_params *p);
+ts_status ts_conv2d_error(const char *op, const ts_tensor *x, const char *xn, const ts_tensor *w, const char *wn,
+                          const ts_tensor *y, const char *yn, const ts_conv2d_params *p, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 9, 10)))
+#endif
+    ;
+/* conv2d_backward_bias: dbias non-NULL and dy a valid tensor. */
+ts_status ts_conv2d_backward_bias_check(const float *dbias, const ts_tensor *dy);
+
 /* Max pooling as torch.nn.MaxPool2d, dilation 1, ceil_mode False. */
 typedef struct ts_pool2d_params {
     int kernel_h, kernel_w;
@@ -79,11 +96,45 @@ typedef struct ts_pool2d_params {
 ts_status ts_pool2d_check(const char *op, const ts_tensor *in, const char *inname, const ts_tensor *out,
                           const char *outname, const ts_pool2d_params *p);
 
+/* a and b non-NULL, with data and dimensions >= 1, and of one shape; op, an
+ * and bn name them in the error (elementwise ops and batch norm). */
+ts_status ts_same_shape_check(const char *op, const char *an, const ts_tensor *a, const char *bn, const ts_tensor *b);
+/* The whole argument checks of relu_backward, add_forward and add_backward
+ * (shapes, and the aliasing the ops refuse). */
+ts_status ts_relu_backward_check(const ts_tensor *dx, const ts_tensor *dy, const ts_tensor *y);
+ts_status ts_add_forward_check(const ts_tensor *y, const ts_tensor *a, const ts_tensor *b);
+ts_status ts_add_backward_check(const ts_tensor *da, const ts_tensor *db, const ts_tensor *dy);
+/* y [N, Ca + Cb, H, W] against a [N, Ca, H, W] and b [N, Cb, H, W] (concat
+ * forward; backward passes dy, da, db); yn, an, bn name them in the error. */
+ts_status ts_concat_check(const char *op, const char *yn, const ts_tensor *y, const char *an, const ts_tensor *a,
+                          const char *bn, const ts_tensor *b);
+/* p must not be NULL when n > 0 (zero, scale). */
+ts_status ts_float_buffer_check(const char *op, const float *p, size_t n);
+/* sum_squares: sumsq non-NULL, then *sumsq = 0 (the result for n == 0 and
+ * after a NULL x), and x non-NULL when n > 0. */
+ts_status ts_sum_squares_check(double *sumsq, const float *x, size_t n);
+/* Nearest upsampling: big is the tensor at the output resolution (y or dy),
+ * small the one at the input resolution (x or dx); both valid, same n and c. */
+ts_status ts_upsample_check(const char *op, const ts_tensor *big, const char *bigname, const ts_tensor *small,
+                            const char *smallname);
+
 /* BatchNorm2d: eps 1e-5 and momentum 0.1 are PyTorch's defaults. */
 typedef struct ts_bn_params {
     float eps;
     float momentum;
 } ts_bn_params;
+
+/* The argument checks of the three batch-norm ops, shared by the backends
+ * (shapes, NULL pointers, eps, aliasing, and PyTorch's one-value-per-channel
+ * rule in training). */
+ts_status ts_batchnorm_forward_train_check(const ts_tensor *y, const float *save_mean, const float *save_invstd,
+                                           const ts_tensor *x, const float *gamma, const float *beta,
+                                           const float *running_mean, const float *running_var, const ts_bn_params *p);
+ts_status ts_batchnorm_forward_eval_check(const ts_tensor *y, const ts_tensor *x, const float *gamma, const float *beta,
+                                          const float *running_mean, const float *running_var, const ts_bn_params *p);
+ts_status ts_batchnorm_backward_check(const ts_tensor *dx, const float *dgamma, const float *dbeta, const ts_tensor *dy,
+                                      const ts_tensor *x, const float *gamma, const float *save_mean,
+                                      const float *save_invstd);
 
 /* Softmax cross-entropy, reduction "mean" as torch.nn.CrossEntropyLoss:
  * -sum_valid w[y] log softmax(z)[y] / sum_valid w[y] (w = 1 without weights). */
@@ -114,6 +165,19 @@ typedef struct ts_dice_params {
     const float *class_weights; /* SMP: [C] or NULL */
 } ts_dice_params;
 
+/* The loss checks, shared by the backends. ts_loss_check: logits (with data),
+ * target, params and out (the loss or dlogits) non-NULL, logits dimensions
+ * >= 1. ts_loss_dlogits_check: dlogits non-NULL, of logits' shape.
+ * ts_dice_params_check: mode, eps, smooth, and SMP class weights that do not
+ * sum to 0 (class_weights is read on the host). ts_loss_label_error: the error
+ * for a label outside [0, C) that is not ignore_index, at flat pixel index
+ * pixel of target [N,H,W]. */
+ts_status ts_loss_check(const char *op, const ts_tensor *logits, const int32_t *target, const void *params,
+                        const void *out);
+ts_status ts_loss_dlogits_check(const char *op, const ts_tensor *dlogits, const ts_tensor *logits);
+ts_status ts_dice_params_check(const char *op, const ts_dice_params *p, int C);
+ts_status ts_loss_label_error(const char *op, const ts_tensor *logits, int32_t label, size_t pixel, int ignore_index);
+
 /* The user's AdamW settings (torch.optim.AdamW defaults: 1e-3, 0.9, 0.999,
  * 1e-8, 1e-2). */
 typedef struct ts_adamw_hparams {
@@ -135,6 +199,10 @@ typedef struct ts_adamw_step {
 
 /* t is the 1-based step number after increment, as PyTorch's state["step"]. */
 ts_status ts_adamw_prepare(ts_adamw_step *s, const ts_adamw_hparams *h, long t);
+/* adamw_update's checks, shared by the backends: s non-NULL, and for n > 0
+ * four non-NULL, distinct buffers. */
+ts_status ts_adamw_update_check(const float *param, const float *grad, const float *exp_avg, const float *exp_avg_sq,
+                                size_t n, const ts_adamw_step *s);
 
 /* ---- memory ---------------------------------------------------------- */
 

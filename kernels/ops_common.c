@@ -1,7 +1,12 @@
-/* Backend-independent helpers of backend.h: the op context, output sizes and
- * the host half of AdamW. */
+/* Backend-independent helpers of backend.h: the op context, output sizes, the
+ * host half of AdamW, and the argument and shape checks that both backends'
+ * ops call, so the CPU and CUDA twins refuse the same inputs with the same
+ * messages. */
+#include <limits.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -63,7 +68,10 @@ ts_status ts_adamw_prepare(ts_adamw_step *s, const ts_adamw_hparams *h, long t)
     return TS_OK;
 }
 
-static int pool_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
+/* ---- argument checks shared by the backends ----------------------------- */
+
+/* Non-NULL, with data and every dimension >= 1: the tensor rule of every op. */
+static int tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
 
 /* Parameter and size checks shared by forward and backward, with PyTorch's
  * rules (max_pool2d_with_indices shape checks in Pool.h): kernel and stride
@@ -72,7 +80,7 @@ static int pool_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 
 ts_status ts_pool2d_check(const char *op, const ts_tensor *in, const char *inname, const ts_tensor *out,
                             const char *outname, const ts_pool2d_params *p)
 {
-    if (!pool_tensor_ok(in) || !pool_tensor_ok(out) || !p)
+    if (!tensor_ok(in) || !tensor_ok(out) || !p)
         return ts_error(TS_ERR_INVALID_ARG, "%s: %s, %s and params must be non-NULL, with dimensions >= 1", op, inname,
                         outname);
     if (p->kernel_h < 1 || p->kernel_w < 1 || p->stride_h < 1 || p->stride_w < 1)
@@ -104,5 +112,287 @@ ts_status ts_pool2d_check(const char *op, const ts_tensor *in, const char *innam
                         "(%d,%d): expected [%d,%d,%d,%d]",
                         op, outname, ts_shape_str(out, so), inname, ts_shape_str(in, si), p->kernel_h, p->kernel_w,
                         p->stride_h, p->stride_w, p->pad_h, p->pad_w, in->n, in->c, oh, ow);
+    return TS_OK;
+}
+
+/* ---- conv2d ---------------------------------------------------------------- */
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 9, 0)))
+#endif
+static ts_status conv2d_verror(const char *op, const ts_tensor *x, const char *xn, const ts_tensor *w, const char *wn,
+                               const ts_tensor *y, const char *yn, const ts_conv2d_params *p, const char *fmt,
+                               va_list ap)
+{
+    char sx[TS_SHAPE_STR] = "(null)", sw[TS_SHAPE_STR] = "(null)", sy[TS_SHAPE_STR] = "(null)";
+    if (x) ts_shape_str(x, sx);
+    if (w) ts_shape_str(w, sw);
+    if (y) ts_shape_str(y, sy);
+    char why[256];
+    vsnprintf(why, sizeof why, fmt, ap);
+    return ts_error(TS_ERR_INVALID_ARG, "%s: %s %s, %s %s, %s %s, stride (%d,%d), pad (%d,%d): %s", op, xn, sx, wn, sw,
+                    yn, sy, p ? p->stride_h : 0, p ? p->stride_w : 0, p ? p->pad_h : 0, p ? p->pad_w : 0, why);
+}
+
+ts_status ts_conv2d_error(const char *op, const ts_tensor *x, const char *xn, const ts_tensor *w, const char *wn,
+                          const ts_tensor *y, const char *yn, const ts_conv2d_params *p, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    ts_status st = conv2d_verror(op, x, xn, w, wn, y, yn, p, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
+ts_status ts_conv2d_check(const char *op, const ts_tensor *x, const char *xn, const ts_tensor *w, const char *wn,
+                          const ts_tensor *y, const char *yn, const ts_conv2d_params *p)
+{
+#define CONV_FAIL(...) return ts_conv2d_error(op, x, xn, w, wn, y, yn, p, __VA_ARGS__)
+    if (!p) CONV_FAIL("params are NULL");
+    if (!tensor_ok(x) || !tensor_ok(w) || !tensor_ok(y))
+        CONV_FAIL("a tensor is NULL, has no data or has a dimension < 1");
+    if (p->stride_h < 1 || p->stride_w < 1) CONV_FAIL("strides must be >= 1");
+    if (p->pad_h < 0 || p->pad_w < 0) CONV_FAIL("padding must be >= 0");
+    if (p->relu && strcmp(op, "conv2d_forward") != 0)
+        CONV_FAIL("the fused ReLU is forward-only (inference); train with a separate relu op");
+    if (x->c != w->c) CONV_FAIL("%s has %d input channels but %s expects %d", xn, x->c, wn, w->c);
+    int ho = ts_conv_out_size(x->h, w->h, p->stride_h, p->pad_h);
+    int wo = ts_conv_out_size(x->w, w->w, p->stride_w, p->pad_w);
+    if (ho < 1 || wo < 1)
+        CONV_FAIL("the %dx%d kernel does not fit the padded %dx%d input", w->h, w->w, x->h + 2 * p->pad_h,
+                  x->w + 2 * p->pad_w);
+    if (y->n != x->n) CONV_FAIL("batch sizes differ (%d vs %d)", y->n, x->n);
+    if (y->c != w->n) CONV_FAIL("%s has %d channels but %s has %d output channels", yn, y->c, wn, w->n);
+    if (y->h != ho || y->w != wo) CONV_FAIL("%s must be %dx%d, got %dx%d", yn, ho, wo, y->h, y->w);
+#undef CONV_FAIL
+    return TS_OK;
+}
+
+ts_status ts_conv2d_backward_bias_check(const float *dbias, const ts_tensor *dy)
+{
+    if (!dbias || !tensor_ok(dy)) {
+        char s[TS_SHAPE_STR] = "(null)";
+        if (dy) ts_shape_str(dy, s);
+        return ts_error(TS_ERR_INVALID_ARG, "conv2d_backward_bias: dbias %s, dy %s: need a dbias array and a dy "
+                        "tensor with data and every dimension >= 1", dbias ? "given" : "NULL", s);
+    }
+    return TS_OK;
+}
+
+/* ---- same-shape pairs (elementwise ops, batch norm) ------------------------ */
+
+ts_status ts_same_shape_check(const char *op, const char *an, const ts_tensor *a, const char *bn, const ts_tensor *b)
+{
+    if (!tensor_ok(a) || !tensor_ok(b))
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, an, bn);
+    if (!ts_tensor_same_shape(a, b)) {
+        char sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s does not match %s shape %s", op, an, ts_shape_str(a, sa),
+                        bn, ts_shape_str(b, sb));
+    }
+    return TS_OK;
+}
+
+/* ---- batch norm -------------------------------------------------------------- */
+
+/* PyTorch's message for n == 1 (torch/nn/functional.py,
+ * _verify_batch_size / the C++ check in batch_norm). */
+#define BN_N1_MESSAGE "Expected more than 1 value per channel when training"
+
+ts_status ts_batchnorm_forward_train_check(const ts_tensor *y, const float *save_mean, const float *save_invstd,
+                                           const ts_tensor *x, const float *gamma, const float *beta,
+                                           const float *running_mean, const float *running_var, const ts_bn_params *p)
+{
+    static const char op[] = "batchnorm_forward_train";
+    ts_status st = ts_same_shape_check(op, "y", y, "x", x);
+    if (st != TS_OK) return st;
+    if (!save_mean || !save_invstd || !gamma || !beta || !p)
+        return ts_error(TS_ERR_INVALID_ARG, "%s: save_mean, save_invstd, gamma, beta and params must not be NULL", op);
+    if ((running_mean == NULL) != (running_var == NULL))
+        return ts_error(TS_ERR_INVALID_ARG, "%s: running_mean and running_var must be both given or both NULL", op);
+    if (!(p->eps >= 0.0f)) return ts_error(TS_ERR_INVALID_ARG, "%s: eps must be >= 0, got %g", op, (double)p->eps);
+    if ((size_t)x->n * ((size_t)x->h * x->w) <= 1) { /* values per channel */
+        char s[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG, "%s: " BN_N1_MESSAGE ", got input size %s", op, ts_shape_str(x, s));
+    }
+    return TS_OK;
+}
+
+ts_status ts_batchnorm_forward_eval_check(const ts_tensor *y, const ts_tensor *x, const float *gamma, const float *beta,
+                                          const float *running_mean, const float *running_var, const ts_bn_params *p)
+{
+    static const char op[] = "batchnorm_forward_eval";
+    ts_status st = ts_same_shape_check(op, "y", y, "x", x);
+    if (st != TS_OK) return st;
+    if (!gamma || !beta || !running_mean || !running_var || !p)
+        return ts_error(TS_ERR_INVALID_ARG, "%s: gamma, beta, running_mean, running_var and params must not be NULL",
+                        op);
+    if (!(p->eps >= 0.0f)) return ts_error(TS_ERR_INVALID_ARG, "%s: eps must be >= 0, got %g", op, (double)p->eps);
+    return TS_OK;
+}
+
+ts_status ts_batchnorm_backward_check(const ts_tensor *dx, const float *dgamma, const float *dbeta, const ts_tensor *dy,
+                                      const ts_tensor *x, const float *gamma, const float *save_mean,
+                                      const float *save_invstd)
+{
+    static const char op[] = "batchnorm_backward";
+    ts_status st = ts_same_shape_check(op, "dy", dy, "x", x);
+    if (st != TS_OK) return st;
+    st = ts_same_shape_check(op, "dx", dx, "x", x);
+    if (st != TS_OK) return st;
+    if (!dgamma || !dbeta || !gamma || !save_mean || !save_invstd)
+        return ts_error(TS_ERR_INVALID_ARG, "%s: dgamma, dbeta, gamma, save_mean and save_invstd must not be NULL", op);
+    if (dx->data == dy->data) return ts_error(TS_ERR_INVALID_ARG, "%s: dx must not alias dy", op);
+    return TS_OK;
+}
+
+/* ---- elementwise ------------------------------------------------------------- */
+
+ts_status ts_relu_backward_check(const ts_tensor *dx, const ts_tensor *dy, const ts_tensor *y)
+{
+    ts_status st = ts_same_shape_check("relu_backward", "dy", dy, "y", y);
+    if (st != TS_OK) return st;
+    st = ts_same_shape_check("relu_backward", "dx", dx, "y", y);
+    if (st != TS_OK) return st;
+    if (dx->data == dy->data) return ts_error(TS_ERR_INVALID_ARG, "relu_backward: dx must not alias dy");
+    return TS_OK;
+}
+
+ts_status ts_add_forward_check(const ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
+{
+    ts_status st = ts_same_shape_check("add_forward", "a", a, "b", b);
+    if (st != TS_OK) return st;
+    return ts_same_shape_check("add_forward", "y", y, "a", a);
+}
+
+ts_status ts_add_backward_check(const ts_tensor *da, const ts_tensor *db, const ts_tensor *dy)
+{
+    /* Both gradients are required (neither may be NULL). */
+    ts_status st = ts_same_shape_check("add_backward", "da", da, "dy", dy);
+    if (st != TS_OK) return st;
+    st = ts_same_shape_check("add_backward", "db", db, "dy", dy);
+    if (st != TS_OK) return st;
+    if (da->data == dy->data || db->data == dy->data)
+        return ts_error(TS_ERR_INVALID_ARG, "add_backward: da and db must not alias dy");
+    return TS_OK;
+}
+
+ts_status ts_concat_check(const char *op, const char *yn, const ts_tensor *y, const char *an, const ts_tensor *a,
+                          const char *bn, const ts_tensor *b)
+{
+    if (!tensor_ok(y) || !tensor_ok(a) || !tensor_ok(b))
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s, %s and %s must be non-NULL tensors with dimensions >= 1", op, yn,
+                        an, bn);
+    if (a->n != b->n || a->h != b->h || a->w != b->w || y->n != a->n || y->h != a->h || y->w != a->w ||
+        (long)y->c != (long)a->c + b->c) {
+        char sy[TS_SHAPE_STR], sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "%s: %s %s must be %s %s and %s %s joined along channels (same n, h, w; channels add up)", op,
+                        yn, ts_shape_str(y, sy), an, ts_shape_str(a, sa), bn, ts_shape_str(b, sb));
+    }
+    return TS_OK;
+}
+
+ts_status ts_float_buffer_check(const char *op, const float *p, size_t n)
+{
+    if (n > 0 && !p) return ts_error(TS_ERR_INVALID_ARG, "%s: NULL buffer for %zu floats", op, n);
+    return TS_OK;
+}
+
+ts_status ts_sum_squares_check(double *sumsq, const float *x, size_t n)
+{
+    if (!sumsq) return ts_error(TS_ERR_INVALID_ARG, "sum_squares: NULL result pointer");
+    *sumsq = 0;
+    return ts_float_buffer_check("sum_squares", x, n);
+}
+
+/* ---- upsample ---------------------------------------------------------------- */
+
+ts_status ts_upsample_check(const char *op, const ts_tensor *big, const char *bigname, const ts_tensor *small,
+                            const char *smallname)
+{
+    if (!tensor_ok(big) || !tensor_ok(small))
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, bigname,
+                        smallname);
+    if (big->n != small->n || big->c != small->c) {
+        char sb[TS_SHAPE_STR], ss[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s and %s shape %s must have the same n and c", op, bigname,
+                        ts_shape_str(big, sb), smallname, ts_shape_str(small, ss));
+    }
+    return TS_OK;
+}
+
+/* ---- losses ------------------------------------------------------------------ */
+
+ts_status ts_loss_check(const char *op, const ts_tensor *logits, const int32_t *target, const void *params,
+                        const void *out)
+{
+    if (!logits || !logits->data || !target || !params || !out)
+        return ts_error(TS_ERR_INVALID_ARG, "%s: NULL argument (logits, its data, target, params or output)", op);
+    if (logits->n < 1 || logits->c < 1 || logits->h < 1 || logits->w < 1) {
+        char sh[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG, "%s: logits shape %s must have every dimension >= 1", op,
+                        ts_shape_str(logits, sh));
+    }
+    return TS_OK;
+}
+
+ts_status ts_loss_dlogits_check(const char *op, const ts_tensor *dlogits, const ts_tensor *logits)
+{
+    if (!dlogits || !dlogits->data) return ts_error(TS_ERR_INVALID_ARG, "%s: dlogits is NULL", op);
+    if (!ts_tensor_same_shape(dlogits, logits)) {
+        char a[TS_SHAPE_STR], b[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG, "%s: dlogits shape %s differs from logits shape %s", op,
+                        ts_shape_str(dlogits, a), ts_shape_str(logits, b));
+    }
+    return TS_OK;
+}
+
+ts_status ts_loss_label_error(const char *op, const ts_tensor *logits, int32_t label, size_t pixel, int ignore_index)
+{
+    const size_t hw = (size_t)logits->h * logits->w;
+    size_t n = pixel / hw, h = pixel % hw / (size_t)logits->w, w = pixel % (size_t)logits->w;
+    return ts_error(TS_ERR_INVALID_ARG,
+                    "%s: target label %d at pixel (n=%zu,h=%zu,w=%zu) is outside [0, %d) and is not "
+                    "ignore_index (%d)",
+                    op, (int)label, n, h, w, logits->c, ignore_index);
+}
+
+ts_status ts_dice_params_check(const char *op, const ts_dice_params *p, int C)
+{
+    if (p->mode != TS_DICE_SMP && p->mode != TS_DICE_PER_IMAGE)
+        return ts_error(TS_ERR_INVALID_ARG, "%s: unknown dice mode %d (0 = SMP, 1 = per-image)", op, (int)p->mode);
+    if (!(p->eps >= 0) || !(p->smooth >= 0))
+        return ts_error(TS_ERR_INVALID_ARG, "%s: eps (%g) and smooth (%g) must be >= 0", op, (double)p->eps,
+                        (double)p->smooth);
+    if (p->mode == TS_DICE_SMP && p->class_weights) {
+        double ws = 0;
+        for (int c = 0; c < C; c++) ws += p->class_weights[c];
+        if (ws == 0)
+            return ts_error(TS_ERR_INVALID_ARG, "%s: class_weights sum to 0 over the %d classes, so the weighted mean "
+                            "is undefined", op, C);
+    }
+    return TS_OK;
+}
+
+/* ---- AdamW ------------------------------------------------------------------- */
+
+ts_status ts_adamw_update_check(const float *param, const float *grad, const float *exp_avg, const float *exp_avg_sq,
+                                size_t n, const ts_adamw_step *s)
+{
+    if (!s) return ts_error(TS_ERR_INVALID_ARG, "adamw_update: step values are NULL (call ts_adamw_prepare first)");
+    if (n == 0) return TS_OK;
+    if (!param || !grad || !exp_avg || !exp_avg_sq)
+        return ts_error(TS_ERR_INVALID_ARG, "adamw_update: NULL buffer among param %p, grad %p, exp_avg %p, "
+                        "exp_avg_sq %p (n = %zu)", (const void *)param, (const void *)grad, (const void *)exp_avg,
+                        (const void *)exp_avg_sq, n);
+    /* The four buffers are distinct state; sharing one would silently mix
+     * them (e.g. a grad slot passed as exp_avg). */
+    const void *b[4] = {param, grad, exp_avg, exp_avg_sq};
+    for (int i = 0; i < 4; i++)
+        for (int j = i + 1; j < 4; j++)
+            if (b[i] == b[j])
+                return ts_error(TS_ERR_INVALID_ARG, "adamw_update: param, grad, exp_avg and exp_avg_sq must be "
+                                "distinct buffers (arguments %d and %d are the same)", i + 1, j + 1);
     return TS_OK;
 }

@@ -28,20 +28,10 @@ ts_status ts_cpu_adamw_update(ts_ctx *ctx, float *param, const float *grad, floa
                               size_t n, const ts_adamw_step *s)
 {
     (void)ctx;
-    if (!s) return ts_error(TS_ERR_INVALID_ARG, "adamw_update: step values are NULL (call ts_adamw_prepare first)");
-    if (n == 0) return TS_OK;
-    if (!param || !grad || !exp_avg || !exp_avg_sq)
-        return ts_error(TS_ERR_INVALID_ARG, "adamw_update: NULL buffer among param %p, grad %p, exp_avg %p, "
-                        "exp_avg_sq %p (n = %zu)", (void *)param, (const void *)grad, (void *)exp_avg,
-                        (void *)exp_avg_sq, n);
-    /* The four buffers are distinct state; sharing one would silently mix
-     * them (e.g. a grad slot passed as exp_avg). */
-    const void *b[4] = {param, grad, exp_avg, exp_avg_sq};
-    for (int i = 0; i < 4; i++)
-        for (int j = i + 1; j < 4; j++)
-            if (b[i] == b[j])
-                return ts_error(TS_ERR_INVALID_ARG, "adamw_update: param, grad, exp_avg and exp_avg_sq must be "
-                                "distinct buffers (arguments %d and %d are the same)", i + 1, j + 1);
+    /* s non-NULL; for n > 0, four non-NULL distinct buffers (shared with the
+     * CUDA twin). */
+    ts_status st = ts_adamw_update_check(param, grad, exp_avg, exp_avg_sq, n, s);
+    if (st != TS_OK || n == 0) return st;
 
     const float decay = s->decay, w = s->beta1_weight, beta2 = s->beta2, omb2 = s->one_minus_beta2;
     const float bc2_sqrt = s->bc2_sqrt, eps = s->eps, nss = s->neg_step_size;

@@ -14,48 +14,22 @@
 
 #include "cpu.h"
 
-/* PyTorch's message for n == 1 (torch/nn/functional.py,
- * _verify_batch_size / the C++ check in batch_norm). */
-#define BN_N1_MESSAGE "Expected more than 1 value per channel when training"
-
-static int bn_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
-
-/* y and x must both be valid and of one shape. */
-static ts_status bn_check_pair(const char *op, const char *yname, const ts_tensor *y, const char *xname,
-                               const ts_tensor *x)
-{
-    if (!bn_tensor_ok(y) || !bn_tensor_ok(x))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, yname,
-                        xname);
-    if (!ts_tensor_same_shape(y, x)) {
-        char a[TS_SHAPE_STR], b[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s does not match %s shape %s", op, yname, ts_shape_str(y, a),
-                        xname, ts_shape_str(x, b));
-    }
-    return TS_OK;
-}
+/* The argument checks (shapes, NULL pointers, eps, aliasing, PyTorch's
+ * one-value-per-channel rule) are ts_batchnorm_*_check in kernels/ops_common.c,
+ * shared with the CUDA twins. */
 
 ts_status ts_cpu_batchnorm_forward_train(ts_ctx *ctx, ts_tensor *y, float *save_mean, float *save_invstd,
                                          const ts_tensor *x, const float *gamma, const float *beta, float *running_mean,
                                          float *running_var, const ts_bn_params *p)
 {
-    static const char op[] = "batchnorm_forward_train";
     (void)ctx;
-    ts_status st = bn_check_pair(op, "y", y, "x", x);
+    ts_status st = ts_batchnorm_forward_train_check(y, save_mean, save_invstd, x, gamma, beta, running_mean,
+                                                    running_var, p);
     if (st != TS_OK) return st;
-    if (!save_mean || !save_invstd || !gamma || !beta || !p)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: save_mean, save_invstd, gamma, beta and params must not be NULL", op);
-    if ((running_mean == NULL) != (running_var == NULL))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: running_mean and running_var must be both given or both NULL", op);
-    if (!(p->eps >= 0.0f)) return ts_error(TS_ERR_INVALID_ARG, "%s: eps must be >= 0, got %g", op, (double)p->eps);
 
     const int N = x->n, C = x->c;
     const size_t plane = (size_t)x->h * x->w;
-    const size_t count = (size_t)N * plane; /* values per channel */
-    if (count <= 1) {
-        char s[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: " BN_N1_MESSAGE ", got input size %s", op, ts_shape_str(x, s));
-    }
+    const size_t count = (size_t)N * plane; /* values per channel, > 1 */
     const size_t cstride = (size_t)C * plane;
     const float eps = p->eps;
     /* Normalization.cpp casts momentum to the parameter type (float) before
@@ -120,14 +94,9 @@ ts_status ts_cpu_batchnorm_forward_eval(ts_ctx *ctx, ts_tensor *y, const ts_tens
                                         const float *beta, const float *running_mean, const float *running_var,
                                         const ts_bn_params *p)
 {
-    static const char op[] = "batchnorm_forward_eval";
     (void)ctx;
-    ts_status st = bn_check_pair(op, "y", y, "x", x);
+    ts_status st = ts_batchnorm_forward_eval_check(y, x, gamma, beta, running_mean, running_var, p);
     if (st != TS_OK) return st;
-    if (!gamma || !beta || !running_mean || !running_var || !p)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: gamma, beta, running_mean, running_var and params must not be NULL",
-                        op);
-    if (!(p->eps >= 0.0f)) return ts_error(TS_ERR_INVALID_ARG, "%s: eps must be >= 0, got %g", op, (double)p->eps);
 
     const int N = x->n, C = x->c;
     const size_t plane = (size_t)x->h * x->w;
@@ -157,15 +126,9 @@ ts_status ts_cpu_batchnorm_backward(ts_ctx *ctx, ts_tensor *dx, float *dgamma, f
                                     const ts_tensor *x, const float *gamma, const float *save_mean,
                                     const float *save_invstd)
 {
-    static const char op[] = "batchnorm_backward";
     (void)ctx;
-    ts_status st = bn_check_pair(op, "dy", dy, "x", x);
+    ts_status st = ts_batchnorm_backward_check(dx, dgamma, dbeta, dy, x, gamma, save_mean, save_invstd);
     if (st != TS_OK) return st;
-    st = bn_check_pair(op, "dx", dx, "x", x);
-    if (st != TS_OK) return st;
-    if (!dgamma || !dbeta || !gamma || !save_mean || !save_invstd)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: dgamma, dbeta, gamma, save_mean and save_invstd must not be NULL", op);
-    if (dx->data == dy->data) return ts_error(TS_ERR_INVALID_ARG, "%s: dx must not alias dy", op);
 
     const int N = x->n, C = x->c;
     const size_t plane = (size_t)x->h * x->w;

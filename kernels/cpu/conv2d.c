@@ -41,7 +41,6 @@
 #include <cblas.h>
 #include <limits.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <string.h>
 
 #include "cpu.h"
@@ -69,47 +68,19 @@ typedef struct conv_geom {
     int pointwise;     /* 1x1, stride 1, pad 0: col is x itself */
 } conv_geom;
 
-static int dims_ok(const ts_tensor *t) { return t && t->data && t->n >= 1 && t->c >= 1 && t->h >= 1 && t->w >= 1; }
-
 /* Checks x/w/y (named xn/wn/yn in messages: "x"/"dx", "w"/"dw", "y"/"dy")
- * against each other and p, and fills g. Every message starts with the op
- * name and lists all three shapes plus stride and padding. */
+ * against each other and p with the backends' shared ts_conv2d_check, adds
+ * the BLAS size limit, and fills g. Every message starts with the op name and
+ * lists all three shapes plus stride and padding. */
 static ts_status conv_check(const char *op, conv_geom *g, const ts_tensor *x, const char *xn, const ts_tensor *w,
                             const char *wn, const ts_tensor *y, const char *yn, const ts_conv2d_params *p)
 {
-    char sx[TS_SHAPE_STR] = "(null)", sw[TS_SHAPE_STR] = "(null)", sy[TS_SHAPE_STR] = "(null)";
-    if (x) ts_shape_str(x, sx);
-    if (w) ts_shape_str(w, sw);
-    if (y) ts_shape_str(y, sy);
-#define CONV_FAIL(...)                                                                                               \
-    do {                                                                                                             \
-        char why_[256];                                                                                              \
-        snprintf(why_, sizeof why_, __VA_ARGS__);                                                                    \
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s %s, %s %s, %s %s, stride (%d,%d), pad (%d,%d): %s", op, xn, sx, \
-                        wn, sw, yn, sy, p ? p->stride_h : 0, p ? p->stride_w : 0, p ? p->pad_h : 0,                  \
-                        p ? p->pad_w : 0, why_);                                                                     \
-    } while (0)
-
-    if (!p) CONV_FAIL("params are NULL");
-    if (!dims_ok(x) || !dims_ok(w) || !dims_ok(y))
-        CONV_FAIL("a tensor is NULL, has no data or has a dimension < 1");
-    if (p->stride_h < 1 || p->stride_w < 1) CONV_FAIL("strides must be >= 1");
-    if (p->pad_h < 0 || p->pad_w < 0) CONV_FAIL("padding must be >= 0");
-    if (p->relu && strcmp(op, "conv2d_forward") != 0)
-        CONV_FAIL("the fused ReLU is forward-only (inference); train with a separate relu op");
-    if (x->c != w->c) CONV_FAIL("%s has %d input channels but %s expects %d", xn, x->c, wn, w->c);
-    int ho = ts_conv_out_size(x->h, w->h, p->stride_h, p->pad_h);
-    int wo = ts_conv_out_size(x->w, w->w, p->stride_w, p->pad_w);
-    if (ho < 1 || wo < 1)
-        CONV_FAIL("the %dx%d kernel does not fit the padded %dx%d input", w->h, w->w, x->h + 2 * p->pad_h,
-                  x->w + 2 * p->pad_w);
-    if (y->n != x->n) CONV_FAIL("batch sizes differ (%d vs %d)", y->n, x->n);
-    if (y->c != w->n) CONV_FAIL("%s has %d channels but %s has %d output channels", yn, y->c, wn, w->n);
-    if (y->h != ho || y->w != wo) CONV_FAIL("%s must be %dx%d, got %dx%d", yn, ho, wo, y->h, y->w);
+    ts_status st = ts_conv2d_check(op, x, xn, w, wn, y, yn, p);
+    if (st != TS_OK) return st;
+    const int ho = y->h, wo = y->w; /* the output size, checked */
     /* cblas takes int dimensions; keep every matrix size within them. */
     if ((size_t)w->c * w->h * w->w > INT_MAX || (size_t)ho * wo > INT_MAX || (size_t)x->h * x->w > INT_MAX)
-        CONV_FAIL("tensor too large for 32-bit BLAS dimensions");
-#undef CONV_FAIL
+        return ts_conv2d_error(op, x, xn, w, wn, y, yn, p, "tensor too large for 32-bit BLAS dimensions");
 
     *g = (conv_geom){.n = x->n, .cin = x->c, .h = x->h, .w = x->w, .cout = w->n, .kh = w->h, .kw = w->w,
                      .ho = ho, .wo = wo, .sh = p->stride_h, .sw = p->stride_w, .ph = p->pad_h, .pw = p->pad_w};
@@ -361,12 +332,8 @@ ts_status ts_cpu_conv2d_backward_filter(ts_ctx *ctx, ts_tensor *dw, const ts_ten
 ts_status ts_cpu_conv2d_backward_bias(ts_ctx *ctx, float *dbias, const ts_tensor *dy)
 {
     (void)ctx;
-    if (!dbias || !dims_ok(dy)) {
-        char s[TS_SHAPE_STR] = "(null)";
-        if (dy) ts_shape_str(dy, s);
-        return ts_error(TS_ERR_INVALID_ARG, "conv2d_backward_bias: dbias %s, dy %s: need a dbias array and a dy "
-                        "tensor with data and every dimension >= 1", dbias ? "given" : "NULL", s);
-    }
+    ts_status st = ts_conv2d_backward_bias_check(dbias, dy);
+    if (st != TS_OK) return st;
     const int nb = dy->n, cout = dy->c;
     const size_t plane = (size_t)dy->h * dy->w;
     /* Summed in double: a 256x256x8 plane is 5e5 terms, where a float running

@@ -17,26 +17,15 @@
  * a parallel region starts. */
 #define EW_PARALLEL_MIN ((ptrdiff_t)1 << 16)
 
-static int ew_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
-
-static ts_status ew_check_same(const char *op, const char *an, const ts_tensor *a, const char *bn, const ts_tensor *b)
-{
-    if (!ew_tensor_ok(a) || !ew_tensor_ok(b))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, an, bn);
-    if (!ts_tensor_same_shape(a, b)) {
-        char sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s does not match %s shape %s", op, an, ts_shape_str(a, sa),
-                        bn, ts_shape_str(b, sb));
-    }
-    return TS_OK;
-}
+/* The argument checks are the backends' shared ts_*_check functions
+ * (kernels/ops_common.c). */
 
 /* ---- ReLU ---------------------------------------------------------------- */
 
 ts_status ts_cpu_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x)
 {
     (void)ctx;
-    ts_status st = ew_check_same("relu_forward", "y", y, "x", x);
+    ts_status st = ts_same_shape_check("relu_forward", "y", y, "x", x);
     if (st != TS_OK) return st;
     const ptrdiff_t n = (ptrdiff_t)ts_tensor_numel(x);
     const float *xd = x->data;
@@ -53,11 +42,8 @@ ts_status ts_cpu_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x)
 ts_status ts_cpu_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *y)
 {
     (void)ctx;
-    ts_status st = ew_check_same("relu_backward", "dy", dy, "y", y);
+    ts_status st = ts_relu_backward_check(dx, dy, y);
     if (st != TS_OK) return st;
-    st = ew_check_same("relu_backward", "dx", dx, "y", y);
-    if (st != TS_OK) return st;
-    if (dx->data == dy->data) return ts_error(TS_ERR_INVALID_ARG, "relu_backward: dx must not alias dy");
     const ptrdiff_t n = (ptrdiff_t)ts_tensor_numel(y);
     const float *gd = dy->data, *yd = y->data;
     float *dd = dx->data;
@@ -75,9 +61,7 @@ ts_status ts_cpu_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, 
 ts_status ts_cpu_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
 {
     (void)ctx;
-    ts_status st = ew_check_same("add_forward", "a", a, "b", b);
-    if (st != TS_OK) return st;
-    st = ew_check_same("add_forward", "y", y, "a", a);
+    ts_status st = ts_add_forward_check(y, a, b);
     if (st != TS_OK) return st;
     const ptrdiff_t n = (ptrdiff_t)ts_tensor_numel(a);
     const float *ad = a->data, *bd = b->data;
@@ -90,12 +74,8 @@ ts_status ts_cpu_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, cons
 ts_status ts_cpu_add_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
 {
     (void)ctx;
-    ts_status st = ew_check_same("add_backward", "da", da, "dy", dy);
+    ts_status st = ts_add_backward_check(da, db, dy);
     if (st != TS_OK) return st;
-    st = ew_check_same("add_backward", "db", db, "dy", dy);
-    if (st != TS_OK) return st;
-    if (da->data == dy->data || db->data == dy->data)
-        return ts_error(TS_ERR_INVALID_ARG, "add_backward: da and db must not alias dy");
     const ptrdiff_t n = (ptrdiff_t)ts_tensor_numel(dy);
     const float *gd = dy->data;
     float *pa = da->data, *pb = db->data;
@@ -111,27 +91,10 @@ ts_status ts_cpu_add_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const t
 
 /* ---- concat along channels ------------------------------------------------ */
 
-/* y [N, Ca + Cb, H, W] against a [N, Ca, H, W] and b [N, Cb, H, W]. */
-static ts_status concat_check(const char *op, const char *yn, const ts_tensor *y, const char *an, const ts_tensor *a,
-                              const char *bn, const ts_tensor *b)
-{
-    if (!ew_tensor_ok(y) || !ew_tensor_ok(a) || !ew_tensor_ok(b))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s, %s and %s must be non-NULL tensors with dimensions >= 1", op, yn,
-                        an, bn);
-    if (a->n != b->n || a->h != b->h || a->w != b->w || y->n != a->n || y->h != a->h || y->w != a->w ||
-        (long)y->c != (long)a->c + b->c) {
-        char sy[TS_SHAPE_STR], sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG,
-                        "%s: %s %s must be %s %s and %s %s joined along channels (same n, h, w; channels add up)", op,
-                        yn, ts_shape_str(y, sy), an, ts_shape_str(a, sa), bn, ts_shape_str(b, sb));
-    }
-    return TS_OK;
-}
-
 ts_status ts_cpu_concat_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
 {
     (void)ctx;
-    ts_status st = concat_check("concat_forward", "y", y, "a", a, "b", b);
+    ts_status st = ts_concat_check("concat_forward", "y", y, "a", a, "b", b);
     if (st != TS_OK) return st;
     const size_t na = (size_t)a->c * a->h * a->w, nb = (size_t)b->c * b->h * b->w;
     const int N = y->n;
@@ -148,7 +111,7 @@ ts_status ts_cpu_concat_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, c
 ts_status ts_cpu_concat_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
 {
     (void)ctx;
-    ts_status st = concat_check("concat_backward", "dy", dy, "da", da, "db", db);
+    ts_status st = ts_concat_check("concat_backward", "dy", dy, "da", da, "db", db);
     if (st != TS_OK) return st;
     const size_t na = (size_t)da->c * da->h * da->w, nb = (size_t)db->c * db->h * db->w;
     const size_t per = na + nb;
@@ -175,8 +138,8 @@ ts_status ts_cpu_concat_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, cons
 ts_status ts_cpu_zero(ts_ctx *ctx, float *p, size_t n)
 {
     (void)ctx;
-    if (n == 0) return TS_OK;
-    if (!p) return ts_error(TS_ERR_INVALID_ARG, "zero: NULL buffer for %zu floats", n);
+    ts_status st = ts_float_buffer_check("zero", p, n);
+    if (st != TS_OK || n == 0) return st;
     /* All-zero bytes are +0.0f in IEEE 754. */
     memset(p, 0, n * sizeof(float));
     return TS_OK;
@@ -199,10 +162,8 @@ static double sumsq_block(const float *x, size_t n)
 ts_status ts_cpu_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_t n)
 {
     (void)ctx;
-    if (!sumsq) return ts_error(TS_ERR_INVALID_ARG, "sum_squares: NULL result pointer");
-    *sumsq = 0;
-    if (n == 0) return TS_OK;
-    if (!x) return ts_error(TS_ERR_INVALID_ARG, "sum_squares: NULL buffer for %zu floats", n);
+    ts_status st = ts_sum_squares_check(sumsq, x, n); /* sets *sumsq = 0 */
+    if (st != TS_OK || n == 0) return st;
     const size_t nb = (n + SUMSQ_BLOCK - 1) / SUMSQ_BLOCK;
     if (nb == 1 || (ptrdiff_t)n < EW_PARALLEL_MIN) {
         double s = 0;
@@ -230,8 +191,8 @@ ts_status ts_cpu_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_t 
 ts_status ts_cpu_scale(ts_ctx *ctx, float *x, size_t n, float a)
 {
     (void)ctx;
-    if (n == 0) return TS_OK;
-    if (!x) return ts_error(TS_ERR_INVALID_ARG, "scale: NULL buffer for %zu floats", n);
+    ts_status st = ts_float_buffer_check("scale", x, n);
+    if (st != TS_OK || n == 0) return st;
 #pragma omp parallel for schedule(static) if ((ptrdiff_t)n >= EW_PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) x[i] *= a;
     return TS_OK;

@@ -23,31 +23,7 @@
  * both cores. */
 #define LOSS_BLOCK 4096
 
-/* ---- shared checks ---------------------------------------------------- */
-
-static ts_status check_logits(const char *op, const ts_tensor *logits, const int32_t *target, const void *params,
-                              const void *out)
-{
-    if (!logits || !logits->data || !target || !params || !out)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: NULL argument (logits, its data, target, params or output)", op);
-    if (logits->n < 1 || logits->c < 1 || logits->h < 1 || logits->w < 1) {
-        char sh[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: logits shape %s must have every dimension >= 1", op,
-                        ts_shape_str(logits, sh));
-    }
-    return TS_OK;
-}
-
-static ts_status check_dlogits(const char *op, const ts_tensor *dlogits, const ts_tensor *logits)
-{
-    if (!dlogits || !dlogits->data) return ts_error(TS_ERR_INVALID_ARG, "%s: dlogits is NULL", op);
-    if (!ts_tensor_same_shape(dlogits, logits)) {
-        char a[TS_SHAPE_STR], b[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: dlogits shape %s differs from logits shape %s", op,
-                        ts_shape_str(dlogits, a), ts_shape_str(logits, b));
-    }
-    return TS_OK;
-}
+/* ---- helpers (the argument checks are ts_loss_check & co., ops_common.c) -- */
 
 /* Checks every label in scan order, so the message names the first bad pixel,
  * and returns sum over valid pixels of w[y] (w = 1 without weights). Serial on
@@ -59,16 +35,11 @@ static ts_status scan_labels(const char *op, const ts_tensor *logits, const int3
     const int C = logits->c;
     const size_t hw = (size_t)logits->h * logits->w, npix = (size_t)logits->n * hw;
     double ws = 0;
+    *weight_sum = 0; /* on every path: gcc cannot see that an error return is nonzero */
     for (size_t i = 0; i < npix; i++) {
         int32_t y = target[i];
         if (y == ignore_index) continue;
-        if (y < 0 || y >= C) {
-            size_t n = i / hw, h = i % hw / (size_t)logits->w, w = i % (size_t)logits->w;
-            return ts_error(TS_ERR_INVALID_ARG,
-                            "%s: target label %d at pixel (n=%zu,h=%zu,w=%zu) is outside [0, %d) and is not "
-                            "ignore_index (%d)",
-                            op, (int)y, n, h, w, C, ignore_index);
-        }
+        if (y < 0 || y >= C) return ts_loss_label_error(op, logits, y, i, ignore_index);
         ws += class_weights ? (double)class_weights[y] : 1.0;
     }
     *weight_sum = ws;
@@ -116,7 +87,7 @@ ts_status ts_cpu_cross_entropy_forward(ts_ctx *ctx, double *loss, const ts_tenso
 {
     (void)ctx;
     const char *op = "cross_entropy_forward";
-    ts_status st = check_logits(op, logits, target, p, loss);
+    ts_status st = ts_loss_check(op, logits, target, p, loss);
     if (st) return st;
     double wsum;
     if ((st = scan_labels(op, logits, target, p->ignore_index, p->class_weights, &wsum))) return st;
@@ -165,8 +136,8 @@ ts_status ts_cpu_cross_entropy_backward(ts_ctx *ctx, ts_tensor *dlogits, const t
 {
     (void)ctx;
     const char *op = "cross_entropy_backward";
-    ts_status st = check_logits(op, logits, target, p, dlogits);
-    if (st || (st = check_dlogits(op, dlogits, logits))) return st;
+    ts_status st = ts_loss_check(op, logits, target, p, dlogits);
+    if (st || (st = ts_loss_dlogits_check(op, dlogits, logits))) return st;
     double wsum;
     if ((st = scan_labels(op, logits, target, p->ignore_index, p->class_weights, &wsum))) return st;
     if (wsum == 0) return TS_OK; /* no valid pixel: the forward returned the constant 0 */
@@ -245,23 +216,6 @@ static ts_status dice_sums(const char *op, const ts_tensor *logits, const int32_
         for (size_t k = 0; k < per; k++) dst[k] += src[k];
     }
     free(rows);
-    return TS_OK;
-}
-
-static ts_status check_dice_params(const char *op, const ts_dice_params *p, int C)
-{
-    if (p->mode != TS_DICE_SMP && p->mode != TS_DICE_PER_IMAGE)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: unknown dice mode %d (0 = SMP, 1 = per-image)", op, (int)p->mode);
-    if (!(p->eps >= 0) || !(p->smooth >= 0))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: eps (%g) and smooth (%g) must be >= 0", op, (double)p->eps,
-                        (double)p->smooth);
-    if (p->mode == TS_DICE_SMP && p->class_weights) {
-        double ws = 0;
-        for (int c = 0; c < C; c++) ws += p->class_weights[c];
-        if (ws == 0)
-            return ts_error(TS_ERR_INVALID_ARG, "%s: class_weights sum to 0 over the %d classes, so the weighted mean "
-                            "is undefined", op, C);
-    }
     return TS_OK;
 }
 
@@ -349,8 +303,8 @@ ts_status ts_cpu_dice_forward(ts_ctx *ctx, double *loss, const ts_tensor *logits
 {
     (void)ctx;
     const char *op = "dice_forward";
-    ts_status st = check_logits(op, logits, target, p, loss);
-    if (st || (st = check_dice_params(op, p, logits->c))) return st;
+    ts_status st = ts_loss_check(op, logits, target, p, loss);
+    if (st || (st = ts_dice_params_check(op, p, logits->c))) return st;
     double unused;
     if ((st = scan_labels(op, logits, target, p->ignore_index, NULL, &unused))) return st;
     const int N = logits->n, C = logits->c;
@@ -367,8 +321,9 @@ ts_status ts_cpu_dice_backward(ts_ctx *ctx, ts_tensor *dlogits, const ts_tensor 
 {
     (void)ctx;
     const char *op = "dice_backward";
-    ts_status st = check_logits(op, logits, target, p, dlogits);
-    if (st || (st = check_dlogits(op, dlogits, logits)) || (st = check_dice_params(op, p, logits->c))) return st;
+    ts_status st = ts_loss_check(op, logits, target, p, dlogits);
+    if (st || (st = ts_loss_dlogits_check(op, dlogits, logits)) || (st = ts_dice_params_check(op, p, logits->c)))
+        return st;
     double unused;
     if ((st = scan_labels(op, logits, target, p->ignore_index, NULL, &unused))) return st;
     const int N = logits->n, C = logits->c;

@@ -13,8 +13,6 @@
 
 #include "cpu.h"
 
-static int up_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
-
 /* nearest_idx(dst, in, out, no scale): out == in copies; out == 2 in takes
  * dst >> 1 (the exact 2x shortcut); otherwise the legacy (not centre-
  * aligned) rule min(floor(dst * s), in - 1) with s = (float)in / out in
@@ -35,21 +33,15 @@ static void nearest_table(int *idx, int in, int out)
 }
 
 /* small is the tensor at the input resolution, big the one at the output
- * resolution; they must share N and C. On success *tables holds the row
- * table (big->h entries) followed by the column table (big->w entries);
- * the caller frees it. */
+ * resolution; they must share N and C (ts_upsample_check, shared with the
+ * CUDA twin). On success *tables holds the row table (big->h entries)
+ * followed by the column table (big->w entries); the caller frees it. */
 static ts_status up_prepare(const char *op, const ts_tensor *big, const char *bigname, const ts_tensor *small,
                             const char *smallname, int **tables)
 {
     *tables = NULL;
-    if (!up_tensor_ok(big) || !up_tensor_ok(small))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, bigname,
-                        smallname);
-    if (big->n != small->n || big->c != small->c) {
-        char sb[TS_SHAPE_STR], ss[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s and %s shape %s must have the same n and c", op, bigname,
-                        ts_shape_str(big, sb), smallname, ts_shape_str(small, ss));
-    }
+    ts_status st = ts_upsample_check(op, big, bigname, small, smallname);
+    if (st != TS_OK) return st;
     int *t = malloc(((size_t)big->h + (size_t)big->w) * sizeof *t);
     if (!t) return ts_error(TS_ERR_NOMEM, "%s: out of memory for the %d + %d index tables", op, big->h, big->w);
     nearest_table(t, small->h, big->h);

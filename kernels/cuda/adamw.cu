@@ -84,24 +84,11 @@ extern "C" ts_status ts_cuda_adamw_update(ts_ctx *ctx, float *param, const float
                                           float *exp_avg_sq, size_t n, const ts_adamw_step *s)
 {
     (void)ctx;
-    /* The CPU's checks, in its order and words. */
-    if (!s) return ts_error(TS_ERR_INVALID_ARG, "adamw_update: step values are NULL (call ts_adamw_prepare first)");
-    if (n == 0) return TS_OK;
-    if (!param || !grad || !exp_avg || !exp_avg_sq)
-        return ts_error(TS_ERR_INVALID_ARG,
-                        "adamw_update: NULL buffer among param %p, grad %p, exp_avg %p, exp_avg_sq %p (n = %zu)",
-                        (void *)param, (const void *)grad, (void *)exp_avg, (void *)exp_avg_sq, n);
-    const void *b[4] = {param, grad, exp_avg, exp_avg_sq};
-    for (int i = 0; i < 4; i++)
-        for (int j = i + 1; j < 4; j++)
-            if (b[i] == b[j])
-                return ts_error(TS_ERR_INVALID_ARG,
-                                "adamw_update: param, grad, exp_avg and exp_avg_sq must be distinct buffers (arguments "
-                                "%d and %d are the same)",
-                                i + 1, j + 1);
+    /* The CPU's checks, shared. */
+    ts_status st = ts_adamw_update_check(param, grad, exp_avg, exp_avg_sq, n, s);
+    if (st != TS_OK || n == 0) return st;
     ts_cuda_state *cs;
-    ts_status st = ts_ops_state("adamw_update", &cs);
-    if (st != TS_OK) return st;
+    if ((st = ts_ops_state("adamw_update", &cs)) != TS_OK) return st;
     adamw_kernel<<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(param, grad, exp_avg, exp_avg_sq, n,
                                                                          adamw_k_of(s));
     TS_CUDA_LAUNCH_CHECK();

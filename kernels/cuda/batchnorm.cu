@@ -27,33 +27,16 @@
 
 #include "cuda_internal.h"
 
-/* PyTorch's message for one value per channel (as the CPU twin). */
-#define BN_N1_MESSAGE "Expected more than 1 value per channel when training"
-
 #define RED_THREADS 256
 #define RED_MAX_SLICES 64
 #define RED_SLICE_TARGET 8192 /* values per slice we aim for before adding slices */
 
-/* ---- checks (as kernels/cpu/batchnorm.c) ------------------------------------------ */
+/* ---- checks ------------------------------------------------------------------------- */
 
-static int bn_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
-
-static ts_status bn_check_pair(const char *op, const char *yname, const ts_tensor *y, const char *xname,
-                               const ts_tensor *x)
-{
-    if (!bn_tensor_ok(y) || !bn_tensor_ok(x))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, yname,
-                        xname);
-    if (!ts_tensor_same_shape(y, x)) {
-        char a[TS_SHAPE_STR], b[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s does not match %s shape %s", op, yname, ts_shape_str(y, a),
-                        xname, ts_shape_str(x, b));
-    }
-    return TS_OK;
-}
-
-/* An initialized backend, its device current on this thread, and the launch
- * limits (grid x of N*C planes; every index is a size_t). */
+/* The argument checks are the CPU's, shared: ts_batchnorm_*_check in
+ * kernels/ops_common.c. This one is the GPU's own: an initialized backend,
+ * its device current on this thread, and the launch limits (grid x of N*C
+ * planes; every index is a size_t). */
 static ts_status bn_check_launch(const char *op, const ts_tensor *x)
 {
     const ts_cuda_state *s = ts_cuda_state_get();
@@ -268,18 +251,10 @@ extern "C" ts_status ts_cuda_batchnorm_forward_train(ts_ctx *ctx, ts_tensor *y, 
 {
     static const char op[] = "batchnorm_forward_train";
     (void)ctx;
-    ts_status st = bn_check_pair(op, "y", y, "x", x);
+    ts_status st = ts_batchnorm_forward_train_check(y, save_mean, save_invstd, x, gamma, beta, running_mean,
+                                                    running_var, p);
     if (st != TS_OK) return st;
-    if (!save_mean || !save_invstd || !gamma || !beta || !p)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: save_mean, save_invstd, gamma, beta and params must not be NULL", op);
-    if ((running_mean == NULL) != (running_var == NULL))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: running_mean and running_var must be both given or both NULL", op);
-    if (!(p->eps >= 0.0f)) return ts_error(TS_ERR_INVALID_ARG, "%s: eps must be >= 0, got %g", op, (double)p->eps);
     const bn_geom g = bn_geometry(x);
-    if (g.count <= 1) {
-        char s[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: " BN_N1_MESSAGE ", got input size %s", op, ts_shape_str(x, s));
-    }
     if ((st = bn_check_launch(op, x)) != TS_OK) return st;
     double *part = NULL;
     float *coef = NULL;
@@ -332,12 +307,8 @@ extern "C" ts_status ts_cuda_batchnorm_forward_eval(ts_ctx *ctx, ts_tensor *y, c
 {
     static const char op[] = "batchnorm_forward_eval";
     (void)ctx;
-    ts_status st = bn_check_pair(op, "y", y, "x", x);
+    ts_status st = ts_batchnorm_forward_eval_check(y, x, gamma, beta, running_mean, running_var, p);
     if (st != TS_OK) return st;
-    if (!gamma || !beta || !running_mean || !running_var || !p)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: gamma, beta, running_mean, running_var and params must not be NULL",
-                        op);
-    if (!(p->eps >= 0.0f)) return ts_error(TS_ERR_INVALID_ARG, "%s: eps must be >= 0, got %g", op, (double)p->eps);
     if ((st = bn_check_launch(op, x)) != TS_OK) return st;
     const bn_geom g = bn_geometry(x);
     dim3 grid;
@@ -416,13 +387,8 @@ extern "C" ts_status ts_cuda_batchnorm_backward(ts_ctx *ctx, ts_tensor *dx, floa
 {
     static const char op[] = "batchnorm_backward";
     (void)ctx;
-    ts_status st = bn_check_pair(op, "dy", dy, "x", x);
+    ts_status st = ts_batchnorm_backward_check(dx, dgamma, dbeta, dy, x, gamma, save_mean, save_invstd);
     if (st != TS_OK) return st;
-    st = bn_check_pair(op, "dx", dx, "x", x);
-    if (st != TS_OK) return st;
-    if (!dgamma || !dbeta || !gamma || !save_mean || !save_invstd)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: dgamma, dbeta, gamma, save_mean and save_invstd must not be NULL", op);
-    if (dx->data == dy->data) return ts_error(TS_ERR_INVALID_ARG, "%s: dx must not alias dy", op);
     if ((st = bn_check_launch(op, x)) != TS_OK) return st;
     const bn_geom g = bn_geometry(x);
     double *part = NULL;

@@ -7,27 +7,14 @@
  * nvcc could contract into an FMA), so results equal the CPU's bit for bit
  * and do not depend on the grid. sum_squares reduces in double over a grid
  * fixed by n alone, so it is deterministic on any GPU, but its order is not
- * the CPU's (see there). Shape checks and messages are the CPU's. */
+ * the CPU's (see there). The argument checks are the CPU's: the backends'
+ * shared ts_*_check functions (kernels/ops_common.c). */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #define TS_OPS_WANT_REDUCE
 #include "cuda_ops.cuh"
-
-static int ew_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
-
-static ts_status ew_check_same(const char *op, const char *an, const ts_tensor *a, const char *bn, const ts_tensor *b)
-{
-    if (!ew_tensor_ok(a) || !ew_tensor_ok(b))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, an, bn);
-    if (!ts_tensor_same_shape(a, b)) {
-        char sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s does not match %s shape %s", op, an, ts_shape_str(a, sa),
-                        bn, ts_shape_str(b, sb));
-    }
-    return TS_OK;
-}
 
 /* The grid-stride loop of every kernel here. */
 #define EW_LOOP(i, n) \
@@ -49,7 +36,7 @@ static __global__ void relu_forward_kernel(float *y, const float *x, size_t n)
 extern "C" ts_status ts_cuda_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x)
 {
     (void)ctx;
-    ts_status st = ew_check_same("relu_forward", "y", y, "x", x);
+    ts_status st = ts_same_shape_check("relu_forward", "y", y, "x", x);
     if (st != TS_OK) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state("relu_forward", &cs)) != TS_OK) return st;
@@ -72,11 +59,8 @@ static __global__ void relu_backward_kernel(float *dx, const float *dy, const fl
 extern "C" ts_status ts_cuda_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *y)
 {
     (void)ctx;
-    ts_status st = ew_check_same("relu_backward", "dy", dy, "y", y);
+    ts_status st = ts_relu_backward_check(dx, dy, y);
     if (st != TS_OK) return st;
-    st = ew_check_same("relu_backward", "dx", dx, "y", y);
-    if (st != TS_OK) return st;
-    if (dx->data == dy->data) return ts_error(TS_ERR_INVALID_ARG, "relu_backward: dx must not alias dy");
     ts_cuda_state *cs;
     if ((st = ts_ops_state("relu_backward", &cs)) != TS_OK) return st;
     const size_t n = ts_tensor_numel(y);
@@ -97,9 +81,7 @@ static __global__ void add_forward_kernel(float *y, const float *a, const float 
 extern "C" ts_status ts_cuda_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
 {
     (void)ctx;
-    ts_status st = ew_check_same("add_forward", "a", a, "b", b);
-    if (st != TS_OK) return st;
-    st = ew_check_same("add_forward", "y", y, "a", a);
+    ts_status st = ts_add_forward_check(y, a, b);
     if (st != TS_OK) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state("add_forward", &cs)) != TS_OK) return st;
@@ -124,13 +106,8 @@ static __global__ void add_backward_kernel(float *da, float *db, const float *dy
 extern "C" ts_status ts_cuda_add_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
 {
     (void)ctx;
-    /* As the CPU: both gradients are required (neither may be NULL). */
-    ts_status st = ew_check_same("add_backward", "da", da, "dy", dy);
+    ts_status st = ts_add_backward_check(da, db, dy);
     if (st != TS_OK) return st;
-    st = ew_check_same("add_backward", "db", db, "dy", dy);
-    if (st != TS_OK) return st;
-    if (da->data == dy->data || db->data == dy->data)
-        return ts_error(TS_ERR_INVALID_ARG, "add_backward: da and db must not alias dy");
     ts_cuda_state *cs;
     if ((st = ts_ops_state("add_backward", &cs)) != TS_OK) return st;
     const size_t n = ts_tensor_numel(dy);
@@ -140,23 +117,6 @@ extern "C" ts_status ts_cuda_add_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor 
 }
 
 /* ---- concat along channels ------------------------------------------------ */
-
-/* y [N, Ca + Cb, H, W] against a [N, Ca, H, W] and b [N, Cb, H, W]. */
-static ts_status concat_check(const char *op, const char *yn, const ts_tensor *y, const char *an, const ts_tensor *a,
-                              const char *bn, const ts_tensor *b)
-{
-    if (!ew_tensor_ok(y) || !ew_tensor_ok(a) || !ew_tensor_ok(b))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s, %s and %s must be non-NULL tensors with dimensions >= 1", op, yn,
-                        an, bn);
-    if (a->n != b->n || a->h != b->h || a->w != b->w || y->n != a->n || y->h != a->h || y->w != a->w ||
-        (long)y->c != (long)a->c + b->c) {
-        char sy[TS_SHAPE_STR], sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG,
-                        "%s: %s %s must be %s %s and %s %s joined along channels (same n, h, w; channels add up)", op,
-                        yn, ts_shape_str(y, sy), an, ts_shape_str(a, sa), bn, ts_shape_str(b, sb));
-    }
-    return TS_OK;
-}
 
 /* torch.cat([a, b], dim=1): per image, a's na floats then b's nb floats. One
  * thread per element of y, so every read and write is coalesced. */
@@ -174,7 +134,7 @@ static __global__ void concat_forward_kernel(float *y, const float *a, const flo
 extern "C" ts_status ts_cuda_concat_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
 {
     (void)ctx;
-    ts_status st = concat_check("concat_forward", "y", y, "a", a, "b", b);
+    ts_status st = ts_concat_check("concat_forward", "y", y, "a", a, "b", b);
     if (st != TS_OK) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state("concat_forward", &cs)) != TS_OK) return st;
@@ -205,7 +165,7 @@ static __global__ void concat_backward_kernel(float *da, float *db, const float 
 extern "C" ts_status ts_cuda_concat_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
 {
     (void)ctx;
-    ts_status st = concat_check("concat_backward", "dy", dy, "da", da, "db", db);
+    ts_status st = ts_concat_check("concat_backward", "dy", dy, "da", da, "db", db);
     if (st != TS_OK) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state("concat_backward", &cs)) != TS_OK) return st;
@@ -222,11 +182,10 @@ extern "C" ts_status ts_cuda_concat_backward(ts_ctx *ctx, ts_tensor *da, ts_tens
 extern "C" ts_status ts_cuda_zero(ts_ctx *ctx, float *p, size_t n)
 {
     (void)ctx;
-    if (n == 0) return TS_OK;
-    if (!p) return ts_error(TS_ERR_INVALID_ARG, "zero: NULL buffer for %zu floats", n);
+    ts_status st = ts_float_buffer_check("zero", p, n);
+    if (st != TS_OK || n == 0) return st;
     ts_cuda_state *cs;
-    ts_status st = ts_ops_state("zero", &cs);
-    if (st != TS_OK) return st;
+    if ((st = ts_ops_state("zero", &cs)) != TS_OK) return st;
     /* All-zero bytes are +0.0f in IEEE 754. */
     TS_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(float), cs->stream));
     return TS_OK;
@@ -257,13 +216,10 @@ extern "C" ts_status ts_cuda_sum_squares(ts_ctx *ctx, double *sumsq, const float
 {
     static ts_ops_scratch scratch; /* [0]: the result; [1, 1 + blocks): block partials */
     (void)ctx;
-    if (!sumsq) return ts_error(TS_ERR_INVALID_ARG, "sum_squares: NULL result pointer");
-    *sumsq = 0;
-    if (n == 0) return TS_OK;
-    if (!x) return ts_error(TS_ERR_INVALID_ARG, "sum_squares: NULL buffer for %zu floats", n);
+    ts_status st = ts_sum_squares_check(sumsq, x, n); /* sets *sumsq = 0 */
+    if (st != TS_OK || n == 0) return st;
     ts_cuda_state *cs;
-    ts_status st = ts_ops_state("sum_squares", &cs);
-    if (st != TS_OK) return st;
+    if ((st = ts_ops_state("sum_squares", &cs)) != TS_OK) return st;
     size_t blocks = (n + TS_OPS_THREADS - 1) / TS_OPS_THREADS;
     if (blocks > SUMSQ_BLOCKS) blocks = SUMSQ_BLOCKS;
     void *buf = NULL;
@@ -290,11 +246,10 @@ static __global__ void scale_kernel(float *x, size_t n, float a)
 extern "C" ts_status ts_cuda_scale(ts_ctx *ctx, float *x, size_t n, float a)
 {
     (void)ctx;
-    if (n == 0) return TS_OK;
-    if (!x) return ts_error(TS_ERR_INVALID_ARG, "scale: NULL buffer for %zu floats", n);
+    ts_status st = ts_float_buffer_check("scale", x, n);
+    if (st != TS_OK || n == 0) return st;
     ts_cuda_state *cs;
-    ts_status st = ts_ops_state("scale", &cs);
-    if (st != TS_OK) return st;
+    if ((st = ts_ops_state("scale", &cs)) != TS_OK) return st;
     scale_kernel<<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(x, n, a);
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;

@@ -1,6 +1,7 @@
 /* Losses on the GPU, twins of kernels/cpu/loss.c: softmax cross-entropy and
  * the two Dice losses of shared/specs/smp-unet.md section 6, forward and
- * backward, with the CPU's formulas, masking, checks and messages.
+ * backward, with the CPU's formulas, masking, checks and messages (the checks
+ * are the shared ones of kernels/ops_common.c, which both backends call).
  *
  * Logits [N,C,H,W] and labels [N,H,W] (int32) are device memory; the
  * parameter structs and their class_weights stay on the host, and so does the
@@ -47,49 +48,6 @@
 /* Dice sums per (image, class): Sp, St, I, as on the CPU. */
 enum { DS_P = 0, DS_T = 1, DS_I = 2, DS_N = 3 };
 
-/* ---- shared checks (the CPU's, word for word) ------------------------- */
-
-static ts_status check_logits(const char *op, const ts_tensor *logits, const int32_t *target, const void *params,
-                              const void *out)
-{
-    if (!logits || !logits->data || !target || !params || !out)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: NULL argument (logits, its data, target, params or output)", op);
-    if (logits->n < 1 || logits->c < 1 || logits->h < 1 || logits->w < 1) {
-        char sh[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: logits shape %s must have every dimension >= 1", op,
-                        ts_shape_str(logits, sh));
-    }
-    return TS_OK;
-}
-
-static ts_status check_dlogits(const char *op, const ts_tensor *dlogits, const ts_tensor *logits)
-{
-    if (!dlogits || !dlogits->data) return ts_error(TS_ERR_INVALID_ARG, "%s: dlogits is NULL", op);
-    if (!ts_tensor_same_shape(dlogits, logits)) {
-        char a[TS_SHAPE_STR], b[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: dlogits shape %s differs from logits shape %s", op,
-                        ts_shape_str(dlogits, a), ts_shape_str(logits, b));
-    }
-    return TS_OK;
-}
-
-static ts_status check_dice_params(const char *op, const ts_dice_params *p, int C)
-{
-    if (p->mode != TS_DICE_SMP && p->mode != TS_DICE_PER_IMAGE)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: unknown dice mode %d (0 = SMP, 1 = per-image)", op, (int)p->mode);
-    if (!(p->eps >= 0) || !(p->smooth >= 0))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: eps (%g) and smooth (%g) must be >= 0", op, (double)p->eps,
-                        (double)p->smooth);
-    if (p->mode == TS_DICE_SMP && p->class_weights) {
-        double ws = 0;
-        for (int c = 0; c < C; c++) ws += p->class_weights[c];
-        if (ws == 0)
-            return ts_error(TS_ERR_INVALID_ARG, "%s: class_weights sum to 0 over the %d classes, so the weighted mean "
-                            "is undefined", op, C);
-    }
-    return TS_OK;
-}
-
 /* ---- the per-call device scratch --------------------------------------- */
 
 /* One buffer per call, laid out as
@@ -120,7 +78,7 @@ static ts_status loss_scratch_get(size_t nout, size_t npart, size_t ntail, loss_
 
 /* Copies the first-bad flag and the nout sums to host (host[0] is the flag's
  * bits, host[1..] the sums), waiting for the stream; then, if a label was bad,
- * the CPU's error for that pixel. */
+ * the CPU's error for that pixel (ts_loss_label_error). */
 static ts_status loss_fetch(const char *op, const ts_cuda_state *cs, const loss_scratch *s, size_t nout, double *host,
                             const ts_tensor *logits, const int32_t *target, int ignore_index)
 {
@@ -133,12 +91,7 @@ static ts_status loss_fetch(const char *op, const ts_cuda_state *cs, const loss_
     int32_t y = 0;
     TS_CUDA_CHECK(cudaMemcpyAsync(&y, target + bad, sizeof y, cudaMemcpyDeviceToHost, cs->stream));
     TS_CUDA_CHECK(cudaStreamSynchronize(cs->stream));
-    const size_t hw = (size_t)logits->h * logits->w, i = (size_t)bad;
-    size_t n = i / hw, h = i % hw / (size_t)logits->w, w = i % (size_t)logits->w;
-    return ts_error(TS_ERR_INVALID_ARG,
-                    "%s: target label %d at pixel (n=%zu,h=%zu,w=%zu) is outside [0, %d) and is not "
-                    "ignore_index (%d)",
-                    op, (int)y, n, h, w, logits->c, ignore_index);
+    return ts_loss_label_error(op, logits, y, (size_t)bad, ignore_index);
 }
 
 /* Class weights (host) into the scratch tail (device), or NULL without. */
@@ -265,7 +218,7 @@ extern "C" ts_status ts_cuda_cross_entropy_forward(ts_ctx *ctx, double *loss, co
 {
     (void)ctx;
     const char *op = "cross_entropy_forward";
-    ts_status st = check_logits(op, logits, target, p, loss);
+    ts_status st = ts_loss_check(op, logits, target, p, loss);
     if (st) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state(op, &cs))) return st;
@@ -317,8 +270,8 @@ extern "C" ts_status ts_cuda_cross_entropy_backward(ts_ctx *ctx, ts_tensor *dlog
 {
     (void)ctx;
     const char *op = "cross_entropy_backward";
-    ts_status st = check_logits(op, logits, target, p, dlogits);
-    if (st || (st = check_dlogits(op, dlogits, logits))) return st;
+    ts_status st = ts_loss_check(op, logits, target, p, dlogits);
+    if (st || (st = ts_loss_dlogits_check(op, dlogits, logits))) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state(op, &cs))) return st;
     const int N = logits->n, C = logits->c;
@@ -495,8 +448,8 @@ extern "C" ts_status ts_cuda_dice_forward(ts_ctx *ctx, double *loss, const ts_te
 {
     (void)ctx;
     const char *op = "dice_forward";
-    ts_status st = check_logits(op, logits, target, p, loss);
-    if (st || (st = check_dice_params(op, p, logits->c))) return st;
+    ts_status st = ts_loss_check(op, logits, target, p, loss);
+    if (st || (st = ts_dice_params_check(op, p, logits->c))) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state(op, &cs))) return st;
     const int N = logits->n, C = logits->c;
@@ -543,8 +496,9 @@ extern "C" ts_status ts_cuda_dice_backward(ts_ctx *ctx, ts_tensor *dlogits, cons
 {
     (void)ctx;
     const char *op = "dice_backward";
-    ts_status st = check_logits(op, logits, target, p, dlogits);
-    if (st || (st = check_dlogits(op, dlogits, logits)) || (st = check_dice_params(op, p, logits->c))) return st;
+    ts_status st = ts_loss_check(op, logits, target, p, dlogits);
+    if (st || (st = ts_loss_dlogits_check(op, dlogits, logits)) || (st = ts_dice_params_check(op, p, logits->c)))
+        return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state(op, &cs))) return st;
     const int N = logits->n, C = logits->c;

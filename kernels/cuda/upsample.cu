@@ -23,24 +23,6 @@
 
 #include "cuda_ops.cuh"
 
-static int up_tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
-
-/* The CPU's up_prepare checks: small is the tensor at the input resolution,
- * big the one at the output resolution; they must share N and C. */
-static ts_status up_check(const char *op, const ts_tensor *big, const char *bigname, const ts_tensor *small,
-                          const char *smallname)
-{
-    if (!up_tensor_ok(big) || !up_tensor_ok(small))
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, bigname,
-                        smallname);
-    if (big->n != small->n || big->c != small->c) {
-        char sb[TS_SHAPE_STR], ss[TS_SHAPE_STR];
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s and %s shape %s must have the same n and c", op, bigname,
-                        ts_shape_str(big, sb), smallname, ts_shape_str(small, ss));
-    }
-    return TS_OK;
-}
-
 /* One axis of the resize: in -> out, and the CPU's float scale. */
 typedef struct up_axis {
     int in, out;
@@ -100,7 +82,7 @@ extern "C" ts_status ts_cuda_upsample_nearest_forward(ts_ctx *ctx, ts_tensor *y,
 {
     static const char op[] = "upsample_nearest_forward";
     (void)ctx;
-    ts_status st = up_check(op, y, "y", x, "x");
+    ts_status st = ts_upsample_check(op, y, "y", x, "x"); /* the CPU's checks, shared */
     if (st != TS_OK) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state(op, &cs)) != TS_OK) return st;
@@ -140,7 +122,7 @@ extern "C" ts_status ts_cuda_upsample_nearest_backward(ts_ctx *ctx, ts_tensor *d
 {
     static const char op[] = "upsample_nearest_backward";
     (void)ctx;
-    ts_status st = up_check(op, dy, "dy", dx, "dx");
+    ts_status st = ts_upsample_check(op, dy, "dy", dx, "dx");
     if (st != TS_OK) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state(op, &cs)) != TS_OK) return st;
