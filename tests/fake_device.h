@@ -6,10 +6,12 @@
  * Its allocations are distinct host buffers filled with a NaN pattern (a read
  * before a write shows up in the results); uploads and downloads count calls
  * and bytes and check that the backend side of each copy lies inside a live
- * allocation and the host side does not; the forward ops that inference uses
- * check that every pointer they get lies inside a live allocation (a host
- * pointer slipped to the "device" is counted in foreign_ptrs). Allocations
- * and uploads can be made to fail on purpose. The state is process-wide, as
+ * allocation and the host side does not; every op checks that every device
+ * pointer it gets (tensors, per-channel vectors, pool indices, labels,
+ * optimizer buffers) lies inside a live allocation, and that the pointers the
+ * table keeps on the host (a loss or sum-of-squares result, the class
+ * weights) do not: either mistake is counted in foreign_ptrs. Allocations and
+ * uploads can be made to fail on purpose. The state is process-wide, as
  * the memory interface has no context argument. */
 #ifndef TS_TEST_FAKE_DEVICE_H
 #define TS_TEST_FAKE_DEVICE_H
@@ -24,7 +26,7 @@ typedef struct tu_fake_stats {
     long uploads, downloads;       /* calls */
     size_t upload_bytes, download_bytes;
     long bad_memory;               /* a copy with a side in the wrong memory, or a free of a foreign pointer */
-    long foreign_ptrs;             /* an op given a pointer outside every live allocation */
+    long foreign_ptrs;             /* an op given a device pointer outside every live allocation, or a host one inside */
     long fail_alloc_at;            /* > 0: the fail_alloc_at-th alloc from now fails (1: the next) */
     long fail_upload_at;           /* same for uploads */
 } tu_fake_stats;
