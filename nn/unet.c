@@ -1077,11 +1077,12 @@ ts_status ts_unet_forward(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int train
     return run_forward(&e, ctx, x, train ? 1 : 0, 0, logits);
 }
 
-ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
+/* The backward over e (train plan, unfolded weights): accumulates into
+ * e->grads. Reads e->weights, e->grads and the arena only through the
+ * backend's ops, so e may live in a backend's own memory. */
+static ts_status run_backward(const unet_exec *e, ts_ctx *ctx, const ts_tensor *dlogits)
 {
-    ts_status st = check_ctx(m, ctx, "backward");
-    if (st != TS_OK) return st;
-    ts_unet_layers *g = m->layers;
+    ts_unet_layers *g = e->g;
     if (!g->have_train)
         return ts_error(TS_ERR_INVALID_ARG,
                         "unet backward: no train-mode forward to differentiate (call ts_unet_forward with train = 1 "
@@ -1095,8 +1096,8 @@ ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
                         L->n, L->c, L->h, L->w);
     }
     const ts_backend *B = ctx->backend;
-    const unet_exec ex = host_exec(m), *e = &ex;
-    st = B->zero(ctx, ts_arena_at(&m->arena, g->grad_begin), g->grad_bytes / sizeof(float));
+    const ts_param *P = e->params;
+    ts_status st = B->zero(ctx, ts_arena_at(e->arena, g->grad_begin), g->grad_bytes / sizeof(float));
     if (st != TS_OK) return st;
     for (int i = g->n_nodes - 1; i >= 0; i--) {
         const unet_node *nd = &g->nodes[i];
@@ -1107,21 +1108,20 @@ ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
         case OP_CONV: {
             ts_conv2d_params cp = {.stride_h = nd->stride, .stride_w = nd->stride, .pad_h = nd->pad, .pad_w = nd->pad};
             ts_tensor x = tval(e, nd->in0);
-            ts_tensor dw = pweight(e, nd->w, m->grads);
+            ts_tensor dw = pweight(e, nd->w, e->grads);
             st = B->conv2d_backward_filter(ctx, &dw, &dy, &x, &cp);
-            if (st == TS_OK && nd->b >= 0) st = B->conv2d_backward_bias(ctx, m->grads + m->params[nd->b].offset, &dy);
+            if (st == TS_OK && nd->b >= 0) st = B->conv2d_backward_bias(ctx, e->grads + P[nd->b].offset, &dy);
             if (st == TS_OK && need_dx) {
-                ts_tensor wt = pweight(e, nd->w, m->weights);
+                ts_tensor wt = pweight(e, nd->w, e->weights);
                 st = B->conv2d_backward_data(ctx, &dx, &dy, &wt, &cp);
             }
             break;
         }
         case OP_BN: {
             ts_tensor x = tval(e, nd->in0);
-            st = B->batchnorm_backward(ctx, &dx, m->grads + m->params[nd->gamma].offset,
-                                       m->grads + m->params[nd->beta].offset, &dy, &x,
-                                       m->weights + m->params[nd->gamma].offset, ts_arena_at(&m->arena, nd->save_mean),
-                                       ts_arena_at(&m->arena, nd->save_invstd));
+            st = B->batchnorm_backward(ctx, &dx, e->grads + P[nd->gamma].offset, e->grads + P[nd->beta].offset, &dy,
+                                       &x, e->weights + P[nd->gamma].offset, ts_arena_at(e->arena, nd->save_mean),
+                                       ts_arena_at(e->arena, nd->save_invstd));
             break;
         }
         case OP_RELU: {
@@ -1136,7 +1136,7 @@ ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
         }
         case OP_MAXPOOL: {
             ts_pool2d_params pp = {3, 3, 2, 2, 1, 1};
-            st = B->maxpool2d_backward(ctx, &dx, &dy, ts_arena_at(&m->arena, nd->index), &pp);
+            st = B->maxpool2d_backward(ctx, &dx, &dy, ts_arena_at(e->arena, nd->index), &pp);
             break;
         }
         case OP_UPSAMPLE: st = B->upsample_nearest_backward(ctx, &dx, &dy); break;
@@ -1149,6 +1149,14 @@ ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
         if (st != TS_OK) return wrap_error(st, "backward", nd);
     }
     return TS_OK;
+}
+
+ts_status ts_unet_backward(ts_unet *m, ts_ctx *ctx, const ts_tensor *dlogits)
+{
+    ts_status st = check_ctx(m, ctx, "backward");
+    if (st != TS_OK) return st;
+    unet_exec e = host_exec(m);
+    return run_backward(&e, ctx, dlogits);
 }
 
 ts_status ts_unet_zero_grad(ts_unet *m, ts_ctx *ctx)
@@ -1267,42 +1275,65 @@ void ts_unet_device_free(ts_unet_device *d)
     ts_arena_reset(&d->arena);
     if (mem) {
         mem->free(d->weights);
+        mem->free(d->grads);
+        mem->free(d->buffers);
         mem->free(d->x);
     }
+    free(d->counters);
     layers_free(d->layers);
     free(d->params);
     memset(d, 0, sizeof *d);
 }
 
-ts_status ts_unet_device_init(ts_unet_device *d, const ts_unet *m, const ts_backend *b)
+/* What both kinds of copy start with: the backend checked, a copy of m's
+ * table and a graph of its own. The plan lives in the graph, so the copy and
+ * the host model can run different shapes, and the host model may be freed
+ * or go on training after init returns. */
+static ts_status device_begin(ts_unet_device *d, const ts_unet *m, const ts_backend *b, const char *what)
 {
-    if (!d) return ts_error(TS_ERR_INVALID_ARG, "unet device init: NULL device copy");
+    if (!d) return ts_error(TS_ERR_INVALID_ARG, "unet %s: NULL device copy", what);
     memset(d, 0, sizeof *d);
     ts_arena_init(&d->arena);
     if (!m || !m->layers || !m->params)
-        return ts_error(TS_ERR_INVALID_ARG, "unet device init: model is not initialised (call ts_unet_init)");
-    if (!b) return ts_error(TS_ERR_INVALID_ARG, "unet device init: no backend");
+        return ts_error(TS_ERR_INVALID_ARG, "unet %s: model is not initialised (call ts_unet_init)", what);
+    if (!b) return ts_error(TS_ERR_INVALID_ARG, "unet %s: no backend", what);
     ts_status st = ts_backend_check(b);
     if (st != TS_OK) return st;
-    const ts_backend_memory *mem = b->memory;
     d->backend = b;
     d->cfg = m->cfg;
-    /* Its own table and graph: the plan lives in the graph, so the device copy
-     * and the host model can run different shapes, and the host model may be
-     * freed or go on training after this returns. */
     d->params = malloc((size_t)m->n_params * sizeof *d->params);
     d->layers = calloc(1, sizeof *d->layers);
     if (!d->params || !d->layers) {
         ts_unet_device_free(d);
-        return ts_error(TS_ERR_NOMEM, "unet device init: out of memory for the layer graph");
+        return ts_error(TS_ERR_NOMEM, "unet %s: out of memory for the layer graph", what);
     }
     memcpy(d->params, m->params, (size_t)m->n_params * sizeof *d->params);
     d->n_params = m->n_params;
     st = build_graph(&d->cfg, d->params, d->n_params, d->layers);
+    if (st != TS_OK) ts_unet_device_free(d);
+    return st;
+}
+
+/* *p = bytes of the backend's memory, with an error naming what it is for. */
+static ts_status device_alloc(const ts_backend *b, void **p, size_t bytes, const char *what, const char *name)
+{
+    *p = NULL;
+    ts_status st = b->memory->alloc(p, bytes ? bytes : 1);
+    if (st == TS_OK && !*p) st = ts_error(TS_ERR_NOMEM, "backend gave no memory");
     if (st != TS_OK) {
-        ts_unet_device_free(d);
-        return st;
+        char why[512];
+        snprintf(why, sizeof why, "%s", ts_last_error());
+        return ts_error(st, "unet %s: %.1f MiB for the %s on backend \"%s\": %s", what, (double)bytes / (1 << 20),
+                        name, b->name, why);
     }
+    return TS_OK;
+}
+
+ts_status ts_unet_device_init(ts_unet_device *d, const ts_unet *m, const ts_backend *b)
+{
+    ts_status st = device_begin(d, m, b, "device init");
+    if (st != TS_OK) return st;
+    const ts_backend_memory *mem = b->memory;
     /* Folded on the host in a temporary block, then uploaded in one copy. */
     size_t total = fold_layout(d->layers, d->params);
     size_t bytes = total * sizeof(float);
@@ -1313,8 +1344,7 @@ ts_status ts_unet_device_init(ts_unet_device *d, const ts_unet *m, const ts_back
     }
     fold_fill(d->layers, m, blk, total);
     void *dw = NULL;
-    st = mem->alloc(&dw, bytes);
-    if (st == TS_OK && !dw) st = ts_error(TS_ERR_NOMEM, "unet device init: backend gave no memory");
+    st = device_alloc(b, &dw, bytes, "device init", "folded weights");
     d->weights = dw;
     d->n_weights = total;
     if (st == TS_OK) st = mem->upload(d->weights, blk, bytes);
@@ -1329,15 +1359,145 @@ ts_status ts_unet_device_init(ts_unet_device *d, const ts_unet *m, const ts_back
     return TS_OK;
 }
 
-ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)
+/* Zeroes bytes of backend memory by uploading zeros: the memory interface
+ * has no memset, and this runs once per training copy. */
+static ts_status device_zero(const ts_backend_memory *mem, void *dst, size_t bytes)
+{
+    const size_t chunk = (size_t)1 << 22;
+    void *z = calloc(1, bytes < chunk ? (bytes ? bytes : 1) : chunk);
+    if (!z) return ts_error(TS_ERR_NOMEM, "unet: out of memory zeroing gradients");
+    ts_status st = TS_OK;
+    for (size_t at = 0; at < bytes && st == TS_OK; at += chunk)
+        st = mem->upload((unsigned char *)dst + at, z, bytes - at < chunk ? bytes - at : chunk);
+    free(z);
+    return st;
+}
+
+ts_status ts_unet_device_init_train(ts_unet_device *d, const ts_unet *m, const ts_backend *b)
+{
+    ts_status st = device_begin(d, m, b, "device init_train");
+    if (st != TS_OK) return st;
+    d->train = 1;
+    d->n_weights = m->n_weights;
+    d->n_buffers = m->n_buffers;
+    d->n_counters = m->n_counters;
+    void *w = NULL, *g = NULL, *bu = NULL;
+    st = device_alloc(b, &w, d->n_weights * sizeof(float), "device init_train", "weights");
+    d->weights = w;
+    if (st == TS_OK) st = device_alloc(b, &g, d->n_weights * sizeof(float), "device init_train", "gradients");
+    d->grads = g;
+    if (st == TS_OK) st = device_alloc(b, &bu, d->n_buffers * sizeof(float), "device init_train", "BN statistics");
+    d->buffers = bu;
+    if (st == TS_OK) {
+        d->counters = malloc((d->n_counters ? d->n_counters : 1) * sizeof(int64_t));
+        if (!d->counters) st = ts_error(TS_ERR_NOMEM, "unet device init_train: out of memory for the counters");
+    }
+    if (st == TS_OK) st = device_zero(b->memory, d->grads, d->n_weights * sizeof(float));
+    if (st == TS_OK) st = ts_unet_device_upload_params(d, m);
+    if (st != TS_OK) ts_unet_device_free(d);
+    return st;
+}
+
+/* The host model and a training copy made from a model of the same table. */
+static ts_status check_pair(const ts_unet_device *d, const ts_unet *m, const char *what)
+{
+    if (!d || !d->train || !d->weights)
+        return ts_error(TS_ERR_INVALID_ARG, "unet %s: not a training copy (call ts_unet_device_init_train)", what);
+    if (!m || !m->weights || m->n_weights != d->n_weights || m->n_buffers != d->n_buffers ||
+        m->n_counters != d->n_counters || m->n_params != d->n_params)
+        return ts_error(TS_ERR_INVALID_ARG, "unet %s: the host model is not the one the training copy was made from",
+                        what);
+    return TS_OK;
+}
+
+ts_status ts_unet_device_upload_params(ts_unet_device *d, const ts_unet *m)
+{
+    ts_status st = check_pair(d, m, "device upload_params");
+    if (st != TS_OK) return st;
+    const ts_backend_memory *mem = d->backend->memory;
+    st = mem->upload(d->weights, m->weights, d->n_weights * sizeof(float));
+    if (st == TS_OK && d->n_buffers) st = mem->upload(d->buffers, m->buffers, d->n_buffers * sizeof(float));
+    if (st != TS_OK) return st;
+    memcpy(d->counters, m->counters, d->n_counters * sizeof(int64_t));
+    return TS_OK;
+}
+
+ts_status ts_unet_device_download_params(const ts_unet_device *d, ts_unet *m)
+{
+    ts_status st = check_pair(d, m, "device download_params");
+    if (st != TS_OK) return st;
+    const ts_backend_memory *mem = d->backend->memory;
+    m->layers->have_folded = 0; /* the folded copy no longer matches */
+    st = mem->download(m->weights, d->weights, d->n_weights * sizeof(float));
+    if (st == TS_OK && d->n_buffers) st = mem->download(m->buffers, d->buffers, d->n_buffers * sizeof(float));
+    if (st != TS_OK) return st;
+    memcpy(m->counters, d->counters, d->n_counters * sizeof(int64_t));
+    return TS_OK;
+}
+
+static ts_status check_device_ctx(const ts_unet_device *d, const ts_ctx *ctx, int train, const char *what)
 {
     if (!d || !d->layers || !d->weights)
-        return ts_error(TS_ERR_INVALID_ARG, "unet device forward: not initialised (call ts_unet_device_init)");
-    if (!ctx || ctx->backend != d->backend)
+        return ts_error(TS_ERR_INVALID_ARG, "unet %s: not initialised (call ts_unet_device_init%s)", what,
+                        train ? "_train" : "");
+    if (d->train != train)
         return ts_error(TS_ERR_INVALID_ARG,
-                        "unet device forward: the context's backend (%s) is not the one the device copy lives on (%s)",
-                        ctx && ctx->backend ? ctx->backend->name : "none", d->backend->name);
-    ts_status st = check_input(&d->cfg, x, logits, "device forward");
+                        train ? "unet %s: this is an inference copy (folded weights); make a training copy with "
+                                "ts_unet_device_init_train"
+                              : "unet %s: this is a training copy (unfolded weights); run it with ts_unet_device_run",
+                        what);
+    if (!ctx || ctx->backend != d->backend)
+        return ts_error(TS_ERR_INVALID_ARG, "unet %s: the context's backend (%s) is not the one the device copy lives on (%s)",
+                        what, ctx && ctx->backend ? ctx->backend->name : "none", d->backend->name);
+    return TS_OK;
+}
+
+/* Puts a host batch where the copy's ops can read it: uploaded into the
+ * input buffer (grown to the largest batch seen, then reused), or on a host
+ * backend, read in place when in_place is set. */
+static ts_status stage_input(ts_unet_device *d, const ts_tensor *x, int in_place, ts_tensor *xd)
+{
+    const ts_backend_memory *mem = d->backend->memory;
+    if (in_place && mem->host) {
+        *xd = *x;
+        return TS_OK;
+    }
+    const size_t in_bytes = ts_tensor_numel(x) * sizeof(float);
+    if (in_bytes > d->x_bytes) {
+        mem->free(d->x);
+        d->x = NULL;
+        d->x_bytes = 0;
+        void *p = NULL;
+        ts_status st = device_alloc(d->backend, &p, in_bytes, "device forward", "input batch");
+        if (st != TS_OK) return st;
+        d->x = p;
+        d->x_bytes = in_bytes;
+    }
+    ts_status st = mem->upload(d->x, x->data, in_bytes);
+    if (st != TS_OK) return st;
+    *xd = ts_tensor_view(d->x, x->n, x->c, x->h, x->w);
+    return TS_OK;
+}
+
+static unet_exec device_exec(ts_unet_device *d)
+{
+    unet_exec e = {d->layers, d->params, &d->arena, &d->plan_n, &d->plan_h, &d->plan_w, d->backend->memory,
+                   NULL, NULL, NULL, NULL, NULL};
+    if (d->train) {
+        e.weights = d->weights;
+        e.grads = d->grads;
+        e.buffers = d->buffers;
+        e.counters = d->counters;
+    } else {
+        e.folded = d->weights;
+    }
+    return e;
+}
+
+ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)
+{
+    ts_status st = check_device_ctx(d, ctx, 0, "device forward");
+    if (st == TS_OK) st = check_input(&d->cfg, x, logits, "device forward");
     if (st != TS_OK) return st;
     const int K = d->cfg.classes;
     if (!logits->data || logits->n != x->n || logits->c != K || logits->h != x->h || logits->w != x->w) {
@@ -1346,31 +1506,61 @@ ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor
         return ts_error(TS_ERR_INVALID_ARG, "unet device forward: logits %s must be a host tensor [%d,%d,%d,%d]", s,
                         x->n, K, x->h, x->w);
     }
-    const ts_backend_memory *mem = d->backend->memory;
-    unet_exec e = {d->layers, d->params, &d->arena, &d->plan_n, &d->plan_h, &d->plan_w, mem,
-                   NULL, NULL, NULL, NULL, d->weights};
+    unet_exec e = device_exec(d);
+    /* Planned before the input is staged, so a shape the plan refuses costs no copy. */
     st = ensure_plan(&e, x->n, x->h, x->w, 0);
+    ts_tensor xd, ld;
+    if (st == TS_OK) st = stage_input(d, x, 0, &xd);
+    if (st == TS_OK) st = run_forward(&e, ctx, &xd, 0, 1, &ld);
     if (st != TS_OK) return st;
-    /* The input buffer grows to the largest batch seen and is then reused. */
-    const size_t in_bytes = ts_tensor_numel(x) * sizeof(float);
-    if (in_bytes > d->x_bytes) {
-        mem->free(d->x);
-        d->x = NULL;
-        d->x_bytes = 0;
-        void *p = NULL;
-        st = mem->alloc(&p, in_bytes);
-        if (st == TS_OK && !p) st = ts_error(TS_ERR_NOMEM, "unet device forward: backend gave no memory");
-        if (st != TS_OK) {
-            mem->free(p);
-            return st;
-        }
-        d->x = p;
-        d->x_bytes = in_bytes;
-    }
-    st = mem->upload(d->x, x->data, in_bytes);
+    return d->backend->memory->download(logits->data, ld.data, ts_tensor_numel(&ld) * sizeof(float));
+}
+
+ts_status ts_unet_device_run(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, int train, ts_tensor *logits)
+{
+    ts_status st = check_device_ctx(d, ctx, 1, "device run");
+    if (st == TS_OK) st = check_input(&d->cfg, x, logits, "device run");
     if (st != TS_OK) return st;
-    ts_tensor xd = ts_tensor_view(d->x, x->n, x->c, x->h, x->w), ld;
-    st = run_forward(&e, ctx, &xd, 0, 1, &ld);
+    unet_exec e = device_exec(d);
+    train = train ? 1 : 0;
+    st = ensure_plan(&e, x->n, x->h, x->w, train);
+    ts_tensor xd;
+    if (st == TS_OK) st = stage_input(d, x, 1, &xd);
     if (st != TS_OK) return st;
-    return mem->download(logits->data, ld.data, ts_tensor_numel(&ld) * sizeof(float));
+    return run_forward(&e, ctx, &xd, train, 0, logits);
+}
+
+ts_status ts_unet_device_backward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *dlogits)
+{
+    ts_status st = check_device_ctx(d, ctx, 1, "device backward");
+    if (st != TS_OK) return st;
+    unet_exec e = device_exec(d);
+    return run_backward(&e, ctx, dlogits);
+}
+
+ts_status ts_unet_device_zero_grad(ts_unet_device *d, ts_ctx *ctx)
+{
+    ts_status st = check_device_ctx(d, ctx, 1, "device zero_grad");
+    if (st != TS_OK) return st;
+    return ctx->backend->zero(ctx, d->grads, d->n_weights);
+}
+
+ts_unet_trainable ts_unet_host_trainable(ts_unet *m)
+{
+    ts_unet_trainable t = {m->params, m->n_params, m->weights, m->grads, m->n_weights, NULL};
+    return t;
+}
+
+ts_unet_trainable ts_unet_device_trainable(ts_unet_device *d)
+{
+    ts_unet_trainable t;
+    memset(&t, 0, sizeof t);
+    if (!d || !d->train) return t;
+    t.params = d->params;
+    t.n_params = d->n_params;
+    t.weights = d->weights;
+    t.grads = d->grads;
+    t.n_weights = d->n_weights;
+    t.mem = d->backend->memory;
+    return t;
 }

@@ -131,11 +131,18 @@ typedef struct ts_unet_device {
     ts_param *params;       /* a copy of the table: the graph's shapes */
     int n_params;
     ts_unet_layers *layers; /* a graph of its own (the plan lives in it) */
-    float *weights;         /* backend memory: the folded block */
+    int train;              /* 0: an inference copy (ts_unet_device_init); 1: a training copy */
+    float *weights;         /* backend memory: the folded block (inference), or the
+                               trainable weights in the table's layout (training) */
     size_t n_weights;       /* floats in it */
+    float *grads;           /* training: backend memory, n_weights floats */
+    float *buffers;         /* training: backend memory, the BN running statistics */
+    size_t n_buffers;
+    int64_t *counters;      /* training: HOST memory, num_batches_tracked (only the host counts) */
+    size_t n_counters;
     ts_arena arena;         /* backend memory: activations for (plan_n, plan_h, plan_w) */
     int plan_n, plan_h, plan_w;
-    float *x;               /* backend memory: the input batch */
+    float *x;               /* backend memory: the input batch (unused on a host backend's training copy) */
     size_t x_bytes;
 } ts_unet_device;
 
@@ -150,5 +157,53 @@ ts_status ts_unet_device_init(ts_unet_device *d, const ts_unet *m, const ts_back
  * arena when (N, H, W) changes. Errors leave the copy usable. */
 ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x_host, ts_tensor *logits_host);
 void ts_unet_device_free(ts_unet_device *d);
+
+/* ---- training on a backend ---------------------------------------------
+ * A training copy keeps the trainable weights, their gradients and the BN
+ * running statistics in the backend's memory, in the host model's layouts,
+ * so one step never crosses to the host except for the input batch (and the
+ * scalars ops return). The host model stays the copy that files are read
+ * into and written from: upload after loading, download before saving. The
+ * graph code is the host model's (train forward, eval forward, backward),
+ * so on the CPU backend the copy computes the same bits as ts_unet_forward
+ * and ts_unet_backward on the host model. */
+
+/* Uploads m's weights and running statistics (counters are copied on the
+ * host) and zeroes the gradients. On error nothing is left allocated. */
+ts_status ts_unet_device_init_train(ts_unet_device *d, const ts_unet *m, const ts_backend *b);
+/* Host model -> training copy (after loading a checkpoint into m), and back
+ * (before saving, validating on the host or handing m to a caller). The
+ * download invalidates m's folded weights (call ts_unet_fold_bn again). */
+ts_status ts_unet_device_upload_params(ts_unet_device *d, const ts_unet *m);
+ts_status ts_unet_device_download_params(const ts_unet_device *d, ts_unet *m);
+/* The unfolded forward of a training copy: train = 1 as ts_unet_forward's
+ * train mode (batch statistics, running statistics and counters updated,
+ * activations kept for backward), train = 0 its eval mode. x_host
+ * [N, in_channels, H, W] is host memory: it is uploaded to the copy's input
+ * buffer, or on a host backend read in place, so it must stay unchanged
+ * until ts_unet_device_backward returns. *logits_dev is a view
+ * [N, classes, H, W] into the arena, in the backend's memory, valid until
+ * the next call. */
+ts_status ts_unet_device_run(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x_host, int train,
+                             ts_tensor *logits_dev);
+/* Backward of the last train-mode run; dlogits_dev lies in the backend's
+ * memory. Accumulates into d->grads as ts_unet_backward does. */
+ts_status ts_unet_device_backward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *dlogits_dev);
+ts_status ts_unet_device_zero_grad(ts_unet_device *d, ts_ctx *ctx);
+
+/* The trainable block of a model wherever it lives: what the optimizer
+ * (train/optim.h) updates. mem is the memory weights and grads live in
+ * (NULL: host memory). */
+typedef struct ts_unet_trainable {
+    const ts_param *params;
+    int n_params;
+    float *weights, *grads;
+    size_t n_weights;
+    const ts_backend_memory *mem;
+} ts_unet_trainable;
+
+ts_unet_trainable ts_unet_host_trainable(ts_unet *m);
+/* A training copy's block (zeroed pointers for an inference copy). */
+ts_unet_trainable ts_unet_device_trainable(ts_unet_device *d);
 
 #endif

@@ -21,7 +21,13 @@
  *   (g) init imagenet from a torchvision-style resnet34 .pth (ts_pth_write):
  *       before the first step the encoder equals the file (3 bands) or the
  *       SMP first-conv rule of it (4 bands), decoder and head equal the
- *       scratch init of the seed.
+ *       scratch init of the seed;
+ *   (h) the device path: the same run as (b)'s uninterrupted one on the
+ *       fake-device backend (tests/fake_device.h: the CPU ops on separate,
+ *       checked memory, so weights, gradients, BN statistics, AdamW state,
+ *       activations, labels and dlogits all live in "device" memory) gives a
+ *       bit-identical model, and so does a stop + resume on it; no op gets a
+ *       host pointer and nothing is left allocated.
  * TEST_TRAIN_KEEP=1 keeps the folder. */
 #include <ftw.h>
 #include <cpl_conv.h>
@@ -35,6 +41,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fake_device.h"
 #include "smp_fill.h"
 #include "testutil.h"
 #include "train/config.h"
@@ -614,6 +621,47 @@ static void test_imagenet(void)
     ts_dict_free(&tv);
 }
 
+/* (h); after test_resume, whose run_full it compares with. */
+static void test_device(void)
+{
+    const char *extra = "train.accumulate: 2\ntrain.checkpoint_steps: 2\nschedule.kind: cosine\nschedule.interval: step\n";
+    ts_train_config c;
+    ts_train_result r;
+    ts_train_run_opts o = quiet_opts();
+    o.backend = tu_fake_device_backend();
+    tu_fake_reset_counts();
+    const long live0 = tu_fake.live;
+    if (!tu_expect(resolve(&c, "run_dev", 3, 0, extra), "config dev")) return;
+    tu_expect_ok(ts_train_run(&c, &o, &r), "run on the fake device");
+    printf("fake device run: %lld steps, %.1f s; %ld uploads (%.1f MiB), %ld downloads (%.1f MiB)\n",
+           (long long)r.global_step, r.seconds, tu_fake.uploads, tu_fake.upload_bytes / 1048576.0, tu_fake.downloads,
+           tu_fake.download_bytes / 1048576.0);
+    same_model(tpath("run_full/model.safetensors"), tpath("run_dev/model.safetensors"), "fake device vs cpu");
+    ts_train_config_free(&c);
+    if (!tu_expect(resolve(&c, "run_dev_stop", 3, 0, extra), "config dev stop")) return;
+    o.stop_after_steps = 3;
+    tu_expect_ok(ts_train_run(&c, &o, &r), "stopped run on the fake device");
+    tu_expect(r.interrupted == SIGINT && r.global_step == 3, "fake device: stopped at step 3");
+    o.stop_after_steps = 0;
+    o.resume = tpath("run_dev_stop/last.safetensors");
+    tu_expect_ok(ts_train_run(&c, &o, &r), "resumed run on the fake device");
+    same_model(tpath("run_full/model.safetensors"), tpath("run_dev_stop/model.safetensors"),
+               "fake device stop + resume vs cpu");
+    ts_train_config_free(&c);
+    tu_expect(tu_fake.foreign_ptrs == 0 && tu_fake.bad_memory == 0,
+              "fake device: every op pointer in device memory (%ld foreign, %ld bad copies)", tu_fake.foreign_ptrs,
+              tu_fake.bad_memory);
+    tu_expect(tu_fake.live == live0, "fake device: everything freed (%ld live)", tu_fake.live);
+    /* An allocation failing inside the run is an error, and frees everything. */
+    if (!tu_expect(resolve(&c, "run_dev_fail", 1, 0, extra), "config dev fail")) return;
+    o.resume = NULL;
+    tu_fake.fail_alloc_at = 3;
+    tu_expect_error(ts_train_run(&c, &o, &r), TS_ERR_NOMEM, "fake device alloc 3 fails", "fake-device", NULL);
+    tu_fake.fail_alloc_at = 0;
+    tu_expect(tu_fake.live == live0, "fake device failure: everything freed (%ld live)", tu_fake.live);
+    ts_train_config_free(&c);
+}
+
 static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
 {
     (void)sb, (void)flag, (void)ftw;
@@ -631,6 +679,7 @@ int main(void)
     if (tu_expect(make_data(), "write the synthetic data")) {
         test_learns();
         test_resume();
+        test_device();
         test_errors();
         test_early_stop();
         test_nan();

@@ -17,7 +17,20 @@
  *   - errors (wrong channels, wrong logits shape, an allocation or an upload
  *     failing in init, in planning, in the input buffer) return a status,
  *     leave nothing allocated that should not be, and leave the copy usable;
- *   - the copy outlives the host model it came from. */
+ *   - the copy outlives the host model it came from.
+ * And the training copy (ts_unet_device_init_train) with the optimizer's
+ * state in the same memory (ts_optim_init_on):
+ *   - two optimizer steps (CE + Dice, gradient accumulation over 2
+ *     micro-batches, clipping, no-decay group) give the same weights,
+ *     gradients, BN statistics, counters, AdamW moments and losses as the host
+ *     model bit for bit, and an eval run the same logits as ts_unet_forward;
+ *   - every op pointer lies in the backend's memory, labels and dlogits too;
+ *   - a checkpoint round trip (download + ts_optim_save, then a fresh copy
+ *     and optimizer loaded from it) continues bit-identically;
+ *   - misuse (an inference copy run for training and back, backward before a
+ *     train run, a mismatched host model, an optimizer in other memory,
+ *     allocation failures at every step of init) is an error and leaks
+ *     nothing. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +39,8 @@
 #include "nn/unet.h"
 #include "tests/fake_device.h"
 #include "tests/testutil.h"
+#include "train/loss.h"
+#include "train/optim.h"
 
 static ts_unet_config make_cfg(int in, int k, int depth, const int *dec, int use_bn)
 {
@@ -272,6 +287,293 @@ static void test_cpu_memory(ts_ctx *cpu)
     ts_unet_free(&m);
 }
 
+/* ---- training ---- */
+
+/* A copy of n backend floats on the host (NULL on error). */
+static float *fetch(const ts_backend *b, const float *p, size_t n)
+{
+    float *h = malloc((n ? n : 1) * sizeof *h);
+    if (h && b->memory->download(h, p, n * sizeof *h) != TS_OK) {
+        free(h);
+        return NULL;
+    }
+    return h;
+}
+
+static int same_bits(const float *a, const float *b, size_t n, const char *what)
+{
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], sizeof(float)) != 0 && bad++ == 0) first = i;
+    return tu_expect(bad == 0, "%s: bit for bit (%zu of %zu differ, first at %zu: %.9g vs %.9g)", what, bad, n, first,
+                     bad ? a[first] : 0.0, bad ? b[first] : 0.0);
+}
+
+typedef struct train_io {
+    ts_tensor x[2];         /* host batches */
+    int32_t *y[2];          /* host labels */
+    int32_t *y_dev[2];      /* labels in the device's memory */
+    float *dl_dev;          /* dlogits in the device's memory */
+    ts_tensor dl;           /* host dlogits */
+} train_io;
+
+/* One optimizer step of 2 micro-batches on the host model... */
+static int host_step(ts_unet *m, ts_optim *o, ts_ctx *cpu, const ts_loss *loss, train_io *io, double lr,
+                     double *losses)
+{
+    if (!tu_expect_ok(ts_unet_zero_grad(m, cpu), "host zero_grad")) return 0;
+    for (int k = 0; k < 2; k++) {
+        ts_tensor lg;
+        ts_loss_value lv;
+        memset(io->dl.data, 0, ts_tensor_numel(&io->dl) * sizeof(float));
+        if (!tu_expect_ok(ts_unet_forward(m, cpu, &io->x[k], 1, &lg), "host train forward") ||
+            !tu_expect_ok(ts_loss_forward(loss, cpu, &lg, io->y[k], &lv), "host loss") ||
+            !tu_expect_ok(ts_loss_backward(loss, cpu, &io->dl, &lg, io->y[k], ts_optim_loss_scale(o)), "host dloss") ||
+            !tu_expect_ok(ts_unet_backward(m, cpu, &io->dl), "host backward"))
+            return 0;
+        losses[k] = lv.total;
+    }
+    return tu_expect_ok(ts_optim_step(o, cpu, m, lr, NULL), "host optimizer step");
+}
+
+/* ...and on the training copy, everything in the device's memory. */
+static int dev_step(ts_unet_device *d, ts_optim *o, ts_ctx *dev, const ts_loss *loss, train_io *io, double lr,
+                    double *losses)
+{
+    ts_unet_trainable t = ts_unet_device_trainable(d);
+    if (!tu_expect_ok(ts_unet_device_zero_grad(d, dev), "device zero_grad")) return 0;
+    for (int k = 0; k < 2; k++) {
+        ts_tensor lg;
+        ts_loss_value lv;
+        ts_tensor dl = ts_tensor_view(io->dl_dev, io->dl.n, io->dl.c, io->dl.h, io->dl.w);
+        if (!tu_expect_ok(dev->backend->zero(dev, dl.data, ts_tensor_numel(&dl)), "device zero dlogits") ||
+            !tu_expect_ok(ts_unet_device_run(d, dev, &io->x[k], 1, &lg), "device train run") ||
+            !tu_expect_ok(ts_loss_forward(loss, dev, &lg, io->y_dev[k], &lv), "device loss") ||
+            !tu_expect_ok(ts_loss_backward(loss, dev, &dl, &lg, io->y_dev[k], ts_optim_loss_scale(o)), "device dloss") ||
+            !tu_expect_ok(ts_unet_device_backward(d, dev, &dl), "device backward"))
+            return 0;
+        losses[k] = lv.total;
+    }
+    return tu_expect_ok(ts_optim_step_on(o, dev, &t, lr, NULL), "device optimizer step");
+}
+
+/* The copy's weights, gradients, statistics and counters against m's, and
+ * the two optimizers' moments. */
+static void compare_state(const ts_unet_device *d, const ts_unet *m, const ts_optim *od, const ts_optim *om,
+                          const char *what)
+{
+    const ts_backend *b = d->backend;
+    char w[160];
+    float *hw = fetch(b, d->weights, d->n_weights), *hg = fetch(b, d->grads, d->n_weights);
+    float *hb = fetch(b, d->buffers, d->n_buffers);
+    float *ha = fetch(b, od->exp_avg, od->n), *hq = fetch(b, od->exp_avg_sq, od->n);
+    if (tu_expect(hw && hg && hb && ha && hq, "%s: download the state", what)) {
+        snprintf(w, sizeof w, "%s: weights", what);
+        same_bits(hw, m->weights, m->n_weights, w);
+        snprintf(w, sizeof w, "%s: gradients", what);
+        same_bits(hg, m->grads, m->n_weights, w);
+        snprintf(w, sizeof w, "%s: BN running statistics", what);
+        same_bits(hb, m->buffers, m->n_buffers, w);
+        snprintf(w, sizeof w, "%s: exp_avg", what);
+        same_bits(ha, om->exp_avg, om->n, w);
+        snprintf(w, sizeof w, "%s: exp_avg_sq", what);
+        same_bits(hq, om->exp_avg_sq, om->n, w);
+        tu_expect(memcmp(d->counters, m->counters, m->n_counters * sizeof(int64_t)) == 0 && od->step == om->step,
+                  "%s: counters and step equal", what);
+    }
+    free(hw);
+    free(hg);
+    free(hb);
+    free(ha);
+    free(hq);
+}
+
+static void test_train_copy(ts_ctx *cpu, ts_ctx *dev, const ts_unet_config *cfg, const char *name)
+{
+    const ts_backend *b = dev->backend;
+    const int N = 2, C = cfg->in_channels, K = cfg->classes, H = 35, W = 29;
+    ts_unet m;
+    if (!make_model(&m, cfg, 23)) return;
+    ts_loss_config lc = ts_loss_default_config();
+    lc.ce.ignore_index = lc.dice.ignore_index = 255;
+    ts_loss loss;
+    tu_expect_ok(ts_loss_init(&loss, &lc, K), "loss");
+    ts_optim_config oc = ts_optim_default_config();
+    oc.lr = 1e-2;
+    oc.no_decay_1d = 1;     /* two groups: many runs in the block */
+    oc.clip_grad_norm = 0.5; /* clipped: sum_squares and scale on the device */
+    oc.accum_steps = 2;
+    train_io io;
+    memset(&io, 0, sizeof io);
+    tu_rng rng;
+    tu_rng_seed(&rng, 29);
+    for (int k = 0; k < 2; k++) {
+        io.x[k] = tu_tensor(N, C, H, W);
+        tu_fill(&rng, io.x[k].data, ts_tensor_numel(&io.x[k]), -1, 1);
+        io.y[k] = malloc((size_t)N * H * W * sizeof(int32_t));
+        for (int i = 0; io.y[k] && i < N * H * W; i++) io.y[k][i] = tu_randint(&rng, 9) == 0 ? 255 : tu_randint(&rng, K);
+    }
+    io.dl = tu_tensor(N, K, H, W);
+
+    ts_unet_device d, d2;
+    memset(&d, 0, sizeof d);
+    memset(&d2, 0, sizeof d2);
+    ts_optim om, od, od2;
+    memset(&om, 0, sizeof om);
+    memset(&od, 0, sizeof od);
+    memset(&od2, 0, sizeof od2);
+    ts_dict ck;
+    ts_dict_init(&ck);
+    tu_fake_reset_counts();
+    const long live0 = tu_fake.live;
+    if (!tu_expect_ok(ts_unet_device_init_train(&d, &m, b), name) ||
+        !tu_expect_ok(ts_optim_init(&om, &oc, &m), "host optimizer") ||
+        !tu_expect_ok(ts_optim_init_on(&od, &oc, &m, b), "device optimizer"))
+        goto out;
+    tu_expect(od.mem == b->memory, "%s: the optimizer state lives in the backend's memory", name);
+    void *p = NULL;
+    for (int k = 0; k < 2; k++) {
+        tu_expect_ok(b->memory->alloc(&p, (size_t)N * H * W * sizeof(int32_t)), "labels alloc");
+        io.y_dev[k] = p;
+        tu_expect_ok(b->memory->upload(io.y_dev[k], io.y[k], (size_t)N * H * W * sizeof(int32_t)), "labels upload");
+    }
+    tu_expect_ok(b->memory->alloc(&p, ts_tensor_numel(&io.dl) * sizeof(float)), "dlogits alloc");
+    io.dl_dev = p;
+
+    double lh[2], ld[2];
+    for (int step = 0; step < 2; step++) {
+        double lr = step ? 5e-3 : 1e-2;
+        if (!host_step(&m, &om, cpu, &loss, &io, lr, lh) || !dev_step(&d, &od, dev, &loss, &io, lr, ld)) goto out;
+        tu_expect(lh[0] == ld[0] && lh[1] == ld[1], "%s: step %d: the same losses (%.17g %.17g vs %.17g %.17g)", name,
+                  step + 1, lh[0], lh[1], ld[0], ld[1]);
+    }
+    compare_state(&d, &m, &od, &om, name);
+    tu_expect(tu_fake.foreign_ptrs == 0 && tu_fake.bad_memory == 0,
+              "%s: every op pointer in the backend's memory (%ld foreign, %ld bad copies)", name, tu_fake.foreign_ptrs,
+              tu_fake.bad_memory);
+    /* Eval mode of the copy = ts_unet_forward(train = 0). */
+    {
+        ts_tensor lg, lgd;
+        float *ref = NULL, *got = NULL;
+        if (tu_expect_ok(ts_unet_forward(&m, cpu, &io.x[1], 0, &lg), "host eval forward")) {
+            ref = malloc(ts_tensor_numel(&lg) * sizeof(float));
+            if (ref) memcpy(ref, lg.data, ts_tensor_numel(&lg) * sizeof(float));
+        }
+        if (tu_expect_ok(ts_unet_device_run(&d, dev, &io.x[1], 0, &lgd), "device eval run"))
+            got = fetch(b, lgd.data, ts_tensor_numel(&lgd));
+        if (ref && got) same_bits(got, ref, ts_tensor_numel(&lg), "eval run vs ts_unet_forward(train = 0)");
+        free(ref);
+        free(got);
+        /* An eval run discards the train activations, as on the host. */
+        tu_expect_error(ts_unet_device_backward(&d, dev, &io.dl), TS_ERR_INVALID_ARG, "backward after an eval run", "no train-mode forward", NULL);
+    }
+    /* Checkpoint round trip: the host model m2 and optimizer state from the
+     * copy, a fresh copy made from them, one more step on each side. */
+    {
+        ts_unet m2;
+        if (!make_model(&m2, cfg, 99)) goto out;
+        tu_expect_ok(ts_unet_device_download_params(&d, &m2), "download params");
+        tu_expect_ok(ts_optim_save(&od, &m2, &ck), "save the device optimizer");
+        if (tu_expect_ok(ts_unet_device_init_train(&d2, &m2, b), "second copy") &&
+            tu_expect_ok(ts_optim_init_on(&od2, &oc, &m2, b), "second optimizer") &&
+            tu_expect_ok(ts_optim_load(&od2, &m2, &ck), "load into the device optimizer") &&
+            host_step(&m, &om, cpu, &loss, &io, 2e-3, lh) && dev_step(&d2, &od2, dev, &loss, &io, 2e-3, ld)) {
+            compare_state(&d2, &m, &od2, &om, "after a checkpoint round trip");
+        }
+        ts_unet_free(&m2);
+    }
+    /* Misuse. */
+    {
+        ts_unet other;
+        static const int d3[3] = {8, 8, 8};
+        ts_unet_config oc3 = make_cfg(C, K, 3, d3, 1);
+        ts_tensor lg;
+        if (make_model(&other, &oc3, 5)) {
+            tu_expect_error(ts_unet_device_download_params(&d, &other), TS_ERR_INVALID_ARG, "download into another model", "not the one", NULL);
+            tu_expect_error(ts_unet_device_upload_params(&d, &other), TS_ERR_INVALID_ARG, "upload from another model", "not the one", NULL);
+            ts_unet_free(&other);
+        }
+        ts_tensor l = tu_tensor(N, K, H, W);
+        tu_expect_error(ts_unet_device_forward(&d, dev, &io.x[0], &l), TS_ERR_INVALID_ARG,
+                        "inference forward on a training copy", "training copy", NULL);
+        tu_tensor_free(&l, "unet_device", "l");
+        tu_expect_error(ts_unet_device_run(&d, cpu, &io.x[0], 1, &lg), TS_ERR_INVALID_ARG, "run with another backend", "context's backend", NULL);
+        ts_unet_trainable ht = ts_unet_host_trainable(&m);
+        tu_expect_error(ts_optim_step_on(&od, dev, &ht, 1e-3, NULL), TS_ERR_INVALID_ARG,
+                        "device optimizer on host weights", "different", NULL);
+        ts_unet_trainable dt = ts_unet_device_trainable(&d);
+        tu_expect_error(ts_optim_step_on(&om, cpu, &dt, 1e-3, NULL), TS_ERR_INVALID_ARG,
+                        "host optimizer on device weights", "different", NULL);
+        ts_unet_device inf;
+        if (tu_expect_ok(ts_unet_device_init(&inf, &m, b), "inference copy")) {
+            tu_expect_error(ts_unet_device_run(&inf, dev, &io.x[0], 1, &lg), TS_ERR_INVALID_ARG,
+                            "train run on an inference copy", "inference copy", NULL);
+            ts_unet_trainable it = ts_unet_device_trainable(&inf);
+            tu_expect(it.weights == NULL, "an inference copy has no trainable block");
+        }
+        ts_unet_device_free(&inf);
+    }
+out:
+    ts_unet_device_free(&d);
+    ts_unet_device_free(&d2);
+    ts_optim_free(&od);
+    ts_optim_free(&od2);
+    ts_optim_free(&om);
+    ts_dict_free(&ck);
+    for (int k = 0; k < 2; k++) {
+        b->memory->free(io.y_dev[k]);
+        free(io.y[k]);
+        tu_tensor_free(&io.x[k], "unet_device", "x");
+    }
+    b->memory->free(io.dl_dev);
+    tu_tensor_free(&io.dl, "unet_device", "dl");
+    tu_expect(tu_fake.live == live0, "%s: everything freed (%ld live, %ld before)", name, tu_fake.live, live0);
+    ts_loss_free(&loss);
+    ts_unet_free(&m);
+}
+
+/* Every allocation and upload of a training copy's init failing in turn:
+ * an error, nothing left allocated. */
+static void test_train_init_failures(ts_ctx *dev)
+{
+    static const int d3[3] = {8, 8, 8};
+    ts_unet_config cfg = make_cfg(2, 3, 3, d3, 1);
+    ts_unet m;
+    if (!make_model(&m, &cfg, 3)) return;
+    const long live0 = tu_fake.live;
+    int failures = 0;
+    for (int which = 0; which < 2; which++) {
+        for (long at = 1; at < 40; at++) {
+            tu_fake_reset_counts();
+            if (which == 0) tu_fake.fail_alloc_at = at;
+            else tu_fake.fail_upload_at = at;
+            ts_unet_device d;
+            ts_status st = ts_unet_device_init_train(&d, &m, dev->backend);
+            long left = which == 0 ? tu_fake.fail_alloc_at : tu_fake.fail_upload_at;
+            tu_fake.fail_alloc_at = tu_fake.fail_upload_at = 0;
+            if (st == TS_OK) {
+                ts_unet_device_free(&d);
+                tu_expect(left > 0, "init_train succeeded although %s %ld failed", which ? "upload" : "alloc", at);
+                break;
+            }
+            failures++;
+            tu_expect(tu_fake.live == live0 && d.weights == NULL, "failed %s %ld: nothing left allocated (%ld live)",
+                      which ? "upload" : "alloc", at, tu_fake.live);
+        }
+    }
+    tu_expect(failures >= 5, "init_train failed at %d injected points", failures);
+    ts_optim o;
+    ts_optim_config oc = ts_optim_default_config();
+    for (long at = 1; at <= 2; at++) {
+        tu_fake_reset_counts();
+        tu_fake.fail_alloc_at = at;
+        tu_expect_error(ts_optim_init_on(&o, &oc, &m, dev->backend), TS_ERR_NOMEM, "optimizer alloc fails", "AdamW state", "fake-device", NULL);
+        tu_fake.fail_alloc_at = 0;
+        tu_expect(tu_fake.live == live0 && o.exp_avg == NULL, "optimizer alloc %ld: nothing left", at);
+    }
+    ts_unet_free(&m);
+}
+
 int main(void)
 {
     ts_ctx cpu, dev;
@@ -284,6 +586,9 @@ int main(void)
     test_equal(&cpu, &dev, &nobn, "depth 3, no decoder BN, 1 class");
     test_errors(&cpu, &dev);
     test_cpu_memory(&cpu);
+    test_train_copy(&cpu, &dev, &bn, "training copy, depth 5, decoder BN");
+    test_train_copy(&cpu, &dev, &nobn, "training copy, depth 3, no decoder BN");
+    test_train_init_failures(&dev);
     ts_ctx_free(&dev);
     ts_ctx_free(&cpu);
     return tu_finish("unet_device");

@@ -68,6 +68,7 @@ static const ts_cfg_key schema[] = {
         "output folder: checkpoints, logs and the resolved configuration (created if missing)"),
     I64("seed", seed, "0", 0, I53, "seed of the model initialization, the window order and the augmentation"),
     ENUM("device", device, "cpu", devices, "where training runs: cpu, or cuda (a build with the CUDA backend)"),
+    INT("cuda_device", cuda_device, "0", 0, 1023, "with device cuda: the GPU's index, as cuda:N (terraseg version lists them)"),
     INT("threads", threads, "0", 0, 1024, "CPU threads for the compute kernels (0: TERRASEG_THREADS, else every core)"),
     CLASSES("classes", classes, "[]", TS_CFG_REQUIRED,
             "the classes, ids 0..K-1: a list of names (ids are the positions) or of {id, name}; K >= 2 is the "

@@ -94,6 +94,7 @@ typedef struct ts_train_config {
     char *output;      /* output folder (required) */
     int64_t seed;      /* model init, shuffling, augmentation */
     int device;        /* ts_train_device */
+    int cuda_device;   /* with TS_DEVICE_CUDA: the device index N of cuda:N */
     int threads;       /* 0: TERRASEG_THREADS or every core */
     ts_cfg_classes classes; /* ids 0..K-1 with names (required); K = model classes */
     int ignore_id;     /* label id the loss and the metrics skip */

@@ -43,7 +43,9 @@ ts_status ts_optim_config_check(const ts_optim_config *c)
     return TS_OK;
 }
 
-ts_status ts_optim_init(ts_optim *o, const ts_optim_config *cfg, const ts_unet *m)
+/* Zeroed state: calloc'd on the host, uploaded for a backend's memory (the
+ * memory interface has no memset; this runs once per optimizer). */
+ts_status ts_optim_init_on(ts_optim *o, const ts_optim_config *cfg, const ts_unet *m, const ts_backend *b)
 {
     if (!o) return ts_error(TS_ERR_INVALID_ARG, "optimizer: NULL optimizer");
     memset(o, 0, sizeof *o);
@@ -51,27 +53,60 @@ ts_status ts_optim_init(ts_optim *o, const ts_optim_config *cfg, const ts_unet *
     if (st) return st;
     if (!m || !m->params || !m->weights)
         return ts_error(TS_ERR_INVALID_ARG, "optimizer: the model is not initialised (ts_unet_init)");
+    if (b && !b->memory) return ts_error(TS_ERR_INVALID_ARG, "optimizer: backend %s has no memory interface", b->name);
+    const ts_backend_memory *mem = b && !b->memory->host ? b->memory : NULL;
     size_t bytes = (m->n_weights ? m->n_weights : 1) * sizeof(float);
-    o->exp_avg = ts_aligned_alloc(bytes);
-    o->exp_avg_sq = ts_aligned_alloc(bytes);
-    if (!o->exp_avg || !o->exp_avg_sq) {
-        ts_optim_free(o);
-        return ts_error(TS_ERR_NOMEM, "optimizer: out of memory for AdamW state (%.1f MiB)",
-                        2.0 * (double)bytes / (1 << 20));
+    if (!mem) {
+        o->exp_avg = ts_aligned_alloc(bytes);
+        o->exp_avg_sq = ts_aligned_alloc(bytes);
+        if (!o->exp_avg || !o->exp_avg_sq) {
+            ts_optim_free(o);
+            return ts_error(TS_ERR_NOMEM, "optimizer: out of memory for AdamW state (%.1f MiB)",
+                            2.0 * (double)bytes / (1 << 20));
+        }
+        memset(o->exp_avg, 0, bytes);
+        memset(o->exp_avg_sq, 0, bytes);
+    } else {
+        o->mem = mem;
+        void *a = NULL, *q = NULL;
+        float *zeros = calloc(1, bytes);
+        st = zeros ? mem->alloc(&a, bytes) : ts_error(TS_ERR_NOMEM, "optimizer: out of memory");
+        o->exp_avg = a;
+        if (!st) st = mem->alloc(&q, bytes);
+        o->exp_avg_sq = q;
+        if (!st && (!a || !q)) st = ts_error(TS_ERR_NOMEM, "backend gave no memory");
+        if (!st) st = mem->upload(o->exp_avg, zeros, bytes);
+        if (!st) st = mem->upload(o->exp_avg_sq, zeros, bytes);
+        free(zeros);
+        if (st) {
+            char why[512];
+            snprintf(why, sizeof why, "%s", ts_last_error());
+            ts_optim_free(o);
+            return ts_error(st, "optimizer: AdamW state (%.1f MiB) on backend %s: %s", 2.0 * (double)bytes / (1 << 20),
+                            b->name, why);
+        }
     }
-    memset(o->exp_avg, 0, bytes);
-    memset(o->exp_avg_sq, 0, bytes);
     o->cfg = *cfg;
     o->n = m->n_weights;
     o->step = 0;
     return TS_OK;
 }
 
+ts_status ts_optim_init(ts_optim *o, const ts_optim_config *cfg, const ts_unet *m)
+{
+    return ts_optim_init_on(o, cfg, m, NULL);
+}
+
 void ts_optim_free(ts_optim *o)
 {
     if (!o) return;
-    ts_aligned_free(o->exp_avg);
-    ts_aligned_free(o->exp_avg_sq);
+    if (o->mem) {
+        o->mem->free(o->exp_avg);
+        o->mem->free(o->exp_avg_sq);
+    } else {
+        ts_aligned_free(o->exp_avg);
+        ts_aligned_free(o->exp_avg_sq);
+    }
     memset(o, 0, sizeof *o);
 }
 
@@ -128,10 +163,10 @@ ts_status ts_clip_grad_norm(ts_ctx *ctx, float *const *grads, const size_t *nume
 }
 
 /* The used trainable entries' gradient pointers and sizes. */
-static ts_status used_grads(const ts_unet *m, float ***g, size_t **n, int *count)
+static ts_status used_grads(const ts_unet_trainable *t, float ***g, size_t **n, int *count)
 {
     int c = 0;
-    for (int i = 0; i < m->n_params; i++) c += m->params[i].kind == TS_PARAM_WEIGHT && m->params[i].used;
+    for (int i = 0; i < t->n_params; i++) c += t->params[i].kind == TS_PARAM_WEIGHT && t->params[i].used;
     *g = malloc((size_t)(c ? c : 1) * sizeof **g);
     *n = malloc((size_t)(c ? c : 1) * sizeof **n);
     if (!*g || !*n) {
@@ -140,10 +175,10 @@ static ts_status used_grads(const ts_unet *m, float ***g, size_t **n, int *count
         return ts_error(TS_ERR_NOMEM, "clip_grad_norm: out of memory for %d tensor entries", c);
     }
     c = 0;
-    for (int i = 0; i < m->n_params; i++) {
-        const ts_param *p = &m->params[i];
+    for (int i = 0; i < t->n_params; i++) {
+        const ts_param *p = &t->params[i];
         if (p->kind != TS_PARAM_WEIGHT || !p->used) continue;
-        (*g)[c] = m->grads + p->offset;
+        (*g)[c] = t->grads + p->offset;
         (*n)[c] = p->numel;
         c++;
     }
@@ -151,13 +186,12 @@ static ts_status used_grads(const ts_unet *m, float ***g, size_t **n, int *count
     return TS_OK;
 }
 
-ts_status ts_optim_clip_model(ts_ctx *ctx, ts_unet *m, double max_norm, double *total_norm)
+static ts_status clip_trainable(ts_ctx *ctx, const ts_unet_trainable *t, double max_norm, double *total_norm)
 {
-    if (!m || !m->params || !m->grads) return ts_error(TS_ERR_INVALID_ARG, "clip_grad_norm: model not initialised");
     float **g = NULL;
     size_t *n = NULL;
     int count = 0;
-    ts_status st = used_grads(m, &g, &n, &count);
+    ts_status st = used_grads(t, &g, &n, &count);
     if (st) return st;
     st = ts_clip_grad_norm(ctx, g, n, count, max_norm, total_norm);
     free(g);
@@ -165,23 +199,37 @@ ts_status ts_optim_clip_model(ts_ctx *ctx, ts_unet *m, double max_norm, double *
     return st;
 }
 
+ts_status ts_optim_clip_model(ts_ctx *ctx, ts_unet *m, double max_norm, double *total_norm)
+{
+    if (!m || !m->params || !m->grads) return ts_error(TS_ERR_INVALID_ARG, "clip_grad_norm: model not initialised");
+    ts_unet_trainable t = ts_unet_host_trainable(m);
+    return clip_trainable(ctx, &t, max_norm, total_norm);
+}
+
 /* ---- the step ---------------------------------------------------------------- */
 
-ts_status ts_optim_step(ts_optim *o, ts_ctx *ctx, ts_unet *m, double lr, double *grad_norm)
+ts_status ts_optim_step_on(ts_optim *o, ts_ctx *ctx, const ts_unet_trainable *tr, double lr, double *grad_norm)
 {
     if (grad_norm) *grad_norm = NAN;
     if (!o || !o->exp_avg) return ts_error(TS_ERR_INVALID_ARG, "optimizer step: the optimizer is not initialised");
-    if (!m || !m->params || m->n_weights != o->n)
+    if (!tr || !tr->params || !tr->weights || !tr->grads || tr->n_weights != o->n)
         return ts_error(TS_ERR_INVALID_ARG,
                         "optimizer step: the model is not the one the optimizer was made for "
                         "(%zu trainable values, the state has %zu)",
-                        m ? m->n_weights : 0, o->n);
+                        tr ? tr->n_weights : 0, o->n);
+    const ts_backend_memory *tmem = tr->mem && !tr->mem->host ? tr->mem : NULL;
+    if (tmem != o->mem)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer step: the weights and the optimizer state live in different "
+                                            "memories (make the optimizer with ts_optim_init_on the weights' backend)");
     if (!ctx || !ctx->backend) return ts_error(TS_ERR_INVALID_ARG, "optimizer step: no backend in the context");
+    if (ctx->backend->memory && !ctx->backend->memory->host != (o->mem != NULL))
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer step: backend %s does not work on the memory the state lives in",
+                        ctx->backend->name);
     if (!(lr >= 0) || !isfinite(lr)) return ts_error(TS_ERR_INVALID_ARG, "optimizer step: learning rate is %g", lr);
     ts_status st;
     if (o->cfg.clip_grad_norm > 0 || grad_norm) {
         double norm;
-        st = ts_optim_clip_model(ctx, m, o->cfg.clip_grad_norm, &norm);
+        st = clip_trainable(ctx, tr, o->cfg.clip_grad_norm, &norm);
         if (grad_norm) *grad_norm = norm;
         if (st) return st;
     }
@@ -192,20 +240,44 @@ ts_status ts_optim_step(ts_optim *o, ts_ctx *ctx, ts_unet *m, double lr, double 
     ts_adamw_step sd, s0;
     if ((st = ts_adamw_prepare(&sd, &hd, t)) || (st = ts_adamw_prepare(&s0, &h0, t))) return st;
     const ts_backend *B = ctx->backend;
-    for (int i = 0; i < m->n_params; i++) {
-        const ts_param *p = &m->params[i];
-        if (p->kind != TS_PARAM_WEIGHT || !p->used) continue; /* grad None: skipped entirely */
-        const size_t off = p->offset;
-        st = B->adamw_update(ctx, m->weights + off, m->grads + off, o->exp_avg + off, o->exp_avg_sq + off, p->numel,
-                             ts_optim_decays(o, p) ? &sd : &s0);
+    /* Runs of used parameters that are back to back in the block and in the
+     * same group: one call each (a whole model without no_decay_1d is one). */
+    for (int i = 0; i < tr->n_params;) {
+        const ts_param *p = &tr->params[i];
+        if (p->kind != TS_PARAM_WEIGHT || !p->used) { /* grad None: skipped entirely */
+            i++;
+            continue;
+        }
+        const int decays = ts_optim_decays(o, p);
+        size_t off = p->offset, n = p->numel;
+        int j = i + 1;
+        for (; j < tr->n_params; j++) {
+            const ts_param *q = &tr->params[j];
+            if (q->kind == TS_PARAM_BUFFER || q->kind == TS_PARAM_COUNTER) continue; /* not in the weight block */
+            if (!q->used || ts_optim_decays(o, q) != decays || q->offset != off + n) break;
+            n += q->numel;
+        }
+        st = B->adamw_update(ctx, tr->weights + off, tr->grads + off, o->exp_avg + off, o->exp_avg_sq + off, n,
+                             decays ? &sd : &s0);
         if (st) {
             char msg[512];
             snprintf(msg, sizeof msg, "%s", ts_last_error());
-            return ts_error(st, "optimizer step %ld, %s: %s", t, p->name, msg);
+            return ts_error(st, "optimizer step %ld, %s%s: %s", t, p->name, j > i + 1 ? " and the parameters after it" : "",
+                            msg);
         }
+        i = j;
     }
     o->step = t;
     return TS_OK;
+}
+
+ts_status ts_optim_step(ts_optim *o, ts_ctx *ctx, ts_unet *m, double lr, double *grad_norm)
+{
+    if (grad_norm) *grad_norm = NAN;
+    if (!m || !m->params)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer step: the model is not initialised (ts_unet_init)");
+    ts_unet_trainable t = ts_unet_host_trainable(m);
+    return ts_optim_step_on(o, ctx, &t, lr, grad_norm);
 }
 
 /* ---- checkpoint state ---------------------------------------------------------- */
@@ -227,22 +299,37 @@ ts_status ts_optim_save(const ts_optim *o, const ts_unet *m, ts_dict *d)
 {
     if (!o || !o->exp_avg || !m || !d || m->n_weights != o->n)
         return ts_error(TS_ERR_INVALID_ARG, "optimizer save: optimizer, model or dictionary missing or mismatched");
+    /* State in a backend's memory is read through host copies of both blocks. */
+    const float *avg = o->exp_avg, *avg_sq = o->exp_avg_sq;
+    float *h_avg = NULL, *h_avg_sq = NULL;
+    ts_status st = TS_OK;
+    if (o->mem) {
+        size_t bytes = (o->n ? o->n : 1) * sizeof(float);
+        h_avg = malloc(bytes);
+        h_avg_sq = malloc(bytes);
+        if (!h_avg || !h_avg_sq) st = ts_error(TS_ERR_NOMEM, "optimizer save: out of memory");
+        if (!st) st = o->mem->download(h_avg, o->exp_avg, o->n * sizeof(float));
+        if (!st) st = o->mem->download(h_avg_sq, o->exp_avg_sq, o->n * sizeof(float));
+        avg = h_avg;
+        avg_sq = h_avg_sq;
+    }
     int64_t step = o->step;
-    ts_status st = ts_dict_add(d, OPT_STEP, TS_I64, 0, NULL, &step);
-    if (st) return st;
+    if (!st) st = ts_dict_add(d, OPT_STEP, TS_I64, 0, NULL, &step);
     char key[160];
-    for (int i = 0; i < m->n_params; i++) {
+    for (int i = 0; i < m->n_params && !st; i++) {
         const ts_param *p = &m->params[i];
         if (p->kind != TS_PARAM_WEIGHT || !p->used) continue;
         int64_t shape[4];
         for (int k = 0; k < p->ndim; k++) shape[k] = p->shape[k];
         if ((st = key_of(key, sizeof key, OPT_AVG, p->name)) ||
-            (st = ts_dict_add(d, key, TS_F32, p->ndim, shape, o->exp_avg + p->offset)) ||
+            (st = ts_dict_add(d, key, TS_F32, p->ndim, shape, avg + p->offset)) ||
             (st = key_of(key, sizeof key, OPT_AVG_SQ, p->name)) ||
-            (st = ts_dict_add(d, key, TS_F32, p->ndim, shape, o->exp_avg_sq + p->offset)))
-            return st;
+            (st = ts_dict_add(d, key, TS_F32, p->ndim, shape, avg_sq + p->offset)))
+            break;
     }
-    return TS_OK;
+    free(h_avg);
+    free(h_avg_sq);
+    return st;
 }
 
 static ts_status load_entry(const ts_dict *d, const char *key, const ts_param *p, const ts_named_tensor **out)
@@ -304,7 +391,11 @@ ts_status ts_optim_load(ts_optim *o, const ts_unet *m, const ts_dict *d)
             if ((st = key_of(key, sizeof key, OPT_AVG, p->name)) || (st = load_entry(d, key, p, &ta)) ||
                 (st = key_of(key, sizeof key, OPT_AVG_SQ, p->name)) || (st = load_entry(d, key, p, &tq)))
                 return st;
-            if (pass == 1) {
+            if (pass == 1 && o->mem) {
+                if ((st = o->mem->upload(o->exp_avg + p->offset, ta->data, p->numel * sizeof(float))) ||
+                    (st = o->mem->upload(o->exp_avg_sq + p->offset, tq->data, p->numel * sizeof(float))))
+                    return st;
+            } else if (pass == 1) {
                 memcpy(o->exp_avg + p->offset, ta->data, p->numel * sizeof(float));
                 memcpy(o->exp_avg_sq + p->offset, tq->data, p->numel * sizeof(float));
             }

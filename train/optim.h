@@ -83,10 +83,15 @@ typedef struct ts_optim {
     float *exp_avg_sq; /* n floats, m->weights' layout */
     size_t n;          /* = m->n_weights */
     long step;         /* state["step"] of every used parameter: optimizer steps taken */
+    const ts_backend_memory *mem; /* where the state lives: NULL for host memory */
 } ts_optim;
 
-/* Allocates zeroed state for model m (step 0). */
+/* Allocates zeroed state for model m (step 0) in host memory. */
 ts_status ts_optim_init(ts_optim *o, const ts_optim_config *cfg, const ts_unet *m);
+/* The same with the state in backend b's memory, next to a training copy's
+ * weights (ts_unet_device_init_train): every step then runs on b without a
+ * copy. b NULL or a host backend gives host state. */
+ts_status ts_optim_init_on(ts_optim *o, const ts_optim_config *cfg, const ts_unet *m, const ts_backend *b);
 void ts_optim_free(ts_optim *o);
 
 /* 1 if p is updated with the configured weight decay, 0 if it is in the
@@ -114,12 +119,18 @@ ts_status ts_optim_clip_model(ts_ctx *ctx, ts_unet *m, double max_norm, double *
  * gradients are left as they are (clipped); zero them before the next
  * accumulation (ts_unet_zero_grad). */
 ts_status ts_optim_step(ts_optim *o, ts_ctx *ctx, ts_unet *m, double lr, double *grad_norm);
+/* The same on any trainable block (a training copy's: ts_unet_device_trainable),
+ * whose memory must be the optimizer's. Runs of parameters that lie back to
+ * back in the block and share a weight decay are updated by one
+ * adamw_update call (the update is elementwise, so the bits are the same). */
+ts_status ts_optim_step_on(ts_optim *o, ts_ctx *ctx, const ts_unet_trainable *t, double lr, double *grad_norm);
 
 /* Checkpoint hooks. Save adds "optimizer.step" (I64 scalar) and, for every
  * used trainable entry NAME, "optimizer.exp_avg.NAME" and
  * "optimizer.exp_avg_sq.NAME" (F32, NAME's shape). Load takes exactly those
  * entries (every other "optimizer." key is an error naming it; keys outside
- * that prefix are ignored) and checks dtypes and shapes. */
+ * that prefix are ignored) and checks dtypes and shapes. State in a
+ * backend's memory is downloaded (save) or uploaded (load) through it. */
 ts_status ts_optim_save(const ts_optim *o, const ts_unet *m, ts_dict *d);
 ts_status ts_optim_load(ts_optim *o, const ts_unet *m, const ts_dict *d);
 

@@ -754,9 +754,84 @@ static ts_status save_model_file(const char *path, const ts_unet *m, const run_s
     return st;
 }
 
+/* ---- the training copy's staging buffers ----------------------------------------------------------- */
+/* The model trains as a training copy on the run's backend
+ * (ts_unet_device_init_train), whose memory may be the host's (the CPU) or
+ * a device's (CUDA). The host model m is the copy files are read into and
+ * written from: sync_host before every save or hook that reads it. */
+typedef struct staging {
+    const ts_backend_memory *mem; /* NULL: host memory, labels are read in place */
+    int32_t *labels;              /* device memory: [batch, tile, tile] */
+    float *dlogits;               /* the backend's memory: [batch, K, tile, tile] */
+    float *logits_host;           /* device memory only: validation logits for the confusion matrix */
+    size_t label_n, logit_n;      /* capacities in elements */
+} staging;
+
+static ts_status staging_init(staging *sg, const ts_backend *B, int batch, int K, int tile)
+{
+    memset(sg, 0, sizeof *sg);
+    const ts_backend_memory *mem = B->memory;
+    sg->label_n = (size_t)batch * tile * tile;
+    sg->logit_n = sg->label_n * (size_t)K;
+    void *p = NULL;
+    ts_status st = mem->alloc(&p, sg->logit_n * sizeof(float));
+    if (!st && !p) st = ts_error(TS_ERR_NOMEM, "backend gave no memory");
+    sg->dlogits = p;
+    if (!st && !mem->host) {
+        sg->mem = mem;
+        p = NULL;
+        st = mem->alloc(&p, sg->label_n * sizeof(int32_t));
+        if (!st && !p) st = ts_error(TS_ERR_NOMEM, "backend gave no memory");
+        sg->labels = p;
+        sg->logits_host = malloc(sg->logit_n * sizeof(float));
+        if (!st && !sg->logits_host) st = ts_error(TS_ERR_NOMEM, "train: out of memory");
+    }
+    if (st) {
+        char why[512];
+        snprintf(why, sizeof why, "%s", ts_last_error());
+        return ts_error(st, "train: %.1f MiB of batch buffers on backend %s: %s",
+                        (double)sg->logit_n * 8 / (1 << 20), B->name, why);
+    }
+    return TS_OK;
+}
+
+static void staging_free(staging *sg, const ts_backend *B)
+{
+    if (B) {
+        B->memory->free(sg->dlogits);
+        B->memory->free(sg->labels);
+    }
+    free(sg->logits_host);
+    memset(sg, 0, sizeof *sg);
+}
+
+/* The batch's labels where the backend's loss ops read them. */
+static ts_status stage_labels(staging *sg, const ts_batch *b, const int32_t **out)
+{
+    if (!sg->mem) {
+        *out = b->mask;
+        return TS_OK;
+    }
+    size_t n = (size_t)b->size * b->image.h * b->image.w;
+    if (n > sg->label_n) return ts_error(TS_ERR_INVALID_ARG, "train: batch of %zu labels exceeds the buffer", n);
+    *out = sg->labels;
+    return sg->mem->upload(sg->labels, b->mask, n * sizeof(int32_t));
+}
+
+static ts_status sync_host(const ts_unet_device *dev, ts_unet *m)
+{
+    ts_status st = ts_unet_device_download_params(dev, m);
+    if (st) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", ts_last_error());
+        return ts_error(st, "train: copying the weights back from the %s backend: %s", dev->backend->name, msg);
+    }
+    return TS_OK;
+}
+
 /* ---- validation ------------------------------------------------------------------------------------ */
-static ts_status validate(ts_unet *m, ts_ctx *ctx, ts_loader *vl, const ts_loss *loss, int classes, int ignore,
-                          int epoch, double *val_loss, ts_metrics *met)
+static ts_status validate(ts_unet_device *dev, ts_ctx *ctx, staging *sg, ts_loader *vl, const ts_loss *loss,
+                          int classes, int ignore, int epoch, double *val_loss, ts_metrics *met)
 {
     ts_confusion cm;
     ts_status st = ts_confusion_init(&cm, classes);
@@ -770,10 +845,12 @@ static ts_status validate(ts_unet *m, ts_ctx *ctx, ts_loader *vl, const ts_loss 
         st = ts_loader_next(vl, &b, &end);
         if (st || end) break;
         ts_tensor logits;
-        st = ts_unet_forward(m, ctx, &b.image, 0, &logits);
+        const int32_t *labels = NULL;
+        st = ts_unet_device_run(dev, ctx, &b.image, 0, &logits);
+        if (!st) st = stage_labels(sg, &b, &labels);
         if (st) break;
         ts_loss_value lv;
-        st = ts_loss_forward(loss, ctx, &logits, b.mask, &lv);
+        st = ts_loss_forward(loss, ctx, &logits, labels, &lv);
         if (st) {
             char msg[1024];
             snprintf(msg, sizeof msg, "%s", ts_last_error());
@@ -782,7 +859,14 @@ static ts_status validate(ts_unet *m, ts_ctx *ctx, ts_loader *vl, const ts_loss 
         }
         sum += lv.total * b.size;
         n += b.size;
-        st = ts_confusion_add_logits(&cm, &logits, b.mask, b.valid, ignore);
+        /* The confusion matrix is counted on the host. */
+        ts_tensor lh = logits;
+        if (sg->mem) {
+            lh.data = sg->logits_host;
+            st = sg->mem->download(lh.data, logits.data, ts_tensor_numel(&logits) * sizeof(float));
+            if (st) break;
+        }
+        st = ts_confusion_add_logits(&cm, &lh, b.mask, b.valid, ignore);
     }
     if (!st) {
         *val_loss = n ? sum / (double)n : NAN;
@@ -822,9 +906,18 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     st = ts_train_config_format(c, &yaml);
     if (st) return st;
     if (o->print_config && !silent) fprintf(log, "# resolved configuration\n%s\n", yaml);
-    if (c->device != TS_DEVICE_CPU) {
-        free(yaml);
-        return ts_error(TS_ERR_UNSUPPORTED, "train: device cuda is not supported by the trainer yet; set device: cpu");
+    const ts_backend *B = o->backend;
+    if (!B && c->device == TS_DEVICE_CPU) B = ts_backend_cpu();
+    if (!B) {
+        char name[32];
+        snprintf(name, sizeof name, "cuda:%d", c->cuda_device);
+        st = ts_backend_get(name, &B);
+        if (st) {
+            char msg[768];
+            snprintf(msg, sizeof msg, "%s", ts_last_error());
+            free(yaml);
+            return ts_error(st, "train: device %s: %s", name, msg);
+        }
     }
     ts_threads_init(c->threads);
 
@@ -834,6 +927,10 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     t.c = c;
     ts_unet m;
     memset(&m, 0, sizeof m);
+    ts_unet_device dev;
+    memset(&dev, 0, sizeof dev);
+    staging sg;
+    memset(&sg, 0, sizeof sg);
     ts_ctx ctx;
     memset(&ctx, 0, sizeof ctx);
     ts_loss loss;
@@ -843,7 +940,6 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     ts_sched sched;
     memset(&sched, 0, sizeof sched);
     ts_loader *tl = NULL, *vl = NULL;
-    ts_tensor dl = {0};
     run_state rs;
     memset(&rs, 0, sizeof rs);
     rs.best_miou = NAN;
@@ -904,7 +1000,7 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     /* model, loss, optimizer, schedule */
     if (!st) st = init_model(&t, &m);
     if (!st) st = make_card(&t, &m);
-    if (!st) st = ts_ctx_init(&ctx, ts_backend_cpu());
+    if (!st) st = ts_ctx_init(&ctx, B);
     if (!st) {
         ts_loss_config lc;
         float *cw = NULL;
@@ -915,14 +1011,14 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     if (!st) {
         ts_optim_config oc;
         ts_train_config_optim(c, &oc);
-        st = ts_optim_init(&opt, &oc, &m);
+        st = ts_optim_init_on(&opt, &oc, &m, B);
     }
     if (!st) {
         ts_sched_config sc;
         st = ts_train_config_schedule(c, steps_per_epoch, &sc);
         if (!st) st = ts_sched_init(&sched, &sc, c->optimizer.lr);
     }
-    if (!st) st = ts_tensor_alloc(&dl, c->train.batch_size, K, c->windows.tile, c->windows.tile);
+    if (!st) st = staging_init(&sg, B, c->train.batch_size, K, c->windows.tile);
     if (!st && o->resume) {
         st = load_checkpoint(o->resume, &m, &opt, &sched, &rs, c, log);
         if (!st && !silent)
@@ -932,10 +1028,14 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
             st = ts_error(TS_ERR_INVALID_ARG, "train: %s stopped at batch %" PRId64 " but an epoch has %zu batches now",
                           o->resume, rs.next_batch, batches);
     }
+    /* The training copy on the backend, made from the model as loaded or resumed. */
+    if (!st) st = ts_unet_device_init_train(&dev, &m, B);
+    const ts_unet_trainable trainable = ts_unet_device_trainable(&dev);
     if (!st && !silent)
         fprintf(log, "model: U-Net ResNet-34, depth %d, %d -> %d classes, %zu trainable parameters; %zu batches "
-                     "(%" PRId64 " optimizer steps) per epoch\n",
-                m.cfg.encoder_depth, m.cfg.in_channels, K, ts_unet_count_trainable(&m), batches, steps_per_epoch);
+                     "(%" PRId64 " optimizer steps) per epoch; device %s\n",
+                m.cfg.encoder_depth, m.cfg.in_channels, K, ts_unet_count_trainable(&m), batches, steps_per_epoch,
+                B->name);
     if (!st && o->install_signals) {
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
@@ -952,7 +1052,10 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     double t_epoch0 = now_s();
     int64_t tiles_done = 0;
     int stop = 0;
-    if (!st && o->on_step_model) o->on_step_model(o->on_step_user, &m, rs.epoch, rs.global_step);
+    if (!st && o->on_step_model) {
+        o->on_step_model(o->on_step_user, &m, rs.epoch, rs.global_step);
+        st = ts_unet_device_upload_params(&dev, &m);
+    }
     while (!st && !stop && rs.epoch < epochs) {
         const int e = rs.epoch;
         st = ts_loader_begin_epoch(tl, e, (size_t)rs.next_batch);
@@ -967,14 +1070,16 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
             st = ts_loader_next(tl, &b, &end);
             if (st || end) break;
             if (micro == 0) {
-                st = ts_unet_zero_grad(&m, &ctx);
+                st = ts_unet_device_zero_grad(&dev, &ctx);
                 if (st) break;
             }
             ts_tensor logits;
-            st = ts_unet_forward(&m, &ctx, &b.image, 1, &logits);
+            const int32_t *labels = NULL;
+            st = ts_unet_device_run(&dev, &ctx, &b.image, 1, &logits);
+            if (!st) st = stage_labels(&sg, &b, &labels);
             if (st) break;
             ts_loss_value lv;
-            st = ts_loss_forward(&loss, &ctx, &logits, b.mask, &lv);
+            st = ts_loss_forward(&loss, &ctx, &logits, labels, &lv);
             if (st) {
                 char msg[1024];
                 snprintf(msg, sizeof msg, "%s", ts_last_error());
@@ -983,10 +1088,10 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
                               rs.global_step + 1, msg, p_last);
                 break;
             }
-            ts_tensor dv = ts_tensor_view(dl.data, b.size, K, c->windows.tile, c->windows.tile);
-            memset(dv.data, 0, ts_tensor_numel(&dv) * sizeof(float));
-            st = ts_loss_backward(&loss, &ctx, &dv, &logits, b.mask, scale);
-            if (!st) st = ts_unet_backward(&m, &ctx, &dv);
+            ts_tensor dv = ts_tensor_view(sg.dlogits, b.size, K, c->windows.tile, c->windows.tile);
+            st = ctx.backend->zero(&ctx, dv.data, ts_tensor_numel(&dv));
+            if (!st) st = ts_loss_backward(&loss, &ctx, &dv, &logits, labels, scale);
+            if (!st) st = ts_unet_device_backward(&dev, &ctx, &dv);
             if (st) break;
             rs.loss_sum += lv.total;
             rs.loss_count++;
@@ -996,7 +1101,7 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
             if (micro < k_acc && bi < batches) continue;
             micro = 0;
             double gn = 0;
-            st = ts_optim_step(&opt, &ctx, &m, ts_sched_lr(&sched), &gn);
+            st = ts_optim_step_on(&opt, &ctx, &trainable, ts_sched_lr(&sched), &gn);
             if (st) {
                 char msg[1024];
                 snprintf(msg, sizeof msg, "%s", ts_last_error());
@@ -1008,7 +1113,14 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
             rs.global_step++;
             rs.next_batch = (int64_t)bi;
             if (o->on_step) o->on_step(o->on_step_user, e, rs.global_step);
-            if (o->on_step_model) o->on_step_model(o->on_step_user, &m, e, rs.global_step);
+            if (o->on_step_model) {
+                /* the hook sees (and may change) the host model */
+                st = sync_host(&dev, &m);
+                if (st) break;
+                o->on_step_model(o->on_step_user, &m, e, rs.global_step);
+                st = ts_unet_device_upload_params(&dev, &m);
+                if (st) break;
+            }
             if (!silent) {
                 double el = now_s() - t_epoch0;
                 double tps = el > 0 ? tiles_done / el : 0;
@@ -1030,7 +1142,8 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
             int want_stop = g_stop_sig != 0 && bi < batches;
             if (want_stop || (c->train.checkpoint_steps > 0 && rs.global_step % c->train.checkpoint_steps == 0 &&
                               bi < batches)) {
-                st = save_checkpoint(p_last, &m, &opt, &sched, &rs, yaml, c);
+                st = sync_host(&dev, &m);
+                if (!st) st = save_checkpoint(p_last, &m, &opt, &sched, &rs, yaml, c);
                 if (st) break;
             }
             if (want_stop) {
@@ -1051,7 +1164,7 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
         if (vl && ((e + 1) % c->train.val_every == 0 || e + 1 == epochs)) {
             ts_metrics met;
             memset(&met, 0, sizeof met);
-            st = validate(&m, &ctx, vl, &loss, K, c->ignore_id, e, &row.val_loss, &met);
+            st = validate(&dev, &ctx, &sg, vl, &loss, K, c->ignore_id, e, &row.val_loss, &met);
             if (st) break;
             row.miou = met.miou;
             row.oa = met.oa;
@@ -1092,7 +1205,8 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
         rs.loss_sum = 0;
         rs.loss_count = 0;
         r->epochs_done = rs.epoch;
-        if (improved) st = save_model_file(p_best, &m, &rs, e + 1, row.miou);
+        st = sync_host(&dev, &m);
+        if (!st && improved) st = save_model_file(p_best, &m, &rs, e + 1, row.miou);
         if (!st) st = write_metrics_files(c->output, &rs.hist, c);
         if (!st) st = save_checkpoint(p_last, &m, &opt, &sched, &rs, yaml, c);
         if (!st && c->train.keep_every > 0 && (e + 1) % c->train.keep_every == 0) {
@@ -1146,7 +1260,8 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     g_stop_sig = 0;
     ts_loader_destroy(tl);
     ts_loader_destroy(vl);
-    ts_tensor_free(&dl);
+    staging_free(&sg, B);
+    ts_unet_device_free(&dev);
     ts_optim_free(&opt);
     ts_loss_free(&loss);
     ts_ctx_free(&ctx);

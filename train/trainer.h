@@ -84,6 +84,10 @@ typedef struct ts_train_run_opts {
      * (after on_step, before that step's checkpoint); it may change it */
     void (*on_step_model)(void *user, struct ts_unet *m, int epoch, int64_t global_step);
     void *on_step_user;         /* the user argument of both hooks */
+    /* NULL: the config's device (cpu, or cuda through ts_backend_get); else
+     * this backend, whatever the config says (tests run the device path on
+     * a fake-device backend this way) */
+    const struct ts_backend *backend;
 } ts_train_run_opts;
 
 #define TS_TRAIN_MAX_CLASSES_REPORTED 64
