@@ -47,33 +47,43 @@ static const ts_backend cpu_backend = {
 
 const ts_backend *ts_backend_cpu(void) { return &cpu_backend; }
 
+ts_status ts_device_parse(const char *name, int *cuda, int *index)
+{
+    *cuda = 0;
+    *index = 0;
+    if (name && strcmp(name, "cpu") == 0) return TS_OK;
+    if (name && strncmp(name, "cuda", 4) == 0 && (name[4] == 0 || name[4] == ':')) {
+        *cuda = 1;
+        if (name[4] == 0) return TS_OK;
+        char *end = NULL;
+        long d = strtol(name + 5, &end, 10);
+        if (name[5] < '0' || name[5] > '9' || *end || d > 1023)
+            return ts_error(TS_ERR_INVALID_ARG, "backend \"%s\": write cuda or cuda:N with N a device index", name);
+        *index = (int)d;
+        return TS_OK;
+    }
+    return ts_error(TS_ERR_INVALID_ARG, "unknown backend \"%s\": choose cpu, cuda or cuda:N", name ? name : "(null)");
+}
+
 ts_status ts_backend_get(const char *name, const ts_backend **out)
 {
     *out = NULL;
-    if (strcmp(name, "cpu") == 0) {
+    int cuda, device;
+    ts_status st = ts_device_parse(name, &cuda, &device);
+    if (st != TS_OK) return st;
+    if (!cuda) {
         *out = &cpu_backend;
         return TS_OK;
     }
-    if (strncmp(name, "cuda", 4) == 0 && (name[4] == 0 || name[4] == ':')) {
-        int device = 0;
-        if (name[4] == ':') {
-            char *end = NULL;
-            long d = strtol(name + 5, &end, 10);
-            if (end == name + 5 || *end || d < 0 || d > 1023)
-                return ts_error(TS_ERR_INVALID_ARG, "backend \"%s\": write cuda or cuda:N with N a device index", name);
-            device = (int)d;
-        }
 #ifdef TERRASEG_HAVE_CUDA
-        return ts_cuda_backend(device, out);
+    return ts_cuda_backend(device, out);
 #else
-        (void)device;
-        return ts_error(TS_ERR_UNSUPPORTED,
-                        "backend \"cuda\": this terraseg was built without CUDA (TERRASEG_CUDA=OFF or no nvcc/cuDNN "
-                        "found at configure time); rebuild with -DTERRASEG_CUDA=ON on a machine with the CUDA "
-                        "toolkit, or use --device cpu");
+    (void)device;
+    return ts_error(TS_ERR_UNSUPPORTED,
+                    "backend \"cuda\": this terraseg was built without CUDA (TERRASEG_CUDA=OFF or no nvcc/cuDNN "
+                    "found at configure time); rebuild with -DTERRASEG_CUDA=ON on a machine with the CUDA "
+                    "toolkit, or use --device cpu");
 #endif
-    }
-    return ts_error(TS_ERR_INVALID_ARG, "unknown backend \"%s\": choose cpu, cuda or cuda:N", name);
 }
 
 ts_status ts_backend_check(const ts_backend *b)

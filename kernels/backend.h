@@ -359,8 +359,12 @@ TS_STATIC_ASSERT(sizeof(struct ts_backend) == sizeof(const char *) + sizeof(cons
 
 /* The CPU backend (always built). */
 const ts_backend *ts_backend_cpu(void);
-/* Looks a backend up by name ("cpu", "cuda"); an unknown or unbuilt one is an
- * error that says which backends this build has. */
+/* A device name: "cpu" (*cuda = 0), "cuda" or "cuda:N" (*cuda = 1, *index =
+ * N, 0 for "cuda"); anything else is an error naming the accepted forms.
+ * Touches no device. */
+ts_status ts_device_parse(const char *name, int *cuda, int *index);
+/* Looks a backend up by name (ts_device_parse's forms); an unknown or
+ * unbuilt one is an error that says which backends this build has. */
 ts_status ts_backend_get(const char *name, const ts_backend **out);
 /* TS_OK if every op of the table and the memory interface are implemented,
  * else an error listing the missing ones. */

@@ -5,7 +5,8 @@ T="$1"
 passed=0
 failed=0
 out=$(mktemp)
-trap 'rm -f "$out" "$out.doc" "$out.gen"' EXIT
+tmpd=$(mktemp -d)
+trap 'rm -rf "$out" "$out.doc" "$out.gen" "$tmpd"' EXIT
 
 # expect <exit code> <regex the output must match> <args...>
 expect() {
@@ -85,11 +86,20 @@ expect 0 "decoder" bench --size 33 --iters 1 --batch 2
 expect 0 "tiles/s" bench train --size 64 --iters 1 --batch 1
 # BatchNorm in training needs more than one value per channel: a 32-px tile leaves 1x1 at layer4.
 expect 1 "Expected more than 1 value per channel" bench train --size 32 --iters 1 --batch 1
-# --device: the whole U-Net is host-memory only (never run with the CUDA table); bad names and --tf32 on
-# the CPU are refused before anything runs, in every build. (bench conv --device cuda: exit 2 without
-# CUDA, 1 without a GPU, 0 on one: not checked here.)
-expect 2 "the U-Net's CUDA path is not implemented yet; the CUDA ops can be benchmarked with terraseg bench conv --device cuda" bench model --device cuda
-expect 2 "bench train: --device cuda:1: the U-Net's CUDA path is not implemented yet" bench train --device cuda:1
+# --device: bad names and --tf32 on the CPU are refused before anything runs, in every build; cuda without a
+# usable GPU (or in a CPU-only build) is refused naming the device and the way out. On a GPU machine these
+# run (tools/test_gpu.sh covers them there).
+if ! "$T" version 2>/dev/null | grep -Eq "cuda backend: built; .*[0-9]+ device\(s\)"; then
+    if "$T" version 2>/dev/null | grep -q "cuda backend: built"; then nogpu=1; else nogpu=2; fi
+    expect $nogpu "bench model: .*--device cpu" bench model --device cuda
+    expect $nogpu "bench train: .*--device cpu" bench train --device cuda:1
+    printf 'output: %s/train-out\nclasses: [a, b]\ndata:\n  images: none.tif\nlabels:\n  path: none.tif\n' \
+        "$tmpd" >"$tmpd/train.yaml"
+    expect 1 "train: device cuda:1: .*--device cpu" train "$tmpd/train.yaml" --device cuda:1 --quiet
+    expect 1 "train: device cuda:0: .*--device cpu" train "$tmpd/train.yaml" --set device=cuda --quiet
+fi
+expect 2 "--device gpu: unknown backend \"gpu\": choose cpu, cuda or cuda:N" train x.yaml --device gpu
+expect 2 "--device cuda:x: .*cuda:N with N a device index" demo --device cuda:x
 expect 2 "--device gpu: unknown backend \"gpu\"" bench conv --device gpu
 expect 2 "write cuda or cuda:N" bench conv --device cuda:x
 expect 2 "--tf32 applies to --device cuda only" bench conv --tf32

@@ -30,6 +30,7 @@
 static const char *dm_out = "terraseg-demo";
 static int dm_size = 2048, dm_seed = 1, dm_epochs = 5, dm_tile = 128, dm_batch = 8, dm_block = 512;
 static int dm_overwrite = 0, dm_threads = 0;
+static const char *dm_device = "cpu";
 
 cli_option demo_options[] = {
     {"out", 'o', CLI_STRING, &dm_out, "DIR", "output folder (created; its demo files are replaced with --overwrite)",
@@ -42,6 +43,7 @@ cli_option demo_options[] = {
     {"block", 0, CLI_INT, &dm_block, "PX", "side of the spatial blocks of the train/val/test split", 64, 8192},
     {"overwrite", 0, CLI_FLAG, &dm_overwrite, NULL, "replace the outputs of an earlier demo in DIR", 0, 0},
     {"threads", 0, CLI_INT, &dm_threads, "N", "threads (default: TERRASEG_THREADS or every core)", 0, 4096},
+    {"device", 0, CLI_STRING, &dm_device, "DEV", "where to train and predict: cpu, cuda or cuda:N", 0, 0},
     {0},
 };
 
@@ -136,6 +138,17 @@ int run_demo(int argc, char **argv)
         fprintf(stderr, "terraseg demo: takes no arguments (see terraseg demo --help)\n");
         return 2;
     }
+    /* The device first: a wrong name or a missing GPU costs no scene. */
+    const ts_backend *backend = NULL;
+    int dev_cuda = 0, dev_index = 0;
+    if (ts_device_parse(dm_device, &dev_cuda, &dev_index) != TS_OK) {
+        fprintf(stderr, "terraseg demo: --device %s: %s\n", dm_device, ts_last_error());
+        return 2;
+    }
+    if (ts_backend_get(dm_device, &backend) != TS_OK) {
+        fprintf(stderr, "terraseg demo: --device %s: %s\n", dm_device, ts_last_error());
+        return 1;
+    }
     ts_threads_init(dm_threads);
     ts_gdal_init();
     const double t0 = now();
@@ -199,9 +212,15 @@ int run_demo(int argc, char **argv)
         printf("[3/6] training (%s)\n", cfg_path);
         fflush(stdout);
         ts_train_config c;
-        const char *sets[1];
-        char set_out[600];
+        const char *sets[3];
+        char set_out[600], set_dev[32], set_idx[32];
         int nsets = 0;
+        if (dev_cuda) {
+            snprintf(set_dev, sizeof set_dev, "device=cuda");
+            snprintf(set_idx, sizeof set_idx, "cuda_device=%d", dev_index);
+            sets[nsets++] = set_dev;
+            sets[nsets++] = set_idx;
+        }
         if (dm_overwrite) {
             /* A fresh run folder each time: the trainer refuses to overwrite a run. */
             snprintf(set_out, sizeof set_out, "output=%s/run-%ld", dm_out, (long)time(NULL));
@@ -248,7 +267,7 @@ int run_demo(int argc, char **argv)
     }
     ts_ctx ctx;
     memset(&ctx, 0, sizeof ctx);
-    if (!st) st = ts_ctx_init(&ctx, ts_backend_cpu());
+    if (!st) st = ts_ctx_init(&ctx, backend);
     ts_predict_report pr;
     if (!st) {
         printf("[4/6] predicting the whole scene with %s\n", model);

@@ -1,7 +1,7 @@
 /* terraseg train CONFIG.yaml [--set KEY=VALUE]... [--resume CKPT] [--print-config] [--print-schema]
  *
- * Resolves the configuration (defaults, the file, every --set in order, the
- * cross-field checks: train/config.h), prints it, and trains
+ * Resolves the configuration (defaults, the file, every --set in order,
+ * --device last, the cross-field checks: train/config.h), prints it, and trains
  * (train/trainer.h). --set is repeatable (CLI_STRING_LIST). --print-config
  * prints the resolved configuration and exits without training;
  * --print-schema prints the key reference (Markdown) and needs no CONFIG.
@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/backend.h"
 #include "train/config.h"
 #include "train/trainer.h"
 
@@ -26,6 +27,7 @@ static int tr_print_config = 0;
 static int tr_print_schema = 0;
 static int tr_quiet = 0;
 static int tr_plain = 0;
+static const char *tr_device = NULL;
 
 cli_option train_options[] = {
     {"set", 's', CLI_STRING_LIST, &tr_sets, "KEY=VALUE",
@@ -34,6 +36,8 @@ cli_option train_options[] = {
      "continue a run exactly from a checkpoint (OUTPUT/last.safetensors or epoch-N.safetensors)", 0, 0},
     {"print-config", 0, CLI_FLAG, &tr_print_config, NULL, "print the resolved configuration and exit", 0, 0},
     {"print-schema", 0, CLI_FLAG, &tr_print_schema, NULL, "print every configuration key (Markdown) and exit", 0, 0},
+    {"device", 0, CLI_STRING, &tr_device, "DEV",
+     "where to train: cpu, cuda or cuda:N (sets the config's device and cuda_device, after every --set)", 0, 0},
     {"plain", 0, CLI_FLAG, &tr_plain, NULL, "plain log lines even on a terminal (no live progress line)", 0, 0},
     {"quiet", 'q', CLI_FLAG, &tr_quiet, NULL, "print errors only", 0, 0},
     {0},
@@ -58,8 +62,33 @@ int run_train(int argc, char **argv)
         rc = 2;
         goto out;
     }
+    /* --device as two more --set, applied last. */
+    char dev_set[2][48];
+    const char **sets = malloc(((size_t)tr_sets.n + 2) * sizeof *sets);
+    int n_sets = tr_sets.n;
+    if (!sets) {
+        fprintf(stderr, "terraseg train: out of memory\n");
+        rc = 1;
+        goto out;
+    }
+    for (int i = 0; i < tr_sets.n; i++) sets[i] = tr_sets.v[i];
+    if (tr_device) {
+        int cuda, idx;
+        if (ts_device_parse(tr_device, &cuda, &idx) != TS_OK) {
+            fprintf(stderr, "terraseg train: --device %s: %s\n", tr_device, ts_last_error());
+            free(sets);
+            rc = 2;
+            goto out;
+        }
+        snprintf(dev_set[0], sizeof dev_set[0], "device=%s", cuda ? "cuda" : "cpu");
+        snprintf(dev_set[1], sizeof dev_set[1], "cuda_device=%d", idx);
+        sets[n_sets++] = dev_set[0];
+        sets[n_sets++] = dev_set[1];
+    }
     ts_train_config c;
-    if (ts_train_config_resolve(argv[0], (const char *const *)tr_sets.v, tr_sets.n, &c)) {
+    ts_status rst = ts_train_config_resolve(argv[0], sets, n_sets, &c);
+    free(sets);
+    if (rst) {
         fprintf(stderr, "terraseg train: %s\n", ts_last_error());
         rc = 2;
         goto out;

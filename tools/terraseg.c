@@ -77,7 +77,7 @@ static cli_option bench_options[] = {
     {"threads", 't', CLI_INT, &bench_threads, "N", "threads (0: TERRASEG_THREADS or all cores)", 0, 1024},
     {"csv", 0, CLI_STRING, &bench_opts.csv, "FILE", "also write the measurements as CSV (for tools/bench scripts)", 0, 0},
     {"device", 0, CLI_STRING, &bench_opts.device, "DEV",
-     "cpu, cuda or cuda:N; on CUDA only conv runs for now (the U-Net's CUDA path is not implemented yet)", 0, 0},
+     "cpu, cuda or cuda:N: the backend conv, model and train run on", 0, 0},
     {"tf32", 0, CLI_FLAG, &bench_opts.tf32, NULL, "with --device cuda: TF32 tensor-core math for fp32 convs and GEMMs",
      0, 0},
     {0},

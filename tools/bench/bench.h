@@ -5,6 +5,8 @@
 #ifndef TS_BENCH_H
 #define TS_BENCH_H
 
+#include <stddef.h>
+
 typedef struct ts_bench_opts {
     int batch;       /* images per batch */
     int size;        /* tile height and width in pixels */
@@ -19,9 +21,15 @@ typedef struct ts_bench_opts {
 /* Checks o->device and o->tf32 for benchmark `what` ("conv", "model",
  * "train") before anything runs; touches no GPU. 0 if the benchmark can run
  * on that device, else prints why to stderr and returns 2: an unknown device
- * name, a build without CUDA, --tf32 on the CPU, or the whole U-Net on CUDA
- * (not implemented yet: only `bench conv` runs on the CUDA backend). */
+ * name, a build without CUDA, --tf32 on the CPU. */
 int ts_bench_check_device(const ts_bench_opts *o, const char *what);
+/* ts_bench_check_device, then the backend (CUDA: TF32 set first): 0, or 1
+ * (the device could not be opened) / 2 with the reason on stderr. */
+struct ts_backend;
+int ts_bench_backend(const ts_bench_opts *o, const char *what, const struct ts_backend **b);
+/* One line about what runs the benchmark: the BLAS library on the CPU, the
+ * GPU, driver and libraries on CUDA. */
+void ts_bench_describe(const ts_bench_opts *o, const struct ts_backend *b, char *buf, size_t size);
 /* 1 if o->device names a CUDA device ("cuda" or "cuda:N"), else 0. */
 int ts_bench_is_cuda(const ts_bench_opts *o);
 

@@ -1,12 +1,15 @@
-/* `terraseg bench --device cpu|cuda[:N]` and `--tf32`: which benchmark can
- * run where. Checked before a benchmark prints or allocates anything, and
- * without touching a GPU (the CUDA backend itself is created by the
- * benchmark that uses it, bench conv). */
+/* `terraseg bench --device cpu|cuda[:N]` and `--tf32`: checked before a
+ * benchmark prints or allocates anything, without touching a GPU; then the
+ * backend itself (ts_bench_backend). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/backend.h"
+#include "kernels/threads.h"
+#ifdef TERRASEG_HAVE_CUDA
+#include "kernels/cuda/cuda_backend.h"
+#endif
 #include "tools/bench/bench.h"
 
 /* "cuda" or "cuda:N" with N a device index, as ts_backend_get accepts it. */
@@ -43,16 +46,6 @@ int ts_bench_check_device(const ts_bench_opts *o, const char *what)
         }
         return 2;
     }
-    /* Only the op-level benchmark runs on the CUDA backend today: nn/unet.c
-     * and the trainer keep every tensor in host memory, and running them with
-     * the CUDA table (which expects device pointers) is never an option. */
-    if (strcmp(what, "conv") != 0) {
-        fprintf(stderr,
-                "bench %s: --device %s: the U-Net's CUDA path is not implemented yet; the CUDA ops can be "
-                "benchmarked with terraseg bench conv --device cuda\n",
-                what, d);
-        return 2;
-    }
 #ifndef TERRASEG_HAVE_CUDA
     /* Without CUDA, ts_backend_get explains the build and touches nothing. */
     const ts_backend *b = NULL;
@@ -62,4 +55,39 @@ int ts_bench_check_device(const ts_bench_opts *o, const char *what)
     }
 #endif
     return 0;
+}
+
+int ts_bench_backend(const ts_bench_opts *o, const char *what, const ts_backend **b)
+{
+    *b = NULL;
+    int rc = ts_bench_check_device(o, what);
+    if (rc) return rc;
+    if (!ts_bench_is_cuda(o)) {
+        *b = ts_backend_cpu();
+        return 0;
+    }
+#ifdef TERRASEG_HAVE_CUDA
+    ts_cuda_set_tf32(o->tf32); /* before the backend exists: its first plans already see it */
+#endif
+    if (ts_backend_get(o->device, b) != TS_OK) {
+        fprintf(stderr, "bench %s: %s\n", what, ts_last_error());
+        return 1;
+    }
+    return 0;
+}
+
+void ts_bench_describe(const ts_bench_opts *o, const ts_backend *b, char *buf, size_t size)
+{
+    if (ts_backend_is_host(b)) {
+        (void)o;
+        ts_blas_describe(buf, size);
+        return;
+    }
+#ifdef TERRASEG_HAVE_CUDA
+    char d[448];
+    ts_cuda_describe(d, sizeof d);
+    snprintf(buf, size, "device %s; %s; fp32 convs through cuDNN, TF32 %s", o->device, d, o->tf32 ? "on" : "off");
+#else
+    snprintf(buf, size, "backend %s", b->name);
+#endif
 }

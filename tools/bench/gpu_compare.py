@@ -35,11 +35,12 @@ Timing: the input tensor (and labels) already on the GPU; --warmup steps, then
 step time gives tiles/s = batch / median. A batch that runs out of memory is
 reported as OOM (and larger batches of that mode and size are skipped).
 
-terraseg: `terraseg bench model --device DEV` (its eval forward) for
-inference and `terraseg bench train --device DEV` (forward, the same 0.5 CE +
-0.5 Dice loss, backward, AdamW) for training, with --iters and, if given,
---ts-tf32 / --ts-args. If terraseg refuses (today: the U-Net's CUDA path is
-not implemented yet) its column says "n/a: <terraseg's reason>" once and the
+terraseg: `terraseg bench model --device DEV` (its inference copy's forward,
+BN folded, with the batch upload and logits download, as predict runs it) for
+inference and `terraseg bench train --device DEV` (labels upload, forward, the
+same 0.5 CE + 0.5 Dice loss, backward, AdamW, as the trainer runs it) for
+training, with --iters and, if given, --ts-tf32 / --ts-args. If terraseg
+fails or refuses, its column says "n/a: <terraseg's reason>" once and the
 PyTorch table is still printed.
 
 Ratios: terraseg tiles/s / the best PyTorch mode's tiles/s in that row (> 1:
@@ -367,7 +368,7 @@ def header(a, tv, torch_side):
     out.append("  train:    model.train(), zero_grad, forward, 0.5 CE + 0.5 per-image Dice (float32), backward, "
                "AdamW(lr 3e-4, wd 1e-4, fused) step")
     ts_extra = (" --tf32" if a.ts_tf32 else "") + (f" {a.ts_args}" if a.ts_args else "")
-    out.append(f"  terraseg: infer = `terraseg bench model --device {a.device}{ts_extra}` (eval forward), "
+    out.append(f"  terraseg: infer = `terraseg bench model --device {a.device}{ts_extra}` (forward with BN folded, upload + download included), "
                f"train = `terraseg bench train --device {a.device}{ts_extra}` (forward, 0.5 CE + 0.5 Dice, "
                f"backward, AdamW)")
     out.append(f"  timing:   {a.warmup} warm-up steps, then the median of {a.iters} steps, each between two "

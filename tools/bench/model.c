@@ -1,9 +1,13 @@
-/* terraseg bench model: the whole U-Net on a synthetic tile. Host memory and
- * the CPU backend only: --device cuda is refused (ts_bench_check_device)
- * until nn/unet.c can keep its tensors on the device, so a CUDA table is
- * never handed host pointers. */
+/* terraseg bench model / bench train: the whole U-Net on synthetic tiles, on
+ * the CPU or (--device cuda[:N]) the CUDA backend, through the same code the
+ * product runs: the inference copy (ts_unet_device_init: BN folded, what
+ * predict runs) for the eval forward, and the training copy
+ * (ts_unet_device_init_train, what the trainer runs) for training. On CUDA
+ * every timed iteration ends with the backend's sync, so a time covers the
+ * work and not only its launch. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "kernels/threads.h"
@@ -25,143 +29,202 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Median of iters timed runs after one warm-up; mode 0 eval forward, 1 train
- * forward + backward. */
-static int time_model(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, int mode, int iters, double *median_s)
+static double median(double *t, int n)
 {
+    qsort(t, (size_t)n, sizeof *t, cmp_double);
+    return t[n / 2];
+}
+
+/* A synthetic batch in [-0.5, 0.5). */
+static ts_status make_input(ts_tensor *x, int n, int c, int size)
+{
+    ts_status st = ts_tensor_alloc(x, n, c, size, size);
+    unsigned s = 12345;
+    for (size_t i = 0; st == TS_OK && i < ts_tensor_numel(x); i++) {
+        s = s * 1664525u + 1013904223u;
+        x->data[i] = (float)(s >> 8) / (float)(1 << 24) - 0.5f;
+    }
+    return st;
+}
+
+/* Everything both benchmarks set up: the backend, a context, a model with
+ * SMP's random init. */
+typedef struct bench_model {
+    const ts_backend *b;
+    ts_ctx ctx;
+    ts_unet m;
+} bench_model;
+
+static int open_model(bench_model *bm, const ts_bench_opts *o, const char *what)
+{
+    memset(bm, 0, sizeof *bm);
+    int rc = ts_bench_backend(o, what, &bm->b);
+    if (rc) return rc;
+    ts_ctx_init(&bm->ctx, bm->b);
+    ts_unet_config cfg = ts_unet_default_config(o->in_channels, o->classes);
+    if (ts_unet_init(&bm->m, &cfg) != TS_OK || ts_unet_init_random(&bm->m, 1) != TS_OK) {
+        fprintf(stderr, "bench %s: %s\n", what, ts_last_error());
+        ts_unet_free(&bm->m);
+        return 1;
+    }
+    char desc[768];
+    ts_bench_describe(o, bm->b, desc, sizeof desc);
+    printf("%s\n", desc);
+    return 0;
+}
+
+static void close_model(bench_model *bm)
+{
+    ts_unet_free(&bm->m);
+    ts_ctx_free(&bm->ctx);
+}
+
+/* Median of iters timed runs after one warm-up. mode 0: the inference copy's
+ * forward (host batch in, host logits out, as predict). mode 1: the training
+ * copy's train forward + backward (dlogits constant, in backend memory). */
+static int time_model(bench_model *bm, const ts_tensor *x, int mode, int iters, double *median_s)
+{
+    const ts_backend *B = bm->b;
     double *t = malloc(sizeof(double) * (size_t)iters);
-    if (!t) return 1;
-    ts_tensor logits, dlogits = {0};
+    ts_unet_device d;
+    memset(&d, 0, sizeof d);
+    ts_tensor logits = {0}, dl = {0};
+    float *dl_dev = NULL;
+    int rc = 1;
+    if (!t) goto out;
+    const int K = bm->m.cfg.classes;
+    if (mode == 0) {
+        if (ts_unet_device_init(&d, &bm->m, B) != TS_OK || ts_tensor_alloc(&logits, x->n, K, x->h, x->w) != TS_OK)
+            goto out;
+    } else {
+        void *p = NULL;
+        if (ts_unet_device_init_train(&d, &bm->m, B) != TS_OK || ts_tensor_alloc(&dl, x->n, K, x->h, x->w) != TS_OK ||
+            B->memory->alloc(&p, ts_tensor_numel(&dl) * sizeof(float)) != TS_OK)
+            goto out;
+        dl_dev = p;
+        for (size_t i = 0; i < ts_tensor_numel(&dl); i++) dl.data[i] = 1e-4f;
+        if (B->memory->upload(dl_dev, dl.data, ts_tensor_numel(&dl) * sizeof(float)) != TS_OK) goto out;
+    }
     for (int it = -1; it < iters; it++) {
         double t0 = now_s();
-        if (ts_unet_forward(m, ctx, x, mode, &logits) != TS_OK) goto fail;
-        if (mode == 1) {
-            if (!dlogits.data && ts_tensor_alloc(&dlogits, logits.n, logits.c, logits.h, logits.w) != TS_OK) goto fail;
-            for (size_t i = 0; i < ts_tensor_numel(&dlogits); i++) dlogits.data[i] = 1e-4f;
-            if (ts_unet_zero_grad(m, ctx) != TS_OK || ts_unet_backward(m, ctx, &dlogits) != TS_OK) goto fail;
+        if (mode == 0) {
+            if (ts_unet_device_forward(&d, &bm->ctx, x, &logits) != TS_OK) goto out;
+        } else {
+            ts_tensor lg, dv = ts_tensor_view(dl_dev, dl.n, dl.c, dl.h, dl.w);
+            if (ts_unet_device_run(&d, &bm->ctx, x, 1, &lg) != TS_OK || ts_unet_device_zero_grad(&d, &bm->ctx) != TS_OK ||
+                ts_unet_device_backward(&d, &bm->ctx, &dv) != TS_OK || B->memory->sync() != TS_OK)
+                goto out;
         }
         if (it >= 0) t[it] = now_s() - t0;
     }
-    qsort(t, (size_t)iters, sizeof *t, cmp_double);
-    *median_s = t[iters / 2];
+    *median_s = median(t, iters);
+    rc = 0;
+out:
+    if (rc) fprintf(stderr, "bench model: %s\n", ts_last_error());
+    B->memory->free(dl_dev);
+    ts_unet_device_free(&d);
+    ts_tensor_free(&logits);
+    ts_tensor_free(&dl);
     free(t);
-    ts_tensor_free(&dlogits);
-    return 0;
-fail:
-    fprintf(stderr, "bench model: %s\n", ts_last_error());
-    free(t);
-    ts_tensor_free(&dlogits);
-    return 1;
+    return rc;
 }
 
 int ts_bench_model(const ts_bench_opts *o)
 {
-    int check = ts_bench_check_device(o, "model");
-    if (check) return check;
-    ts_unet_config cfg = ts_unet_default_config(o->in_channels, o->classes);
-    ts_unet m;
-    ts_ctx ctx;
-    ts_ctx_init(&ctx, ts_backend_cpu());
-    if (ts_unet_init(&m, &cfg) != TS_OK || ts_unet_init_random(&m, 1) != TS_OK) {
-        fprintf(stderr, "bench model: %s\n", ts_last_error());
-        return 1;
-    }
-    char blas[512];
-    ts_blas_describe(blas, sizeof blas);
-    printf("%s\n", blas);
-    printf("smp.Unet(\"resnet34\", in_channels=%d, classes=%d): %zu trainable parameters\n\n", cfg.in_channels,
-           cfg.classes, ts_unet_count_trainable(&m));
+    bench_model bm;
+    int rc = open_model(&bm, o, "model");
+    if (rc) return rc;
+    const ts_unet_config cfg = bm.m.cfg;
+    printf("smp.Unet(\"resnet34\", in_channels=%d, classes=%d): %zu trainable parameters; device %s\n", cfg.in_channels,
+           cfg.classes, ts_unet_count_trainable(&bm.m), bm.b->name);
+    printf("eval fwd = the inference copy (BN folded, as predict: batch upload, forward, logits download); "
+           "train = the training copy's forward + backward\n\n");
     printf("%-6s %-10s %14s %14s %18s %14s\n", "batch", "tile", "eval fwd ms", "ms/tile", "train fwd+bwd ms",
            "ms/tile");
     int batches[2] = {o->batch, 4};
-    int rc = 0;
-    for (int b = 0; b < 2 && rc == 0; b++) {
-        if (b == 1 && batches[1] == batches[0]) break;
-        ts_tensor x;
-        if (ts_tensor_alloc(&x, batches[b], cfg.in_channels, o->size, o->size) != TS_OK) {
+    for (int bi = 0; bi < 2 && rc == 0; bi++) {
+        if (bi == 1 && batches[1] == batches[0]) break;
+        ts_tensor x = {0};
+        if (make_input(&x, batches[bi], cfg.in_channels, o->size) != TS_OK) {
             fprintf(stderr, "bench model: %s\n", ts_last_error());
             rc = 1;
             break;
         }
-        unsigned s = 12345;
-        for (size_t i = 0; i < ts_tensor_numel(&x); i++) {
-            s = s * 1664525u + 1013904223u;
-            x.data[i] = (float)(s >> 8) / (float)(1 << 24) - 0.5f;
-        }
         double fwd = 0, train = 0;
-        rc = time_model(&m, &ctx, &x, 0, o->iters, &fwd);
-        if (rc == 0) rc = time_model(&m, &ctx, &x, 1, o->iters, &train);
+        rc = time_model(&bm, &x, 0, o->iters, &fwd);
+        if (rc == 0) rc = time_model(&bm, &x, 1, o->iters, &train);
         if (rc == 0) {
             char tile[32];
             snprintf(tile, sizeof tile, "%dx%d", o->size, o->size);
-            printf("%-6d %-10s %14.1f %14.1f %18.1f %14.1f\n", batches[b], tile, fwd * 1e3, fwd * 1e3 / batches[b],
-                   train * 1e3, train * 1e3 / batches[b]);
+            printf("%-6d %-10s %14.1f %14.1f %18.1f %14.1f\n", batches[bi], tile, fwd * 1e3, fwd * 1e3 / batches[bi],
+                   train * 1e3, train * 1e3 / batches[bi]);
         }
         ts_tensor_free(&x);
     }
-    ts_unet_free(&m);
-    ts_ctx_free(&ctx);
+    close_model(&bm);
     return rc;
 }
 
-/* terraseg bench train: one full training step per batch (train forward,
- * (1-w) CE + w Dice, backward, AdamW with the tutorial's lr 3e-4 and weight
- * decay 1e-4), at o->batch and batch 4: ms per step and tiles/s. */
+/* terraseg bench train: one full training step per batch, as the trainer
+ * runs it (labels uploaded, train forward, (1-w) CE + w Dice, backward,
+ * AdamW with the tutorial's lr 3e-4 and weight decay 1e-4, all on the
+ * training copy), at o->batch and batch 4: ms per step and tiles/s. */
 int ts_bench_train(const ts_bench_opts *o)
 {
-    int check = ts_bench_check_device(o, "train");
-    if (check) return check;
-    ts_unet_config cfg = ts_unet_default_config(o->in_channels, o->classes);
-    ts_unet m;
-    ts_ctx ctx;
-    ts_ctx_init(&ctx, ts_backend_cpu());
-    if (ts_unet_init(&m, &cfg) != TS_OK || ts_unet_init_random(&m, 1) != TS_OK) {
-        fprintf(stderr, "bench train: %s\n", ts_last_error());
-        return 1;
-    }
+    bench_model bm;
+    int rc = open_model(&bm, o, "train");
+    if (rc) return rc;
+    const ts_backend *B = bm.b;
+    const ts_unet_config cfg = bm.m.cfg;
     ts_loss loss;
     ts_optim opt;
+    memset(&loss, 0, sizeof loss);
+    memset(&opt, 0, sizeof opt);
+    ts_unet_device d;
+    memset(&d, 0, sizeof d);
     ts_loss_config lc = ts_loss_default_config();
     ts_optim_config oc = ts_optim_default_config();
     oc.lr = 3e-4;
     oc.weight_decay = 1e-4;
-    if (ts_loss_init(&loss, &lc, cfg.classes) != TS_OK || ts_optim_init(&opt, &oc, &m) != TS_OK) {
+    if (ts_loss_init(&loss, &lc, cfg.classes) != TS_OK || ts_optim_init_on(&opt, &oc, &bm.m, B) != TS_OK ||
+        ts_unet_device_init_train(&d, &bm.m, B) != TS_OK) {
         fprintf(stderr, "bench train: %s\n", ts_last_error());
-        ts_unet_free(&m);
-        return 1;
+        rc = 1;
     }
-    char blas[512];
-    ts_blas_describe(blas, sizeof blas);
-    printf("%s\n", blas);
-    printf("one training step = train forward + loss (0.5 CE + 0.5 Dice) + backward + AdamW\n\n");
-    printf("%-6s %-10s %14s %14s %10s\n", "batch", "tile", "ms/step", "ms/tile", "tiles/s");
+    const ts_unet_trainable tr = ts_unet_device_trainable(&d);
+    if (rc == 0) {
+        printf("one training step = labels upload + train forward + loss (0.5 CE + 0.5 Dice) + backward + AdamW; "
+               "device %s\n\n", B->name);
+        printf("%-6s %-10s %14s %14s %10s\n", "batch", "tile", "ms/step", "ms/tile", "tiles/s");
+    }
     int batches[2] = {o->batch, 4};
-    int rc = 0;
-    for (int b = 0; b < 2 && rc == 0; b++) {
-        if (b == 1 && batches[1] == batches[0]) break;
-        const int n = batches[b];
-        ts_tensor x = {0}, dlogits = {0};
-        int32_t *target = malloc(sizeof(int32_t) * (size_t)n * o->size * o->size);
+    for (int bi = 0; bi < 2 && rc == 0; bi++) {
+        if (bi == 1 && batches[1] == batches[0]) break;
+        const int n = batches[bi];
+        const size_t npix = (size_t)n * o->size * o->size;
+        ts_tensor x = {0};
+        int32_t *target = malloc(sizeof(int32_t) * npix);
         double *t = malloc(sizeof(double) * (size_t)o->iters);
-        if (!target || !t || ts_tensor_alloc(&x, n, cfg.in_channels, o->size, o->size) != TS_OK ||
-            ts_tensor_alloc(&dlogits, n, cfg.classes, o->size, o->size) != TS_OK) {
-            fprintf(stderr, "bench train: out of memory\n");
+        void *yd = NULL, *dld = NULL;
+        const int host = ts_backend_is_host(B);
+        if (!target || !t || make_input(&x, n, cfg.in_channels, o->size) != TS_OK ||
+            B->memory->alloc(&dld, npix * (size_t)cfg.classes * sizeof(float)) != TS_OK ||
+            (!host && B->memory->alloc(&yd, npix * sizeof(int32_t)) != TS_OK)) {
+            fprintf(stderr, "bench train: %s\n", ts_last_error());
             rc = 1;
         }
-        unsigned s = 12345;
-        for (size_t i = 0; rc == 0 && i < ts_tensor_numel(&x); i++) {
-            s = s * 1664525u + 1013904223u;
-            x.data[i] = (float)(s >> 8) / (float)(1 << 24) - 0.5f;
-        }
-        for (size_t i = 0; rc == 0 && i < (size_t)n * o->size * o->size; i++) target[i] = (int32_t)((i / 7) % cfg.classes);
+        for (size_t i = 0; rc == 0 && i < npix; i++) target[i] = (int32_t)((i / 7) % cfg.classes);
+        const int32_t *labels = host ? target : yd;
         for (int it = -1; rc == 0 && it < o->iters; it++) {
             double t0 = now_s();
-            ts_tensor logits;
+            ts_tensor logits, dv = ts_tensor_view(dld, n, cfg.classes, o->size, o->size);
             ts_loss_value lv;
-            if (ts_unet_forward(&m, &ctx, &x, 1, &logits) != TS_OK || ts_loss_forward(&loss, &ctx, &logits, target, &lv) ||
-                ctx.backend->zero(&ctx, dlogits.data, ts_tensor_numel(&dlogits)) ||
-                ts_loss_backward(&loss, &ctx, &dlogits, &logits, target, 1.0f) || ts_unet_zero_grad(&m, &ctx) ||
-                ts_unet_backward(&m, &ctx, &dlogits) || ts_optim_step(&opt, &ctx, &m, oc.lr, NULL)) {
+            if ((!host && B->memory->upload(yd, target, npix * sizeof(int32_t)) != TS_OK) ||
+                ts_unet_device_zero_grad(&d, &bm.ctx) || ts_unet_device_run(&d, &bm.ctx, &x, 1, &logits) ||
+                ts_loss_forward(&loss, &bm.ctx, &logits, labels, &lv) || B->zero(&bm.ctx, dv.data, ts_tensor_numel(&dv)) ||
+                ts_loss_backward(&loss, &bm.ctx, &dv, &logits, labels, 1.0f) ||
+                ts_unet_device_backward(&d, &bm.ctx, &dv) || ts_optim_step_on(&opt, &bm.ctx, &tr, oc.lr, NULL) ||
+                B->memory->sync()) {
                 fprintf(stderr, "bench train: %s\n", ts_last_error());
                 rc = 1;
                 break;
@@ -169,20 +232,20 @@ int ts_bench_train(const ts_bench_opts *o)
             if (it >= 0) t[it] = now_s() - t0;
         }
         if (rc == 0) {
-            qsort(t, (size_t)o->iters, sizeof *t, cmp_double);
-            double med = t[o->iters / 2];
+            double med = median(t, o->iters);
             char tile[32];
             snprintf(tile, sizeof tile, "%dx%d", o->size, o->size);
             printf("%-6d %-10s %14.1f %14.1f %10.2f\n", n, tile, med * 1e3, med * 1e3 / n, n / med);
         }
+        B->memory->free(yd);
+        B->memory->free(dld);
         free(target);
         free(t);
         ts_tensor_free(&x);
-        ts_tensor_free(&dlogits);
     }
+    ts_unet_device_free(&d);
     ts_optim_free(&opt);
     ts_loss_free(&loss);
-    ts_unet_free(&m);
-    ts_ctx_free(&ctx);
+    close_model(&bm);
     return rc;
 }

@@ -9,7 +9,7 @@ prints the ratios (other / terraseg time: > 1 means terraseg is faster).
 Run it through tools/bench/model_compare.sh, which sets up the venv (torch,
 segmentation-models-pytorch, onnx, onnxruntime; never needed by terraseg).
 Eval forward: model.eval() under no_grad (torch), the exported ONNX graph
-(ORT), `terraseg bench model` (eval forward). Train step: model.train(),
+(ORT), `terraseg bench model` (eval forward with BN folded, as predict). Train step: model.train(),
 forward, a sum of the logits as a stand-in loss, backward (torch) against
 terraseg's train forward + backward. Medians of --iters after one warm-up.
 """
