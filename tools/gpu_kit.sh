@@ -1,0 +1,76 @@
+#!/bin/sh
+# Packs what a bare GPU machine needs to run terraseg's GPU suite and GPU
+# benchmarks, for machines that have the NVIDIA driver, the CUDA 13 runtime,
+# cuDNN 9 and PyTorch but none of terraseg's Debian libraries and no network
+# (the lent H100/H200 machines of this project: docs/gpu.md).
+#
+# Here (a machine with the CUDA toolkit and cuDNN, like CI's):
+#   tools/gpu_kit.sh            builds build-gpu/ (Release, -DTERRASEG_CUDA=ON,
+#                               CUDA_ARCHS default 90) and writes gpukit/:
+#     bin/         terraseg and the GPU test programs, stripped
+#     libs.tar.xz  every shared library they load that is not glibc, the C++
+#                  runtime, CUDA or cuDNN (GDAL, OpenBLAS, GEOS, ...), plus PROJ's
+#                  and GDAL's data files
+#     wheels/      segmentation-models-pytorch (pure Python; its dependencies
+#                  torch, timm, huggingface_hub, safetensors are on those machines)
+#     run.sh       what runs there (below)
+# There, from the repository root (the working tree with gpukit/ beside it):
+#   sh gpukit/run.sh [OUTDIR]   (OUTDIR: $OUT, else gpu-results/)
+#     unpacks the libraries to /tmp, finds cuDNN (the system's, else the one
+#     in PyTorch's nvidia-cudnn wheel), runs the GPU tests, `terraseg bench
+#     conv|model|train --device cuda` with TF32 off and on, a CUDA demo
+#     (train + predict + evaluate on a synthetic scene) and
+#     tools/bench/gpu_compare.py against that machine's PyTorch, and writes at
+#     most 6 files to OUTDIR: summary.txt (versions, each step's exit status,
+#     the tests' tallies), tests.log, bench.txt, demo.log, gpu_compare.md,
+#     gpu_compare.log.
+# gpukit/ is ignored by git (.gitignore): it is made for one session, not
+# committed. About 45 MB; with the repository (6 MB) it stays under the
+# 64 MiB a device call carries.
+set -eu
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+kit=gpukit
+build=${BUILD_DIR:-build-gpu}
+
+tools/setup.sh --no-fuzz
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DTERRASEG_WERROR=ON -DTERRASEG_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" >/dev/null
+cmake --build "$build" -j"$(nproc)"
+
+rm -rf "$kit"
+mkdir -p "$kit/bin" "$kit/wheels"
+progs="terraseg $(cd "$build" && ls test_cuda_* 2>/dev/null | tr '\n' ' ')"
+for p in $progs; do
+    cp "$build/$p" "$kit/bin/$p"
+    strip "$kit/bin/$p"
+done
+
+# Every library the programs load, minus what such a machine has itself.
+libs=$(mktemp)
+for p in $progs; do
+    ldd "$build/$p" | awk '$2 == "=>" && $3 ~ /^\// {print $3}'
+done | sort -u | while read -r l; do
+    case "$l" in
+    */libc.so* | */libm.so* | */libpthread.so* | */libdl.so* | */librt.so* | */ld-linux* | \
+        */libstdc++.so* | */libgcc_s.so* | */cuda* | */libcudnn* | */libcublas* | */libcudart*) ;;
+    *) echo "$l" ;;
+    esac
+done >"$libs"
+# ldd lists the names programs ask for (symlinks); the files they point to come along as well.
+extra=$(mktemp)
+while read -r l; do readlink -f "$l"; done <"$libs" >"$extra"
+# PROJ's database (not its grids: the demo and the tests need no datum shift) and GDAL's data.
+for f in /usr/share/proj/proj.db /usr/share/proj/proj.ini /usr/share/gdal; do [ -e "$f" ] && echo "$f"; done >>"$extra"
+cat "$libs" "$extra" | sort -u | tar -cf - -T - 2>/dev/null | xz -T0 -6 >"$kit/libs.tar.xz"
+rm -f "$libs" "$extra"
+
+# segmentation-models-pytorch for the PyTorch side of gpu_compare.py: a
+# pure-Python wheel, so one file serves any Python 3 there.
+if ! python3 -m pip download -q --no-deps --only-binary=:all: -d "$kit/wheels" \
+    "segmentation-models-pytorch==${SMP_VERSION:-0.6.0}"; then
+    echo "gpu_kit: could not download the segmentation-models-pytorch wheel: gpu_compare will say so there" >&2
+fi
+cp tools/gpu_kit_run.sh "$kit/run.sh"
+du -sh "$kit"
+echo "gpu_kit: wrote $kit/; on the GPU machine run: sh $kit/run.sh"
