@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #include "io/classes.h"
 #include "io/gdal_out.h"
@@ -79,6 +80,16 @@ typedef struct band_norm {
     double lo, hi;
 } band_norm;
 
+struct predictor;
+
+/* A stitcher reader thread's context: GDAL handles are not thread-safe, so
+ * each reader reads through its own ts_raster (the first is the predictor's
+ * own, the others clones of it). */
+typedef struct predict_reader {
+    const struct predictor *p;
+    ts_raster *raster;
+} predict_reader;
+
 typedef struct predictor {
     const ts_predict_opts *o;
     ts_unet *m;
@@ -86,6 +97,9 @@ typedef struct predictor {
     int C, K, T;    /* model in, classes written (2 for a one-class model), tile */
     int model_k;    /* the model's own class count */
     ts_raster *raster;
+    predict_reader *readers; /* [nreaders]; readers[0].raster is raster */
+    void **reader_ctx;       /* [nreaders]: &readers[i], for ts_stitch_fns.read_ctx */
+    int nreaders;
     band_norm *norm; /* [C] */
     /* tile function scratch */
     float *xt, *prob; /* [batch][C][T][T], [batch][model_k][T][T] */
@@ -116,10 +130,12 @@ static void warnf(const ts_predict_opts *o, const char *fmt, ...)
 
 /* ---- reading ------------------------------------------------------------------------------- */
 
+/* Reader threads: vp is that reader's predict_reader. */
 static ts_status read_fn(void *vp, const ts_window *w, float *data, uint8_t *valid)
 {
-    predictor *p = vp;
-    ts_status st = ts_raster_read(p->raster, w, data, valid);
+    const predict_reader *rd = vp;
+    const predictor *p = rd->p;
+    ts_status st = ts_raster_read(rd->raster, w, data, valid);
     if (st || !p->norm) return st;
     const size_t plane = (size_t)w->width * w->height;
     for (int c = 0; c < p->C; c++) {
@@ -556,6 +572,9 @@ static void predictor_free(predictor *p)
     if (p->cls) GDALClose(p->cls);
     if (p->probs) GDALClose(p->probs);
     if (p->conf) GDALClose(p->conf);
+    for (int i = 1; p->readers && i < p->nreaders; i++) ts_raster_close(p->readers[i].raster);
+    free(p->readers);
+    free(p->reader_ctx);
     ts_raster_close(p->raster);
     free(p->norm);
     free(p->xt);
@@ -564,6 +583,45 @@ static void predictor_free(predictor *p)
     free(p->row_bytes);
     ts_unet_device_free(&p->dev);
     free(p->logits);
+}
+
+/* The reader count: o->readers, else 1 when the model runs on the CPU (its
+ * compute threads want every core, and each extra reader decodes shared
+ * blocks again), min(4, online CPUs) when it runs on a device (or through
+ * tile_fn) and the cores are free for decoding; never more than the
+ * stitcher's batches (another reader would only reopen the scene). */
+static int reader_count(const ts_predict_opts *o, const ts_ctx *ctx, int64_t batches)
+{
+    int n = o->readers;
+    if (n <= 0 && !o->tile_fn && ctx && ts_backend_is_host(ctx->backend)) n = 1;
+    if (n <= 0) {
+        const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        n = cpus >= 4 ? 4 : cpus >= 1 ? (int)cpus : 1;
+    }
+    if (n > batches) n = batches > 0 ? (int)batches : 1;
+    return n;
+}
+
+/* One reader context per stitcher reader: the first reads through
+ * p->raster, the others through clones of it (opened again, normalization
+ * copied). */
+static ts_status open_readers(predictor *p, int n)
+{
+    p->readers = calloc((size_t)n, sizeof *p->readers);
+    p->reader_ctx = calloc((size_t)n, sizeof *p->reader_ctx);
+    if (!p->readers || !p->reader_ctx) return ts_error(TS_ERR_NOMEM, "predict: out of memory");
+    p->nreaders = n;
+    for (int i = 0; i < n; i++) {
+        p->readers[i].p = p;
+        p->reader_ctx[i] = &p->readers[i];
+        if (i == 0) {
+            p->readers[i].raster = p->raster;
+        } else {
+            ts_status st = ts_raster_clone(p->raster, &p->readers[i].raster);
+            if (st) return st;
+        }
+    }
+    return TS_OK;
 }
 
 static char *stage_name(const char *tmp)
@@ -689,7 +747,7 @@ ts_status ts_predict_run(ts_unet *m, ts_ctx *ctx, const ts_predict_opts *o, ts_p
             st = ts_gdal_error(TS_ERR_IO, "predict: '%s': cannot set the band scale", o->confidence);
     }
 
-    ts_stitch_params sp = {W, H, p.C, p.K, p.T, overlap, batch, o->blend};
+    ts_stitch_params sp = {W, H, p.C, p.K, p.T, overlap, batch, o->blend, 0};
     if (!st) {
         report->width = W;
         report->height = H;
@@ -699,12 +757,14 @@ ts_status ts_predict_run(ts_unet *m, ts_ctx *ctx, const ts_predict_opts *o, ts_p
         report->classes = p.K;
         report->georeferenced = si.georef;
         report->tiles = ts_stitch_origins(W, p.T, overlap, NULL, 0) * ts_stitch_origins(H, p.T, overlap, NULL, 0);
+        sp.readers = report->readers = reader_count(o, ctx, (report->tiles + batch - 1) / batch);
         unsigned tta = o->tta ? o->tta : TS_TTA_IDENTITY;
         report->augmentations = o->tile_fn ? 1 : __builtin_popcount(tta);
         st = ts_stitch_memory(&sp, &report->stitch_bytes);
+        if (!st) st = open_readers(&p, sp.readers);
     }
     if (!st) {
-        ts_stitch_fns fns = {&p, read_fn, tile_fn, write_fn, o->progress ? progress_fn : NULL};
+        ts_stitch_fns fns = {&p, read_fn, tile_fn, write_fn, o->progress ? progress_fn : NULL, p.reader_ctx};
         st = ts_stitch_run(&sp, &fns);
     }
     st = close_ds(&p.cls, o->out, st);

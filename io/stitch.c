@@ -10,6 +10,9 @@
 /* Final rows go to the writer in chunks of at most this many rows, so the
  * two write buffers stay small next to the accumulator ring. */
 #define EMIT_ROWS 64
+/* Reader threads at most (check_params); a queue holds every read slot. */
+#define MAX_READERS 64
+#define QCAP (MAX_READERS + 1)
 
 int ts_blend_parse(const char *name)
 {
@@ -92,18 +95,23 @@ static ts_status check_params(const ts_stitch_params *p)
                         p->overlap, p->tile);
     if (p->batch < 1 || p->batch > 4096) return ts_error(TS_ERR_INVALID_ARG, "stitch: batch %d (1..4096)", p->batch);
     if (ts_blend_name(p->blend)[0] == '?') return ts_error(TS_ERR_INVALID_ARG, "stitch: unknown blend mode");
+    if (p->readers < 0 || p->readers > MAX_READERS)
+        return ts_error(TS_ERR_INVALID_ARG, "stitch: readers %d (0..%d; 0 is 1)", p->readers, MAX_READERS);
     return TS_OK;
 }
 
 static int64_t ring_rows(const ts_stitch_params *p) { return p->height < p->tile ? p->height : p->tile; }
+static int n_readers(const ts_stitch_params *p) { return p->readers > 0 ? p->readers : 1; }
 
 ts_status ts_stitch_memory(const ts_stitch_params *p, size_t *bytes)
 {
     ts_status st = check_params(p);
     if (st) return st;
-    const double K = p->classes, C = p->channels, T = p->tile, W = (double)p->width;
+    const double K = p->classes, C = p->channels, T = p->tile, W = (double)p->width, N = n_readers(p);
+    /* ring, write buffers, N + 1 read slots and a scratch tile per reader,
+     * the tile function's output, the weights (see MEMORY in stitch.h) */
     const double b = (8 * K + 9) * (double)ring_rows(p) * W + 2 * (4 * K + 1) * EMIT_ROWS * W +
-                     2 * p->batch * T * T * (4 * (C + K) + 1) + T * T * (8 + 4 * C + 1);
+                     ((N + 1) * p->batch + N) * T * T * (4 * C + 1) + 4 * K * p->batch * T * T + 8 * T * T;
     if (b > (double)SIZE_MAX / 2) return ts_error(TS_ERR_NOMEM, "stitch: a %.0f-pixel-wide scene needs too much memory", W);
     *bytes = (size_t)b;
     return TS_OK;
@@ -112,7 +120,7 @@ ts_status ts_stitch_memory(const ts_stitch_params *p, size_t *bytes)
 /* ---- a small blocking queue of pointers; NULL is the end-of-stream item ---- */
 
 typedef struct queue {
-    void *items[4];
+    void *items[QCAP]; /* room for every read slot (N + 1 <= QCAP) or write buffer */
     int head, count;
 } queue;
 
@@ -130,18 +138,39 @@ typedef struct write_buf {
     int nrows;
 } write_buf;
 
+struct stitch;
+
+/* One reader thread: its own read context and padding scratch. */
+typedef struct reader {
+    struct stitch *s;
+    void *ctx;              /* read_ctx[i], else ctx */
+    float *scratch;         /* [C][T][T] unpadded read of a tile smaller than T */
+    uint8_t *scratch_valid; /* [T][T] */
+    pthread_t thread;
+} reader;
+
 typedef struct stitch {
     const ts_stitch_params *p;
     const ts_stitch_fns *f;
     int64_t *ox, *oy; /* tile origins */
     int64_t nx, ny;
     pthread_mutex_t mu;
-    pthread_cond_t cv; /* any queue changed or stop was set */
-    queue read_free, read_full, write_free, write_full;
+    pthread_cond_t cv; /* any queue or ready[] changed, or stop was set */
+    queue read_free, write_free, write_full;
     int stop;
     ts_status err;
     char msg[2048];
-    read_slot slots[2];
+    /* Reading: tiles go in batches b = 0, 1, ... of `batch` tiles in row-major
+     * order. A reader takes a free slot, then claims the next batch (under mu)
+     * and reads all of it; the slot goes to ready[b % nslots], where compute
+     * waits for batch b itself. Batches in flight (claimed, not yet taken by
+     * compute) each hold a slot and are consecutive, so there are at most
+     * nslots of them and ready[] never holds two at one index. */
+    int nreaders, nslots; /* N, N + 1 */
+    reader *readers;      /* [N] */
+    read_slot *slots;     /* [nslots] */
+    read_slot **ready;    /* [nslots] */
+    int64_t nbatches, next_batch;
     write_buf bufs[2];
     /* the accumulator ring (calling thread only) */
     int64_t R;
@@ -150,8 +179,6 @@ typedef struct stitch {
     uint8_t *rvalid; /* [R][W] */
     double *weight;  /* [T][T] */
     float *out;      /* [batch][K][T][T] */
-    float *scratch;  /* [C][T][T] unpadded read (reader thread) */
-    uint8_t *scratch_valid;
 } stitch;
 
 /* Records the first error (with this thread's message) and wakes everyone. */
@@ -170,7 +197,7 @@ static void fail(stitch *s, ts_status st)
 static void push(stitch *s, queue *q, void *item)
 {
     pthread_mutex_lock(&s->mu);
-    q->items[(q->head + q->count) % 4] = item;
+    q->items[(q->head + q->count) % QCAP] = item;
     q->count++;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
@@ -185,21 +212,30 @@ static void *pop(stitch *s, queue *q, int *stopped)
     *stopped = s->stop;
     if (!s->stop) {
         item = q->items[q->head];
-        q->head = (q->head + 1) % 4;
+        q->head = (q->head + 1) % QCAP;
         q->count--;
     }
     pthread_mutex_unlock(&s->mu);
     return item;
 }
 
-/* ---- reader thread --------------------------------------------------------------------------- */
+/* ---- reader threads -------------------------------------------------------------------------- */
+
+static int stopped_now(stitch *s)
+{
+    pthread_mutex_lock(&s->mu);
+    int stop = s->stop;
+    pthread_mutex_unlock(&s->mu);
+    return stop;
+}
 
 /* Reads window w and writes it reflect-padded to T x T into in/valid. */
-static ts_status read_tile(stitch *s, const ts_window *w, float *in, uint8_t *valid)
+static ts_status read_tile(reader *rd, const ts_window *w, float *in, uint8_t *valid)
 {
+    const stitch *s = rd->s;
     const int T = s->p->tile, C = s->p->channels;
-    if (w->width == T && w->height == T) return s->f->read(s->f->ctx, w, in, valid);
-    ts_status st = s->f->read(s->f->ctx, w, s->scratch, s->scratch_valid);
+    if (w->width == T && w->height == T) return s->f->read(rd->ctx, w, in, valid);
+    ts_status st = s->f->read(rd->ctx, w, rd->scratch, rd->scratch_valid);
     if (st) return st;
     const size_t plane = (size_t)w->width * w->height;
     for (int y = 0; y < T; y++) {
@@ -207,8 +243,8 @@ static ts_status read_tile(stitch *s, const ts_window *w, float *in, uint8_t *va
         for (int x = 0; x < T; x++) {
             const int64_t sx = ts_reflect_index(x, w->width);
             const size_t src = (size_t)sy * w->width + (size_t)sx;
-            for (int c = 0; c < C; c++) in[((size_t)c * T + y) * T + x] = s->scratch[c * plane + src];
-            valid[(size_t)y * T + x] = s->scratch_valid[src];
+            for (int c = 0; c < C; c++) in[((size_t)c * T + y) * T + x] = rd->scratch[c * plane + src];
+            valid[(size_t)y * T + x] = rd->scratch_valid[src];
         }
     }
     return TS_OK;
@@ -216,33 +252,46 @@ static ts_status read_tile(stitch *s, const ts_window *w, float *in, uint8_t *va
 
 static void *reader_main(void *arg)
 {
-    stitch *s = arg;
+    reader *rd = arg;
+    stitch *s = rd->s;
     const ts_stitch_params *p = s->p;
     const size_t tin = (size_t)p->channels * p->tile * p->tile, tpx = (size_t)p->tile * p->tile;
-    read_slot *slot = NULL;
-    int stopped = 0;
-    for (int64_t ty = 0; ty < s->ny && !stopped; ty++) {
-        for (int64_t tx = 0; tx < s->nx; tx++) {
-            if (!slot && !(slot = pop(s, &s->read_free, &stopped))) break;
-            ts_window w = {s->ox[tx], s->oy[ty], (int)(p->width < p->tile ? p->width : p->tile),
-                           (int)(p->height < p->tile ? p->height : p->tile)};
-            ts_status st = read_tile(s, &w, slot->in + slot->n * tin, slot->valid + slot->n * tpx);
+    const int64_t total = s->nx * s->ny;
+    const int tw = (int)(p->width < p->tile ? p->width : p->tile);
+    const int th = (int)(p->height < p->tile ? p->height : p->tile);
+    for (;;) {
+        /* A slot first, then a batch: a claimed batch always has a slot to be
+         * read into, so the batch compute waits for is never stuck behind
+         * later ones holding every slot. */
+        int stopped = 0;
+        read_slot *slot = pop(s, &s->read_free, &stopped);
+        if (!slot) return NULL; /* another thread failed */
+        pthread_mutex_lock(&s->mu);
+        const int64_t b = s->next_batch < s->nbatches ? s->next_batch++ : -1;
+        pthread_mutex_unlock(&s->mu);
+        if (b < 0) {
+            /* All claimed: hand the slot on so that a reader still waiting for one wakes and ends too. */
+            push(s, &s->read_free, slot);
+            return NULL;
+        }
+        const int64_t t0 = b * p->batch, t1 = t0 + p->batch < total ? t0 + p->batch : total;
+        for (int64_t t = t0; t < t1; t++) {
+            if (stopped_now(s)) return NULL; /* no need to finish a batch nobody will use */
+            const int i = (int)(t - t0);
+            ts_window w = {s->ox[t % s->nx], s->oy[t / s->nx], tw, th};
+            ts_status st = read_tile(rd, &w, slot->in + i * tin, slot->valid + i * tpx);
             if (st) {
                 fail(s, st);
                 return NULL;
             }
-            slot->wins[slot->n++] = w;
-            if (slot->n == p->batch) {
-                push(s, &s->read_full, slot);
-                slot = NULL;
-            }
+            slot->wins[i] = w;
         }
+        slot->n = (int)(t1 - t0);
+        pthread_mutex_lock(&s->mu);
+        s->ready[b % s->nslots] = slot;
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
     }
-    if (!stopped) {
-        if (slot) push(s, &s->read_full, slot);
-        push(s, &s->read_full, NULL);
-    }
-    return NULL;
 }
 
 /* ---- writer thread --------------------------------------------------------------------------- */
@@ -322,17 +371,30 @@ static ts_status emit(stitch *s, int64_t from, int64_t to)
     return TS_OK;
 }
 
+/* Waits until batch b is read (whichever reader had it); NULL when another thread failed. */
+static read_slot *take_batch(stitch *s, int64_t b)
+{
+    pthread_mutex_lock(&s->mu);
+    read_slot **r = &s->ready[b % s->nslots];
+    while (!s->stop && !*r) pthread_cond_wait(&s->cv, &s->mu);
+    read_slot *slot = s->stop ? NULL : *r;
+    *r = NULL;
+    pthread_mutex_unlock(&s->mu);
+    return slot;
+}
+
 static ts_status compute(stitch *s)
 {
     const ts_stitch_params *p = s->p;
     const size_t tout = (size_t)p->classes * p->tile * p->tile, tpx = (size_t)p->tile * p->tile;
     const int64_t total = s->nx * s->ny;
     int64_t done = 0, emitted = 0;
-    for (;;) {
-        int stopped = 0;
-        read_slot *slot = pop(s, &s->read_full, &stopped);
-        if (stopped) return TS_ERR_IO;
-        if (!slot) break;
+    /* Batches strictly in order, whatever order the readers finish them in:
+     * the tile function's batches and the accumulation order, hence every
+     * output bit, do not depend on the number of readers. */
+    for (int64_t b = 0; b < s->nbatches; b++) {
+        read_slot *slot = take_batch(s, b);
+        if (!slot) return TS_ERR_IO; /* another thread failed; its error wins */
         ts_status st = s->f->tile(s->f->ctx, slot->n, slot->wins, slot->in, s->out);
         if (st) return st;
         for (int i = 0; i < slot->n; i++) {
@@ -351,13 +413,22 @@ static ts_status compute(stitch *s)
 
 static void free_stitch(stitch *s)
 {
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; s->slots && i < s->nslots; i++) {
         free(s->slots[i].in);
         free(s->slots[i].valid);
         free(s->slots[i].wins);
+    }
+    for (int i = 0; s->readers && i < s->nreaders; i++) {
+        free(s->readers[i].scratch);
+        free(s->readers[i].scratch_valid);
+    }
+    for (int i = 0; i < 2; i++) {
         free(s->bufs[i].values);
         free(s->bufs[i].valid);
     }
+    free(s->slots);
+    free(s->ready);
+    free(s->readers);
     free(s->ox);
     free(s->oy);
     free(s->acc);
@@ -365,8 +436,6 @@ static void free_stitch(stitch *s)
     free(s->rvalid);
     free(s->weight);
     free(s->out);
-    free(s->scratch);
-    free(s->scratch_valid);
 }
 
 static ts_status alloc_stitch(stitch *s)
@@ -376,6 +445,7 @@ static ts_status alloc_stitch(stitch *s)
     const size_t R = (size_t)s->R, B = (size_t)p->batch;
     s->nx = ts_stitch_origins(p->width, p->tile, p->overlap, NULL, 0);
     s->ny = ts_stitch_origins(p->height, p->tile, p->overlap, NULL, 0);
+    s->nbatches = (s->nx * s->ny + p->batch - 1) / p->batch;
     s->ox = malloc((size_t)s->nx * sizeof *s->ox);
     s->oy = malloc((size_t)s->ny * sizeof *s->oy);
     s->acc = calloc(K * R * W, sizeof *s->acc);
@@ -383,16 +453,29 @@ static ts_status alloc_stitch(stitch *s)
     s->rvalid = calloc(R * W, 1);
     s->weight = malloc(T * T * sizeof *s->weight);
     s->out = malloc(B * K * T * T * sizeof *s->out);
-    s->scratch = malloc(C * T * T * sizeof *s->scratch);
-    s->scratch_valid = malloc(T * T);
-    int ok = s->ox && s->oy && s->acc && s->wsum && s->rvalid && s->weight && s->out && s->scratch && s->scratch_valid;
-    for (int i = 0; i < 2 && ok; i++) {
+    s->slots = calloc((size_t)s->nslots, sizeof *s->slots);
+    s->ready = calloc((size_t)s->nslots, sizeof *s->ready);
+    s->readers = calloc((size_t)s->nreaders, sizeof *s->readers);
+    int ok = s->ox && s->oy && s->acc && s->wsum && s->rvalid && s->weight && s->out && s->slots && s->ready &&
+             s->readers;
+    for (int i = 0; i < s->nslots && ok; i++) {
         s->slots[i].in = malloc(B * C * T * T * sizeof(float));
         s->slots[i].valid = malloc(B * T * T);
         s->slots[i].wins = malloc(B * sizeof(ts_window));
+        ok = s->slots[i].in && s->slots[i].valid && s->slots[i].wins;
+    }
+    for (int i = 0; i < s->nreaders && ok; i++) {
+        reader *rd = &s->readers[i];
+        rd->s = s;
+        rd->ctx = s->f->read_ctx ? s->f->read_ctx[i] : s->f->ctx;
+        rd->scratch = malloc(C * T * T * sizeof *rd->scratch);
+        rd->scratch_valid = malloc(T * T);
+        ok = rd->scratch && rd->scratch_valid;
+    }
+    for (int i = 0; i < 2 && ok; i++) {
         s->bufs[i].values = malloc(K * EMIT_ROWS * W * sizeof(float));
         s->bufs[i].valid = malloc(EMIT_ROWS * W);
-        ok = s->slots[i].in && s->slots[i].valid && s->slots[i].wins && s->bufs[i].values && s->bufs[i].valid;
+        ok = s->bufs[i].values && s->bufs[i].valid;
     }
     if (!ok) {
         size_t bytes = 0;
@@ -422,28 +505,33 @@ ts_status ts_stitch_run(const ts_stitch_params *p, const ts_stitch_fns *f)
     s.p = p;
     s.f = f;
     s.R = ring_rows(p);
+    s.nreaders = n_readers(p);
+    /* One slot per reader being filled and one for compute: with one reader,
+     * the double buffering of before. */
+    s.nslots = s.nreaders + 1;
     if ((st = alloc_stitch(&s))) {
         free_stitch(&s);
         return st;
     }
     pthread_mutex_init(&s.mu, NULL);
     pthread_cond_init(&s.cv, NULL);
-    for (int i = 0; i < 2; i++) {
-        push(&s, &s.read_free, &s.slots[i]);
-        push(&s, &s.write_free, &s.bufs[i]);
-    }
-    pthread_t reader, writer;
-    int have_reader = pthread_create(&reader, NULL, reader_main, &s) == 0;
-    int have_writer = have_reader && pthread_create(&writer, NULL, writer_main, &s) == 0;
-    if (!have_reader || !have_writer) {
+    for (int i = 0; i < s.nslots; i++) push(&s, &s.read_free, &s.slots[i]);
+    for (int i = 0; i < 2; i++) push(&s, &s.write_free, &s.bufs[i]);
+    int started = 0;
+    while (started < s.nreaders &&
+           pthread_create(&s.readers[started].thread, NULL, reader_main, &s.readers[started]) == 0)
+        started++;
+    pthread_t writer;
+    int have_writer = started == s.nreaders && pthread_create(&writer, NULL, writer_main, &s) == 0;
+    if (!have_writer) {
         st = ts_error(TS_ERR_IO, "stitch: cannot start the reader and writer threads");
-        fail(&s, st);
+        fail(&s, st); /* the readers already started see stop and end */
     } else {
         st = compute(&s);
         if (st) fail(&s, st); /* keeps an earlier error of another thread */
         else push(&s, &s.write_full, NULL);
     }
-    if (have_reader) pthread_join(reader, NULL);
+    for (int i = 0; i < started; i++) pthread_join(s.readers[i].thread, NULL);
     if (have_writer) pthread_join(writer, NULL);
     if (s.stop) st = ts_error(s.err ? s.err : TS_ERR_IO, "%s", s.msg);
     pthread_cond_destroy(&s.cv);

@@ -29,16 +29,28 @@
  * MEMORY. Rows are final once no later tile covers them. The accumulator is
  * a ring of R = min(T, height) rows (K double sums + one double weight + one
  * valid byte per pixel), final rows go out in chunks of at most 64 rows
- * through two write buffers, and two read slots of `batch` tiles feed the
- * tile function. Peak memory is therefore about
- *     (8 K + 9) R W + 2 (4 K + 1) 64 W + 2 batch T^2 (4 (C + K) + 1)  bytes
+ * through two write buffers, N + 1 read slots of `batch` tiles feed the tile
+ * function (N = readers), each reader has a tile of padding scratch, and the
+ * tile function writes into one output batch. Peak memory is therefore about
+ *     (8 K + 9) R W + 2 (4 K + 1) 64 W + ((N + 1) batch + N) T^2 (4 C + 1)
+ *       + 4 K batch T^2 + 8 T^2  bytes
  * whatever the scene's height (ts_stitch_memory reports it).
  *
- * THREADS. The read function runs on a reader thread, the tile function on
+ * THREADS. The read function runs on N reader threads, the tile function on
  * the calling thread, the write function on a writer thread, so reading,
- * compute and writing overlap; each function is called from one thread only
- * and in order (tiles row-major, rows top to bottom). The first error of any
- * of them stops all three and is returned with its message. */
+ * compute and writing overlap. Tiles go in batches of `batch` tiles in
+ * row-major order; each reader in turn claims the next whole batch and reads
+ * its tiles in order into a free slot, so several batches are read at once
+ * (a compressed GeoTIFF decodes slowly: one reader can starve the model) and
+ * may be finished in any order, but the tile function gets them strictly in
+ * order, in the same batches, and the blending sums in the same order: the
+ * output is the same bit for bit whatever N. With N = 1 the read function
+ * sees the tiles in row-major order. Each reader calls read with its own
+ * context (read_ctx[i]) from its own thread, so a read function that is not
+ * thread-safe (a GDAL handle) is fine with one handle per reader; the tile,
+ * write and progress functions are called from one thread only and in order
+ * (rows top to bottom). The first error of any of them stops every thread
+ * and is returned with its message. */
 #ifndef TS_IO_STITCH_H
 #define TS_IO_STITCH_H
 
@@ -65,13 +77,14 @@ typedef struct ts_stitch_params {
     int overlap;           /* 0 <= overlap < T */
     int batch;             /* tiles per tile-function call, >= 1 */
     ts_blend blend;
+    int readers;           /* N: reader threads, 1..64; 0 means 1 (see THREADS) */
 } ts_stitch_params;
 
 typedef struct ts_stitch_fns {
-    void *ctx; /* passed to every function */
+    void *ctx; /* passed to every function (to read too unless read_ctx) */
     /* Window w (inside the scene; w->width, w->height <= T): C planes of
      * w->height x w->width floats and a valid byte per pixel (1 = valid).
-     * Reader thread. */
+     * Reader threads: ctx is read_ctx[i] on reader i. */
     ts_status (*read)(void *ctx, const ts_window *w, float *data, uint8_t *valid);
     /* n tiles in[n][C][T][T] -> out[n][K][T][T]; wins[i] is tile i's
      * window on the scene (before padding). Calling thread. */
@@ -81,6 +94,10 @@ typedef struct ts_stitch_fns {
     ts_status (*write)(void *ctx, int64_t row0, int nrows, const float *values, const uint8_t *valid);
     /* Optional, calling thread, after each batch: tiles done of total. */
     void (*progress)(void *ctx, int64_t done, int64_t total);
+    /* Optional: read_ctx[i] (i < N) is reader i's ctx for read, e.g. its own
+     * file handle. NULL: every reader passes ctx, and with N > 1 read must
+     * then be safe to call from several threads at once. */
+    void *const *read_ctx;
 } ts_stitch_fns;
 
 /* Tile origins along an axis of `size` pixels (see TILES): fills up to

@@ -13,6 +13,10 @@
  *   - On a backend with its own memory (the separate-memory CPU backend of
  *     tests/fake_device.h), the device copy's results equal the CPU's byte
  *     for byte, with one weight upload and one copy each way per batch.
+ *   - Reader threads: the model's class map, probabilities and confidence
+ *     with 3 GDAL readers (cloned handles) equal one reader's byte for
+ *     byte; the report gives the count used (the default min(4, cores), at
+ *     most one per batch).
  *   - Test-time augmentation: predicting with transform t equals predicting
  *     the transformed scene and mapping the answer back (every transform);
  *     ts_tta_source agrees with torch.rot90 / flip / transpose on a 2x2.
@@ -33,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "io/io.h"
 #include "io/predict.h"
@@ -454,6 +459,59 @@ static void test_device_path(ts_unet *m, ts_ctx *cpu, int T)
     ts_ctx_free(&dev);
 }
 
+/* One reader against three (and the default, and more than the batches):
+ * a scene of 4 x 3 tiles in batches of 2 (an odd scene, overlap not a
+ * divisor), the same bytes in every output. */
+static void test_readers(ts_unet *m, ts_ctx *ctx, int T)
+{
+    char *sp = strdup(tu_path("readers_scene.tif"));
+    scene_for_model(sp, 150, 110);
+    static const int asked[4] = {1, 3, 0, 50};
+    char *c[4], *pr[4], *cf[4];
+    ts_predict_report r[4];
+    for (int i = 0; i < 4; i++) {
+        char name[40];
+        snprintf(name, sizeof name, "readers_classes%d.tif", i);
+        c[i] = strdup(tu_path(name));
+        snprintf(name, sizeof name, "readers_probs%d.tif", i);
+        pr[i] = strdup(tu_path(name));
+        snprintf(name, sizeof name, "readers_conf%d.tif", i);
+        cf[i] = strdup(tu_path(name));
+        ts_predict_opts o = {.scene = sp, .out = c[i], .probabilities = pr[i], .confidence = cf[i], .overlap = 13,
+                             .batch = 2, .readers = asked[i], .blend = TS_BLEND_GAUSSIAN};
+        char what[64];
+        snprintf(what, sizeof what, "predict with readers %d", asked[i]);
+        tu_expect_ok(ts_predict_run(m, ctx, &o, &r[i]), what);
+    }
+    /* The default on the CPU backend is one reader (its compute wants the cores). */
+    const int want_default = 1;
+    tu_expect(r[0].tiles == 12 && r[0].tile == T, "readers: 12 tiles of %d px (%lld of %d)", T, (long long)r[0].tiles,
+              r[0].tile);
+    tu_expect(r[0].readers == 1 && r[1].readers == 3 && r[2].readers == want_default && r[3].readers == 6,
+              "readers used: %d, %d, %d (default, want %d), %d (50 asked, 6 batches)", r[0].readers, r[1].readers,
+              r[2].readers, want_default, r[3].readers);
+    for (int i = 1; i < 4; i++) {
+        int bad = 0, w, h;
+        for (int b = 0; b <= 4; b++) {
+            /* band 1 of the class map, the three probability bands, the confidence */
+            const char *a = b == 0 ? c[0] : b == 4 ? cf[0] : pr[0], *x = b == 0 ? c[i] : b == 4 ? cf[i] : pr[i];
+            const int band = b == 0 || b == 4 ? 1 : b;
+            uint8_t *u = read_bytes(a, band, &w, &h), *v = read_bytes(x, band, &w, &h);
+            bad += !u || !v || memcmp(u, v, (size_t)w * h) != 0;
+            free(u);
+            free(v);
+        }
+        tu_expect(bad == 0, "predict with %d readers equals one reader byte for byte (%d bands differ)", r[i].readers,
+                  bad);
+    }
+    for (int i = 0; i < 4; i++) {
+        free(c[i]);
+        free(pr[i]);
+        free(cf[i]);
+    }
+    free(sp);
+}
+
 /* predict(S, tta = t) against predict(t(S)) mapped back. */
 static void test_tta(ts_unet *m, ts_ctx *ctx, int T)
 {
@@ -635,6 +693,7 @@ int main(void)
     compare_to_reference(&m, &ctx, 40, 29, 48, "padded");
     test_tta(&m, &ctx, 48);
     test_device_path(&m, &ctx, 48);
+    test_readers(&m, &ctx, 48);
     ts_unet_free(&m);
     test_memory_flat();
     tu_tmpdir_remove();

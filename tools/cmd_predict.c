@@ -19,7 +19,7 @@
 #include "weights/smp.h"
 
 static int pr_tile = 0, pr_overlap = -1, pr_batch = 4, pr_cog = 0, pr_overwrite = 0, pr_threads = 0;
-static int pr_quicklook_size = 1024, pr_quiet = 0, pr_cache_mb = 256;
+static int pr_quicklook_size = 1024, pr_quiet = 0, pr_cache_mb = 256, pr_readers = 0;
 static const char *pr_blend = "gaussian", *pr_tta = "none", *pr_bands = NULL, *pr_nodata = NULL;
 static const char *pr_probs = NULL, *pr_conf = NULL, *pr_quicklook = NULL, *pr_device = "cpu";
 
@@ -53,6 +53,10 @@ cli_option predict_options[] = {
      "CPU)",
      0, 0},
     {"threads", 0, CLI_INT, &pr_threads, "N", "compute threads (default: TERRASEG_THREADS or every core)", 0, 4096},
+    {"readers", 0, CLI_INT, &pr_readers, "N",
+     "GDAL reader threads, each with its own handle on the scene, reading tiles while the model runs; 0: 1 on "
+     "the CPU, min(4, cores) with --device cuda",
+     0, 64},
     {"cache-mb", 0, CLI_INT, &pr_cache_mb, "MB",
      "at most this much GDAL block cache when GDAL_CACHEMAX is not set (sized to a band of tile rows of the scene)",
      16, 1 << 20},
@@ -195,6 +199,7 @@ int run_predict(int argc, char **argv)
         .tile = pr_tile,
         .overlap = pr_overlap,
         .batch = pr_batch,
+        .readers = pr_readers,
         .blend = (ts_blend)blend,
         .tta = tta,
         .cog = pr_cog,
@@ -215,10 +220,10 @@ int run_predict(int argc, char **argv)
     if (!st) {
         double s = since(&pg.t0);
         printf("predicted %s: %lldx%lld px, %d bands, %d classes; %lld tiles of %d px (overlap %d, %s blend, %d "
-               "augmentation%s) in %.1f s (%.2f Mpx/s)\n",
+               "augmentation%s, %d reader%s) in %.1f s (%.2f Mpx/s)\n",
                argv[1], (long long)r.width, (long long)r.height, r.channels, r.classes, (long long)r.tiles, r.tile,
-               r.overlap, ts_blend_name((ts_blend)blend), r.augmentations, r.augmentations == 1 ? "" : "s", s,
-               s > 0 ? (double)r.width * (double)r.height / s / 1e6 : 0.0);
+               r.overlap, ts_blend_name((ts_blend)blend), r.augmentations, r.augmentations == 1 ? "" : "s", r.readers,
+               r.readers == 1 ? "" : "s", s, s > 0 ? (double)r.width * (double)r.height / s / 1e6 : 0.0);
         int64_t valid = 0;
         for (int k = 0; k < r.classes; k++) valid += r.class_pixels[k];
         for (int k = 0; k < r.classes; k++)
