@@ -165,6 +165,15 @@ typedef struct ts_dice_params {
     const float *class_weights; /* SMP: [C] or NULL */
 } ts_dice_params;
 
+/* The Dice losses' sums per (image, class), TS_DICE_SUMS doubles each, in
+ * this order: sum of p, sum of t, sum of p t over the image's valid pixels.
+ * Both backends form them; ts_dice_reduce (host code, kernels/ops_common.c)
+ * turns N*C of them into the loss and, when gp is not NULL, the gradient of
+ * dloss * loss per image and class: dL/dp_c = gp[n*C + c] + t_c gi[n*C + c]. */
+enum { TS_DICE_SUM_P = 0, TS_DICE_SUM_T = 1, TS_DICE_SUM_I = 2, TS_DICE_SUMS = 3 };
+double ts_dice_reduce(const ts_dice_params *p, int N, int C, const double *sums, double dloss, double *gp,
+                      double *gi);
+
 /* The loss checks, shared by the backends. ts_loss_check: logits (with data),
  * target, params and out (the loss or dlogits) non-NULL, logits dimensions
  * >= 1. ts_loss_dlogits_check: dlogits non-NULL, of logits' shape.

@@ -396,3 +396,76 @@ ts_status ts_adamw_update_check(const float *param, const float *grad, const flo
                                 "distinct buffers (arguments %d and %d are the same)", i + 1, j + 1);
     return TS_OK;
 }
+
+/* The loss from the per-image class sums, and, when gp is not NULL, the
+ * gradient of dloss * loss with respect to each image's p sums: per pixel of
+ * image n, dL/dp_c = gp[n*C + c] + t_c gi[n*C + c].
+ *
+ * SMP (>= 0.4): the sums are pooled over the batch. The denominator is
+ * I + fp/2 + fn/2 + smooth with fp = Sp - I, fn = St - I, which equals
+ * (Sp + St)/2 + smooth; we write it as SMP does, so the forward rounds the same
+ * way, and differentiate the simplified form (dden/dI = 0). SMP obtains I from
+ * an L1 norm, whose abs'() is 0 where p == t exactly; that only happens where a
+ * probability is exactly 0 or 1, where the softmax Jacobian zeroes the
+ * gradient anyway, so sum p t is used here. clamp_min passes the gradient
+ * where its input is >= the bound (PyTorch's rule) and stops it otherwise. */
+double ts_dice_reduce(const ts_dice_params *p, int N, int C, const double *sums, double dloss, double *gp,
+                          double *gi)
+{
+    const double eps = p->eps;
+    if (p->mode == TS_DICE_PER_IMAGE) {
+        /* dice_nc = (2 I + eps) / (Sp + St + eps); loss = 1 - mean over N*C. */
+        double acc = 0, a = 1.0 / ((double)N * C);
+        for (int k = 0; k < N * C; k++) {
+            const double *s = sums + (size_t)k * TS_DICE_SUMS;
+            double num = 2 * s[TS_DICE_SUM_I] + eps, den = s[TS_DICE_SUM_P] + s[TS_DICE_SUM_T] + eps;
+            acc += num / den;
+            if (gp) {
+                gi[k] = -dloss * a * 2 / den;
+                gp[k] = dloss * a * num / (den * den);
+            }
+        }
+        return 1.0 - acc * a;
+    }
+
+    const double smooth = p->smooth;
+    double wsum = 0;
+    for (int c = 0; c < C; c++) wsum += p->class_weights ? (double)p->class_weights[c] : 1.0;
+    double total = 0;
+    for (int c = 0; c < C; c++) {
+        double Sp = 0, St = 0, I = 0;
+        for (int n = 0; n < N; n++) {
+            const double *s = sums + ((size_t)n * C + c) * TS_DICE_SUMS;
+            Sp += s[TS_DICE_SUM_P];
+            St += s[TS_DICE_SUM_T];
+            I += s[TS_DICE_SUM_I];
+        }
+        double num = I + smooth;
+        double den_raw = I + 0.5 * (Sp - I) + 0.5 * (St - I) + smooth;
+        int clamped = !(den_raw >= eps);
+        double den = clamped ? eps : den_raw;
+        double dice = num / den;
+        double lc, dl_ddice;
+        if (p->log_loss) {
+            lc = -log(dice >= eps ? dice : eps);
+            dl_ddice = dice >= eps ? -1.0 / dice : 0.0;
+        } else {
+            lc = 1.0 - dice;
+            dl_ddice = -1.0;
+        }
+        /* SMP's absent-class mask: no true pixel of c anywhere in the batch. */
+        double mask = St > 0 ? 1.0 : 0.0;
+        double a = (p->class_weights ? (double)p->class_weights[c] : 1.0) / wsum;
+        total += a * mask * lc;
+        if (gp) {
+            double g = dloss * a * mask * dl_ddice;
+            double g_i = g / den;                               /* d dice / dI = 1/den */
+            double g_p = clamped ? 0.0 : g * (-num / (den * den)) * 0.5; /* d den / dSp = 1/2 */
+            for (int n = 0; n < N; n++) {
+                gi[(size_t)n * C + c] = g_i;
+                gp[(size_t)n * C + c] = g_p;
+            }
+        }
+    }
+    return total;
+}

@@ -176,14 +176,13 @@ ts_status ts_cpu_cross_entropy_backward(ts_ctx *ctx, ts_tensor *dlogits, const t
 /* Per image n and class c, over the valid pixels of the image: Sp = sum p,
  * St = sum t, I = sum p t, stored at sums[(n*C + c)*3 + {0,1,2}]. Ignored
  * pixels are left out of all three, which is SMP's "p *= m, t *= m". */
-enum { DS_P = 0, DS_T = 1, DS_I = 2, DS_N = 3 };
 
 static ts_status dice_sums(const char *op, const ts_tensor *logits, const int32_t *target, int ignore, double *sums)
 {
     const int N = logits->n, C = logits->c;
     const size_t hw = (size_t)logits->h * logits->w;
     const size_t bpi = (hw + LOSS_BLOCK - 1) / LOSS_BLOCK;
-    const size_t nblocks = (size_t)N * bpi, per = (size_t)C * DS_N;
+    const size_t nblocks = (size_t)N * bpi, per = (size_t)C * TS_DICE_SUMS;
     ts_status st;
     double *rows = thread_rows(C, nblocks * per, op, &st);
     if (st) return st;
@@ -203,9 +202,9 @@ static ts_status dice_sums(const char *op, const ts_tensor *logits, const int32_
                 int32_t y = yn[i];
                 if (y == ignore) continue;
                 pixel_softmax(zn + i, hw, C, q);
-                for (int c = 0; c < C; c++) acc[c * DS_N + DS_P] += q[c];
-                acc[y * DS_N + DS_T] += 1.0;
-                acc[y * DS_N + DS_I] += q[y]; /* p t is p at the true class, 0 elsewhere */
+                for (int c = 0; c < C; c++) acc[c * TS_DICE_SUMS + TS_DICE_SUM_P] += q[c];
+                acc[y * TS_DICE_SUMS + TS_DICE_SUM_T] += 1.0;
+                acc[y * TS_DICE_SUMS + TS_DICE_SUM_I] += q[y]; /* p t is p at the true class, 0 elsewhere */
             }
         }
     }
@@ -219,78 +218,6 @@ static ts_status dice_sums(const char *op, const ts_tensor *logits, const int32_
     return TS_OK;
 }
 
-/* The loss from the per-image class sums, and, when gp is not NULL, the
- * gradient of dloss * loss with respect to each image's p sums: per pixel of
- * image n, dL/dp_c = gp[n*C + c] + t_c gi[n*C + c].
- *
- * SMP (>= 0.4): the sums are pooled over the batch. The denominator is
- * I + fp/2 + fn/2 + smooth with fp = Sp - I, fn = St - I, which equals
- * (Sp + St)/2 + smooth; we write it as SMP does, so the forward rounds the same
- * way, and differentiate the simplified form (dden/dI = 0). SMP obtains I from
- * an L1 norm, whose abs'() is 0 where p == t exactly; that only happens where a
- * probability is exactly 0 or 1, where the softmax Jacobian zeroes the
- * gradient anyway, so sum p t is used here. clamp_min passes the gradient
- * where its input is >= the bound (PyTorch's rule) and stops it otherwise. */
-static double dice_reduce(const ts_dice_params *p, int N, int C, const double *sums, double dloss, double *gp,
-                          double *gi)
-{
-    const double eps = p->eps;
-    if (p->mode == TS_DICE_PER_IMAGE) {
-        /* dice_nc = (2 I + eps) / (Sp + St + eps); loss = 1 - mean over N*C. */
-        double acc = 0, a = 1.0 / ((double)N * C);
-        for (int k = 0; k < N * C; k++) {
-            const double *s = sums + (size_t)k * DS_N;
-            double num = 2 * s[DS_I] + eps, den = s[DS_P] + s[DS_T] + eps;
-            acc += num / den;
-            if (gp) {
-                gi[k] = -dloss * a * 2 / den;
-                gp[k] = dloss * a * num / (den * den);
-            }
-        }
-        return 1.0 - acc * a;
-    }
-
-    const double smooth = p->smooth;
-    double wsum = 0;
-    for (int c = 0; c < C; c++) wsum += p->class_weights ? (double)p->class_weights[c] : 1.0;
-    double total = 0;
-    for (int c = 0; c < C; c++) {
-        double Sp = 0, St = 0, I = 0;
-        for (int n = 0; n < N; n++) {
-            const double *s = sums + ((size_t)n * C + c) * DS_N;
-            Sp += s[DS_P];
-            St += s[DS_T];
-            I += s[DS_I];
-        }
-        double num = I + smooth;
-        double den_raw = I + 0.5 * (Sp - I) + 0.5 * (St - I) + smooth;
-        int clamped = !(den_raw >= eps);
-        double den = clamped ? eps : den_raw;
-        double dice = num / den;
-        double lc, dl_ddice;
-        if (p->log_loss) {
-            lc = -log(dice >= eps ? dice : eps);
-            dl_ddice = dice >= eps ? -1.0 / dice : 0.0;
-        } else {
-            lc = 1.0 - dice;
-            dl_ddice = -1.0;
-        }
-        /* SMP's absent-class mask: no true pixel of c anywhere in the batch. */
-        double mask = St > 0 ? 1.0 : 0.0;
-        double a = (p->class_weights ? (double)p->class_weights[c] : 1.0) / wsum;
-        total += a * mask * lc;
-        if (gp) {
-            double g = dloss * a * mask * dl_ddice;
-            double g_i = g / den;                               /* d dice / dI = 1/den */
-            double g_p = clamped ? 0.0 : g * (-num / (den * den)) * 0.5; /* d den / dSp = 1/2 */
-            for (int n = 0; n < N; n++) {
-                gi[(size_t)n * C + c] = g_i;
-                gp[(size_t)n * C + c] = g_p;
-            }
-        }
-    }
-    return total;
-}
 
 /* TS_DICE_SMP: smp.losses.DiceLoss("multiclass", ignore_index, smooth, eps,
  * log_loss, class_weights), SMP >= 0.4 (spec section 6).
@@ -308,10 +235,10 @@ ts_status ts_cpu_dice_forward(ts_ctx *ctx, double *loss, const ts_tensor *logits
     double unused;
     if ((st = scan_labels(op, logits, target, p->ignore_index, NULL, &unused))) return st;
     const int N = logits->n, C = logits->c;
-    double *sums = malloc((size_t)N * C * DS_N * sizeof *sums);
+    double *sums = malloc((size_t)N * C * TS_DICE_SUMS * sizeof *sums);
     if (!sums) return ts_error(TS_ERR_NOMEM, "%s: out of memory", op);
     if ((st = dice_sums(op, logits, target, p->ignore_index, sums)) == TS_OK)
-        *loss = dice_reduce(p, N, C, sums, 0, NULL, NULL);
+        *loss = ts_dice_reduce(p, N, C, sums, 0, NULL, NULL);
     free(sums);
     return st;
 }
@@ -328,14 +255,14 @@ ts_status ts_cpu_dice_backward(ts_ctx *ctx, ts_tensor *dlogits, const ts_tensor 
     if ((st = scan_labels(op, logits, target, p->ignore_index, NULL, &unused))) return st;
     const int N = logits->n, C = logits->c;
     const size_t nc = (size_t)N * C;
-    double *sums = malloc(nc * (DS_N + 2) * sizeof *sums);
+    double *sums = malloc(nc * (TS_DICE_SUMS + 2) * sizeof *sums);
     if (!sums) return ts_error(TS_ERR_NOMEM, "%s: out of memory", op);
-    double *gp = sums + nc * DS_N, *gi = gp + nc;
+    double *gp = sums + nc * TS_DICE_SUMS, *gi = gp + nc;
     if ((st = dice_sums(op, logits, target, p->ignore_index, sums))) {
         free(sums);
         return st;
     }
-    dice_reduce(p, N, C, sums, dloss, gp, gi);
+    ts_dice_reduce(p, N, C, sums, dloss, gp, gi);
 
     const size_t hw = (size_t)logits->h * logits->w, npix = (size_t)N * hw;
     /* Two rows per thread: the softmax q and the upstream gradient g. */

@@ -46,7 +46,6 @@
 #define LOSS_PPT (LOSS_BLOCK / TS_OPS_THREADS)
 
 /* Dice sums per (image, class): Sp, St, I, as on the CPU. */
-enum { DS_P = 0, DS_T = 1, DS_I = 2, DS_N = 3 };
 
 /* ---- the per-call device scratch --------------------------------------- */
 
@@ -305,7 +304,7 @@ extern "C" ts_status ts_cuda_cross_entropy_backward(ts_ctx *ctx, ts_tensor *dlog
  * "p *= m, t *= m"). One block per LOSS_BLOCK pixels of one image; each thread
  * first keeps the softmax max and 1/sum of its LOSS_PPT pixels (registers:
  * the loop is unrolled), then for each class adds its pixels' q_c, and the
- * block's three sums go to part[(b * C + c) * DS_N + {P, T, I}]. */
+ * block's three sums go to part[(b * C + c) * TS_DICE_SUMS + {P, T, I}]. */
 static __global__ void dice_sums_kernel(double *part, unsigned long long *first_bad, const float *logits,
                                         const int32_t *target, int C, size_t hw, size_t bpi, int ignore)
 {
@@ -326,7 +325,7 @@ static __global__ void dice_sums_kernel(double *part, unsigned long long *first_
         pixel_stats(zn + i, hw, C, &mx[k], &inv[k]);
         yk[k] = y;
     }
-    double *acc = part + b * (size_t)C * DS_N;
+    double *acc = part + b * (size_t)C * TS_DICE_SUMS;
     for (int c = 0; c < C; c++) {
         const float *zc = zn + (size_t)c * hw;
         double sp = 0, stt = 0, si = 0;
@@ -343,82 +342,16 @@ static __global__ void dice_sums_kernel(double *part, unsigned long long *first_
         }
         block_sum3(&sp, &stt, &si, red);
         if (threadIdx.x == 0) {
-            acc[c * DS_N + DS_P] = sp;
-            acc[c * DS_N + DS_T] = stt;
-            acc[c * DS_N + DS_I] = si;
+            acc[c * TS_DICE_SUMS + TS_DICE_SUM_P] = sp;
+            acc[c * TS_DICE_SUMS + TS_DICE_SUM_T] = stt;
+            acc[c * TS_DICE_SUMS + TS_DICE_SUM_I] = si;
         }
     }
 }
 
-/* The CPU's dice_reduce, verbatim (host code: it runs on N*C sums): the loss
- * from the per-image class sums, and, when gp is not NULL, the gradient of
- * dloss * loss with respect to each image's p sums: per pixel of image n,
- * dL/dp_c = gp[n*C + c] + t_c gi[n*C + c]. See kernels/cpu/loss.c for the
- * derivation (SMP's denominator as SMP writes it, clamp_min's gradient rule,
- * the absent-class mask). */
-static double dice_reduce(const ts_dice_params *p, int N, int C, const double *sums, double dloss, double *gp,
-                          double *gi)
-{
-    const double eps = p->eps;
-    if (p->mode == TS_DICE_PER_IMAGE) {
-        /* dice_nc = (2 I + eps) / (Sp + St + eps); loss = 1 - mean over N*C. */
-        double acc = 0, a = 1.0 / ((double)N * C);
-        for (int k = 0; k < N * C; k++) {
-            const double *s = sums + (size_t)k * DS_N;
-            double num = 2 * s[DS_I] + eps, den = s[DS_P] + s[DS_T] + eps;
-            acc += num / den;
-            if (gp) {
-                gi[k] = -dloss * a * 2 / den;
-                gp[k] = dloss * a * num / (den * den);
-            }
-        }
-        return 1.0 - acc * a;
-    }
 
-    const double smooth = p->smooth;
-    double wsum = 0;
-    for (int c = 0; c < C; c++) wsum += p->class_weights ? (double)p->class_weights[c] : 1.0;
-    double total = 0;
-    for (int c = 0; c < C; c++) {
-        double Sp = 0, St = 0, I = 0;
-        for (int n = 0; n < N; n++) {
-            const double *s = sums + ((size_t)n * C + c) * DS_N;
-            Sp += s[DS_P];
-            St += s[DS_T];
-            I += s[DS_I];
-        }
-        double num = I + smooth;
-        double den_raw = I + 0.5 * (Sp - I) + 0.5 * (St - I) + smooth;
-        int clamped = !(den_raw >= eps);
-        double den = clamped ? eps : den_raw;
-        double dice = num / den;
-        double lc, dl_ddice;
-        if (p->log_loss) {
-            lc = -log(dice >= eps ? dice : eps);
-            dl_ddice = dice >= eps ? -1.0 / dice : 0.0;
-        } else {
-            lc = 1.0 - dice;
-            dl_ddice = -1.0;
-        }
-        /* SMP's absent-class mask: no true pixel of c anywhere in the batch. */
-        double mask = St > 0 ? 1.0 : 0.0;
-        double a = (p->class_weights ? (double)p->class_weights[c] : 1.0) / wsum;
-        total += a * mask * lc;
-        if (gp) {
-            double g = dloss * a * mask * dl_ddice;
-            double g_i = g / den;                                        /* d dice / dI = 1/den */
-            double g_p = clamped ? 0.0 : g * (-num / (den * den)) * 0.5; /* d den / dSp = 1/2 */
-            for (int n = 0; n < N; n++) {
-                gi[(size_t)n * C + c] = g_i;
-                gp[(size_t)n * C + c] = g_p;
-            }
-        }
-    }
-    return total;
-}
-
-/* The per-image sums on the device, reduced and copied to host (sums: N*C*DS_N
- * doubles, the CPU's layout), with the label check. host is 1 + N*C*DS_N
+/* The per-image sums on the device, reduced and copied to host (sums: N*C*TS_DICE_SUMS
+ * doubles, the CPU's layout), with the label check. host is 1 + N*C*TS_DICE_SUMS
  * doubles; sums = host + 1. The scratch keeps ntail doubles after the
  * partials for the caller. */
 static ts_status dice_sums(const char *op, const ts_cuda_state *cs, const ts_tensor *logits, const int32_t *target,
@@ -426,7 +359,7 @@ static ts_status dice_sums(const char *op, const ts_cuda_state *cs, const ts_ten
 {
     const int N = logits->n, C = logits->c;
     const size_t hw = (size_t)logits->h * logits->w;
-    const size_t bpi = (hw + LOSS_BLOCK - 1) / LOSS_BLOCK, nblocks = (size_t)N * bpi, per = (size_t)C * DS_N;
+    const size_t bpi = (hw + LOSS_BLOCK - 1) / LOSS_BLOCK, nblocks = (size_t)N * bpi, per = (size_t)C * TS_DICE_SUMS;
     ts_status st = loss_scratch_get((size_t)N * per, nblocks * per, ntail, s);
     if (st) return st;
     TS_CUDA_CHECK(cudaMemsetAsync(s->first_bad, 0xff, sizeof *s->first_bad, cs->stream));
@@ -453,11 +386,11 @@ extern "C" ts_status ts_cuda_dice_forward(ts_ctx *ctx, double *loss, const ts_te
     ts_cuda_state *cs;
     if ((st = ts_ops_state(op, &cs))) return st;
     const int N = logits->n, C = logits->c;
-    double *host = (double *)malloc((1 + (size_t)N * C * DS_N) * sizeof *host);
+    double *host = (double *)malloc((1 + (size_t)N * C * TS_DICE_SUMS) * sizeof *host);
     if (!host) return ts_error(TS_ERR_NOMEM, "%s: out of memory", op);
     loss_scratch s;
     if ((st = dice_sums(op, cs, logits, target, p->ignore_index, 0, &s, host)) == TS_OK)
-        *loss = dice_reduce(p, N, C, host + 1, 0, NULL, NULL);
+        *loss = ts_dice_reduce(p, N, C, host + 1, 0, NULL, NULL);
     free(host);
     return st;
 }
@@ -504,15 +437,15 @@ extern "C" ts_status ts_cuda_dice_backward(ts_ctx *ctx, ts_tensor *dlogits, cons
     const int N = logits->n, C = logits->c;
     const size_t nc = (size_t)N * C;
     /* host: the flag and the sums, then gp and gi (the CPU's layout). */
-    double *host = (double *)malloc((1 + nc * (DS_N + 2)) * sizeof *host);
+    double *host = (double *)malloc((1 + nc * (TS_DICE_SUMS + 2)) * sizeof *host);
     if (!host) return ts_error(TS_ERR_NOMEM, "%s: out of memory", op);
-    double *sums = host + 1, *gp = sums + nc * DS_N, *gi = gp + nc;
+    double *sums = host + 1, *gp = sums + nc * TS_DICE_SUMS, *gi = gp + nc;
     loss_scratch s;
     if ((st = dice_sums(op, cs, logits, target, p->ignore_index, 2 * nc, &s, host))) {
         free(host);
         return st;
     }
-    dice_reduce(p, N, C, sums, dloss, gp, gi);
+    ts_dice_reduce(p, N, C, sums, dloss, gp, gi);
     /* gp and gi (2 N C doubles, adjacent on the host) into the scratch tail.
      * The stream is idle (dice_sums waited), so waiting for this small copy
      * before freeing its pageable source costs only the copy. */
