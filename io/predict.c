@@ -711,12 +711,14 @@ ts_status ts_predict_run(ts_unet *m, ts_ctx *ctx, const ts_predict_opts *o, ts_p
 
     if (!st && !o->tile_fn) {
         const size_t plane = (size_t)p.T * p.T;
-        if (ts_backend_is_host(ctx->backend)) {
+        if (ts_backend_is_host(ctx->backend) && o->precision == TS_F32) {
             st = ts_unet_fold_bn(m);
         } else {
-            /* Folds and uploads once; m itself is left as it is. */
+            /* Folds and uploads once; m itself is left as it is. Mixed
+             * precision runs through a device copy on the CPU too. */
             st = ts_unet_device_init(&p.dev, m, ctx->backend);
             p.on_device = st == TS_OK;
+            if (!st && o->precision != TS_F32) st = ts_unet_device_set_precision(&p.dev, ctx, o->precision);
             p.logits = malloc((size_t)batch * p.model_k * plane * sizeof *p.logits);
             if (!st && !p.logits) st = ts_error(TS_ERR_NOMEM, "predict: out of memory");
         }

@@ -71,6 +71,10 @@ typedef struct ts_predict_opts {
      * spend more CPU on decoding than one (about +30% for 2, +70% for 4 on a
      * DEFLATE scene with 256 px tiles and blocks) but spread it over N cores. */
     int readers;
+    /* Activations of the forward: TS_F32 (0, the default), or TS_BF16 /
+     * TS_F16 (mixed precision: half activations, float32 logits; on the CPU
+     * backend emulated, slower). */
+    ts_dtype precision;
     ts_blend blend;
     unsigned tta;              /* 0: identity only */
     int cog;                   /* write a Cloud Optimized GeoTIFF */

@@ -68,6 +68,11 @@ ts_tensor ts_arena_tensor(const ts_arena *a, size_t offset, int n, int c, int h,
     return ts_tensor_view((float *)(void *)(a->base + offset), n, c, h, w);
 }
 
+ts_tensor ts_arena_tensor_as(const ts_arena *a, size_t offset, ts_dtype dtype, int n, int c, int h, int w)
+{
+    return ts_tensor_view_as(a->base + offset, dtype, n, c, h, w);
+}
+
 void ts_arena_reset(ts_arena *a)
 {
     if (a->mem)

@@ -41,6 +41,8 @@ ts_status ts_arena_commit_on(ts_arena *a, const struct ts_backend_memory *mem);
 void *ts_arena_at(const ts_arena *a, size_t offset);
 /* A tensor view of a planned slot. */
 ts_tensor ts_arena_tensor(const ts_arena *a, size_t offset, int n, int c, int h, int w);
+/* The same with an element type (kernels/tensor.h). */
+ts_tensor ts_arena_tensor_as(const ts_arena *a, size_t offset, ts_dtype dtype, int n, int c, int h, int w);
 /* Frees the block and forgets the plan. */
 void ts_arena_reset(ts_arena *a);
 

@@ -20,7 +20,18 @@
  *    the channel count of the tensor they belong to.
  *  - Class labels are int32 [n, h, w]; a label equal to ignore_index is
  *    skipped. Labels are >= 0, so a negative ignore_index (PyTorch's default is
- *    -100) ignores nothing. */
+ *    -100) ignores nothing.
+ *  - Mixed precision: the activation ops (conv, batch norm, ReLU, pooling,
+ *    upsampling, concat, add) take float32 NCHW tensors or half tensors
+ *    (bf16 or fp16, NHWC; kernels/tensor.h), all the tensors of one call of
+ *    one dtype (a conv's weight too: the graph casts the float32 master
+ *    weights with convert, as autocast does). Per-channel vectors, dbias,
+ *    BN statistics, losses, AdamW and the gradient-clipping ops stay float32.
+ *    A half op computes what the float32 op computes on the widened inputs
+ *    (accumulating in float32) and rounds each output element once to the
+ *    half type, an accumulating op once after its add. The CPU backend does
+ *    exactly that (kernels/cpu/half.c): it is the reference the GPU's
+ *    tensor-core kernels are compared with. */
 #ifndef TS_BACKEND_H
 #define TS_BACKEND_H
 
@@ -213,6 +224,14 @@ ts_status ts_adamw_prepare(ts_adamw_step *s, const ts_adamw_hparams *h, long t);
 ts_status ts_adamw_update_check(const float *param, const float *grad, const float *exp_avg, const float *exp_avg_sq,
                                 size_t n, const ts_adamw_step *s);
 
+/* convert's checks, shared by the backends: y and x valid tensors of one
+ * shape, any dtypes, and y not overlapping x unless both are the same
+ * tensor of one dtype (an in-place copy or doubling). */
+ts_status ts_convert_check(const ts_tensor *y, const ts_tensor *x);
+/* The tensors of one op call share a dtype: a and b (named an and bn in
+ * the error) have one dtype, and a known one. */
+ts_status ts_dtype_check(const char *op, const char *an, const ts_tensor *a, const char *bn, const ts_tensor *b);
+
 /* ---- memory ---------------------------------------------------------- */
 
 /* Where a backend's ops expect their tensors, and how to get data there. The
@@ -321,6 +340,15 @@ struct ts_backend {
     ts_status (*sum_squares)(ts_ctx *ctx, double *sumsq, const float *x, size_t n);
     /* x[0..n) *= a, in float32 (torch's Tensor.mul_ with a float scalar). */
     ts_status (*scale)(ts_ctx *ctx, float *x, size_t n, float a);
+
+    /* y = x (accumulate 0) or y += x (accumulate 1), element by element
+     * between any two dtypes, each tensor in its own layout (float32 NCHW,
+     * half NHWC): Tensor.to(dtype, memory_format) and the cast's backward.
+     * Widening is exact; the sum and the narrowing are float32 math rounded
+     * once to y's dtype (to nearest, ties to even; out of range gives inf).
+     * The graph casts the input image, the master weights and the logits
+     * with it, and adds half weight gradients into the float32 ones. */
+    ts_status (*convert)(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, int accumulate);
 };
 
 /* Every op of struct ts_backend, in order: the list that builds the CPU table
@@ -351,7 +379,8 @@ struct ts_backend {
     X(adamw_update) \
     X(zero) \
     X(sum_squares) \
-    X(scale)
+    X(scale) \
+    X(convert)
 
 #define TS_BACKEND_COUNT_OP(op) +1
 enum { TS_BACKEND_OP_COUNT = 0 TS_BACKEND_OPS(TS_BACKEND_COUNT_OP) };

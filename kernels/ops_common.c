@@ -73,6 +73,49 @@ ts_status ts_adamw_prepare(ts_adamw_step *s, const ts_adamw_hparams *h, long t)
 /* Non-NULL, with data and every dimension >= 1: the tensor rule of every op. */
 static int tensor_ok(const ts_tensor *t) { return t && t->data && t->n > 0 && t->c > 0 && t->h > 0 && t->w > 0; }
 
+static int dtype_known(ts_dtype t) { return t == TS_F32 || t == TS_BF16 || t == TS_F16; }
+
+ts_status ts_dtype_check(const char *op, const char *an, const ts_tensor *a, const char *bn, const ts_tensor *b)
+{
+    if (a && b && a->dtype == b->dtype && dtype_known(a->dtype)) return TS_OK;
+    if (!a || !b) return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must not be NULL", op, an, bn);
+    char sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
+    if (!dtype_known(a->dtype) || !dtype_known(b->dtype))
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %s %s or %s %s has an unknown dtype (%d, %d)", op, an,
+                        ts_shape_str(a, sa), bn, ts_shape_str(b, sb), (int)a->dtype, (int)b->dtype);
+    return ts_error(TS_ERR_INVALID_ARG,
+                    "%s: %s %s is %s but %s %s is %s: the tensors of one op share a dtype (cast with convert)", op, an,
+                    ts_shape_str(a, sa), ts_dtype_name(a->dtype), bn, ts_shape_str(b, sb), ts_dtype_name(b->dtype));
+}
+
+/* Byte ranges [p, p + bytes) that share at least one byte. */
+static int overlap(const void *p, size_t pb, const void *q, size_t qb)
+{
+    const unsigned char *a = p, *b = q;
+    return a < b + qb && b < a + pb;
+}
+
+ts_status ts_convert_check(const ts_tensor *y, const ts_tensor *x)
+{
+    if (!tensor_ok(y) || !tensor_ok(x))
+        return ts_error(TS_ERR_INVALID_ARG, "convert: y and x must be non-NULL tensors with dimensions >= 1");
+    char sy[TS_SHAPE_STR], sx[TS_SHAPE_STR];
+    if (!dtype_known(y->dtype) || !dtype_known(x->dtype))
+        return ts_error(TS_ERR_INVALID_ARG, "convert: y %s or x %s has an unknown dtype (%d, %d)", ts_shape_str(y, sy),
+                        ts_shape_str(x, sx), (int)y->dtype, (int)x->dtype);
+    if (!ts_tensor_same_shape(y, x))
+        return ts_error(TS_ERR_INVALID_ARG, "convert: y shape %s does not match x shape %s", ts_shape_str(y, sy),
+                        ts_shape_str(x, sx));
+    /* Element i of x and of y sit at different places when the layouts
+     * differ, so any overlap but the exact same tensor would read what was
+     * just written. */
+    int same = y->data == x->data && y->dtype == x->dtype;
+    if (!same && overlap(y->data, ts_tensor_bytes(y), x->data, ts_tensor_bytes(x)))
+        return ts_error(TS_ERR_INVALID_ARG, "convert: y %s and x %s overlap in memory", ts_shape_str(y, sy),
+                        ts_shape_str(x, sx));
+    return TS_OK;
+}
+
 /* Parameter and size checks shared by forward and backward, with PyTorch's
  * rules (max_pool2d_with_indices shape checks in Pool.h): kernel and stride
  * positive, 0 <= pad <= kernel / 2, output at least 1x1. Both backends' max-pool
@@ -83,6 +126,8 @@ ts_status ts_pool2d_check(const char *op, const ts_tensor *in, const char *innam
     if (!tensor_ok(in) || !tensor_ok(out) || !p)
         return ts_error(TS_ERR_INVALID_ARG, "%s: %s, %s and params must be non-NULL, with dimensions >= 1", op, inname,
                         outname);
+    ts_status dst = ts_dtype_check(op, outname, out, inname, in);
+    if (dst != TS_OK) return dst;
     if (p->kernel_h < 1 || p->kernel_w < 1 || p->stride_h < 1 || p->stride_w < 1)
         return ts_error(TS_ERR_INVALID_ARG, "%s: kernel (%d,%d) and stride (%d,%d) must be >= 1", op, p->kernel_h,
                         p->kernel_w, p->stride_h, p->stride_w);
@@ -151,6 +196,9 @@ ts_status ts_conv2d_check(const char *op, const ts_tensor *x, const char *xn, co
     if (!p) CONV_FAIL("params are NULL");
     if (!tensor_ok(x) || !tensor_ok(w) || !tensor_ok(y))
         CONV_FAIL("a tensor is NULL, has no data or has a dimension < 1");
+    if (x->dtype != w->dtype || x->dtype != y->dtype || !dtype_known(x->dtype))
+        CONV_FAIL("%s is %s, %s %s and %s %s: the three share a dtype (cast the weight with convert)", xn,
+                  ts_dtype_name(x->dtype), wn, ts_dtype_name(w->dtype), yn, ts_dtype_name(y->dtype));
     if (p->stride_h < 1 || p->stride_w < 1) CONV_FAIL("strides must be >= 1");
     if (p->pad_h < 0 || p->pad_w < 0) CONV_FAIL("padding must be >= 0");
     if (p->relu && strcmp(op, "conv2d_forward") != 0)
@@ -176,6 +224,12 @@ ts_status ts_conv2d_backward_bias_check(const float *dbias, const ts_tensor *dy)
         return ts_error(TS_ERR_INVALID_ARG, "conv2d_backward_bias: dbias %s, dy %s: need a dbias array and a dy "
                         "tensor with data and every dimension >= 1", dbias ? "given" : "NULL", s);
     }
+    /* dbias is float32 whatever dy is: only dy's dtype can be wrong. */
+    if (!dtype_known(dy->dtype)) {
+        char s[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG, "conv2d_backward_bias: dy %s has an unknown dtype (%d)", ts_shape_str(dy, s),
+                        (int)dy->dtype);
+    }
     return TS_OK;
 }
 
@@ -185,6 +239,8 @@ ts_status ts_same_shape_check(const char *op, const char *an, const ts_tensor *a
 {
     if (!tensor_ok(a) || !tensor_ok(b))
         return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, an, bn);
+    ts_status st = ts_dtype_check(op, an, a, bn, b);
+    if (st != TS_OK) return st;
     if (!ts_tensor_same_shape(a, b)) {
         char sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
         return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s does not match %s shape %s", op, an, ts_shape_str(a, sa),
@@ -283,6 +339,11 @@ ts_status ts_concat_check(const char *op, const char *yn, const ts_tensor *y, co
     if (!tensor_ok(y) || !tensor_ok(a) || !tensor_ok(b))
         return ts_error(TS_ERR_INVALID_ARG, "%s: %s, %s and %s must be non-NULL tensors with dimensions >= 1", op, yn,
                         an, bn);
+    ts_status st = ts_dtype_check(op, yn, y, an, a);
+    if (st == TS_OK) st = ts_dtype_check(op, yn, y, bn, b);
+    if (st != TS_OK) return st;
+    /* The backward writes both parts: they must be distinct tensors. */
+    if (strcmp(op, "concat_backward") == 0 && a->data == b->data) return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be distinct tensors", op, an, bn);
     if (a->n != b->n || a->h != b->h || a->w != b->w || y->n != a->n || y->h != a->h || y->w != a->w ||
         (long)y->c != (long)a->c + b->c) {
         char sy[TS_SHAPE_STR], sa[TS_SHAPE_STR], sb[TS_SHAPE_STR];
@@ -314,6 +375,8 @@ ts_status ts_upsample_check(const char *op, const ts_tensor *big, const char *bi
     if (!tensor_ok(big) || !tensor_ok(small))
         return ts_error(TS_ERR_INVALID_ARG, "%s: %s and %s must be non-NULL tensors with dimensions >= 1", op, bigname,
                         smallname);
+    ts_status st = ts_dtype_check(op, bigname, big, smallname, small);
+    if (st != TS_OK) return st;
     if (big->n != small->n || big->c != small->c) {
         char sb[TS_SHAPE_STR], ss[TS_SHAPE_STR];
         return ts_error(TS_ERR_INVALID_ARG, "%s: %s shape %s and %s shape %s must have the same n and c", op, bigname,
@@ -334,12 +397,21 @@ ts_status ts_loss_check(const char *op, const ts_tensor *logits, const int32_t *
         return ts_error(TS_ERR_INVALID_ARG, "%s: logits shape %s must have every dimension >= 1", op,
                         ts_shape_str(logits, sh));
     }
+    if (logits->dtype != TS_F32) {
+        char sh[TS_SHAPE_STR];
+        /* autocast runs the losses in float32 too: the graph casts its half
+         * logits before they reach a loss. */
+        return ts_error(TS_ERR_INVALID_ARG, "%s: logits %s must be float32 (cast half logits with convert)", op,
+                        ts_shape_str(logits, sh));
+    }
     return TS_OK;
 }
 
 ts_status ts_loss_dlogits_check(const char *op, const ts_tensor *dlogits, const ts_tensor *logits)
 {
     if (!dlogits || !dlogits->data) return ts_error(TS_ERR_INVALID_ARG, "%s: dlogits is NULL", op);
+    ts_status st = ts_dtype_check(op, "dlogits", dlogits, "logits", logits);
+    if (st != TS_OK) return st;
     if (!ts_tensor_same_shape(dlogits, logits)) {
         char a[TS_SHAPE_STR], b[TS_SHAPE_STR];
         return ts_error(TS_ERR_INVALID_ARG, "%s: dlogits shape %s differs from logits shape %s", op,

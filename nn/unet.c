@@ -251,6 +251,14 @@ struct ts_unet_layers {
     float *folded; /* host model only: every conv's weights and biases, BN folded in (ts_unet_fold_bn) */
     size_t n_folded;
     int have_folded;
+
+    /* Mixed precision (device copies, ts_unet_device_set_precision): the
+     * activations' dtype. With a half type the input image gets a half copy
+     * in the arena (tensor 0's val), the logits a float32 copy (logits32),
+     * and the logits a gradient slot the caller's float32 dlogits are cast
+     * into. */
+    ts_dtype act;
+    size_t logits32;
 };
 
 typedef struct graph_builder {
@@ -526,7 +534,11 @@ static ts_status infer_shapes(ts_unet_layers *g, const ts_param *p, int n, int h
     return TS_OK;
 }
 
-static size_t tensor_bytes(const unet_tensor *t) { return (size_t)t->n * t->c * t->h * t->w * sizeof(float); }
+static size_t tensor_numel(const unet_tensor *t) { return (size_t)t->n * t->c * t->h * t->w; }
+static size_t tensor_bytes(const ts_unet_layers *g, const unet_tensor *t)
+{
+    return tensor_numel(t) * ts_dtype_size(g->act);
+}
 static size_t round_align(size_t b) { return (b + TS_ALIGN - 1) / TS_ALIGN * TS_ALIGN; }
 
 /* Train plan: every activation and every activation gradient has its own
@@ -535,13 +547,17 @@ static size_t round_align(size_t b) { return (b + TS_ALIGN - 1) / TS_ALIGN * TS_
 static ts_status plan_train(ts_unet_layers *g, ts_arena *a)
 {
     ts_status st = TS_OK;
-    for (int t = 1; t < g->n_tensors && st == TS_OK; t++) {
+    const int half = g->act != TS_F32;
+    /* With half activations the input image is cast into the arena. */
+    for (int t = half ? 0 : 1; t < g->n_tensors && st == TS_OK; t++) {
         unet_tensor *T = &g->tensors[t];
         if (T->alias < 0)
-            st = ts_arena_plan(a, tensor_bytes(T), &T->val);
+            st = ts_arena_plan(a, tensor_bytes(g, T), &T->val);
         else
             T->val = g->tensors[T->alias].val;
     }
+    if (half && st == TS_OK)
+        st = ts_arena_plan(a, tensor_numel(&g->tensors[g->logits]) * sizeof(float), &g->logits32);
     for (int i = 0; i < g->n_nodes && st == TS_OK; i++) {
         unet_node *nd = &g->nodes[i];
         const unet_tensor *o = &g->tensors[nd->out];
@@ -553,9 +569,10 @@ static ts_status plan_train(ts_unet_layers *g, ts_arena *a)
         }
     }
     g->grad_begin = a->planned;
-    /* The input image gets no gradient; the logits' gradient is the caller's dlogits. */
+    /* The input image gets no gradient; the logits' gradient is the caller's
+     * dlogits, or with half activations their cast. */
     for (int t = 1; t < g->n_tensors && st == TS_OK; t++)
-        if (t != g->logits) st = ts_arena_plan(a, tensor_bytes(&g->tensors[t]), &g->tensors[t].grad);
+        if (t != g->logits || half) st = ts_arena_plan(a, tensor_bytes(g, &g->tensors[t]), &g->tensors[t].grad);
     g->grad_bytes = a->planned - g->grad_begin;
     return st;
 }
@@ -599,7 +616,7 @@ static ts_status plan_eval(ts_unet_layers *g, ts_arena *a)
         int r = g->tensors[nd->out].alias >= 0 ? g->tensors[nd->out].alias : nd->out;
         if (blk[r].first < 0) {
             blk[r].first = i;
-            blk[r].size = round_align(tensor_bytes(&g->tensors[r]));
+            blk[r].size = round_align(tensor_bytes(g, &g->tensors[r]));
         }
         if (blk[r].last < i) blk[r].last = i;
         /* A BN-folded conv writes straight into the BN's output, one node
@@ -619,7 +636,13 @@ static ts_status plan_eval(ts_unet_layers *g, ts_arena *a)
         }
     }
     blk[g->logits].last = nn; /* returned to the caller */
-    blk[0].first = -1;        /* the input image is the caller's */
+    const int half = g->act != TS_F32;
+    blk[0].first = -1; /* the input image is the caller's */
+    if (half) {
+        /* ... but its half cast lives in the arena from the start. */
+        blk[0].first = 0;
+        blk[0].size = round_align(tensor_bytes(g, &g->tensors[0]));
+    }
 
     size_t peak = 0;
     for (int i = 0; i < nn; i++) {
@@ -641,8 +664,10 @@ static ts_status plan_eval(ts_unet_layers *g, ts_arena *a)
     }
     size_t base;
     ts_status st = ts_arena_plan(a, peak ? peak : TS_ALIGN, &base);
+    if (st == TS_OK && half)
+        st = ts_arena_plan(a, tensor_numel(&g->tensors[g->logits]) * sizeof(float), &g->logits32);
     if (st == TS_OK) {
-        for (int t = 1; t < nt; t++) {
+        for (int t = half ? 0 : 1; t < nt; t++) {
             int r = g->tensors[t].alias >= 0 ? g->tensors[t].alias : t;
             g->tensors[t].val = base + blk[r].off;
         }
@@ -877,12 +902,18 @@ typedef struct unet_exec {
     float *weights, *grads, *buffers; /* host model only */
     int64_t *counters;                /* host model only */
     const float *folded;              /* the folded block (host or backend memory) */
+    /* Half activations (g->act): the conv weights cast to that type, at the
+     * offsets of `weights` (training) or `folded` (inference), and in
+     * training their gradients before they are added into `grads`. */
+    uint16_t *wh, *gh;
+    size_t n_wh; /* halves in each */
 } unet_exec;
 
 static unet_exec host_exec(ts_unet *m)
 {
     unet_exec e = {m->layers, m->params, &m->arena, &m->plan_n, &m->plan_h, &m->plan_w, NULL,
-                   m->weights, m->grads, m->buffers, m->counters, m->layers ? m->layers->folded : NULL};
+                   m->weights, m->grads, m->buffers, m->counters, m->layers ? m->layers->folded : NULL,
+                   NULL, NULL, 0};
     return e;
 }
 
@@ -913,14 +944,14 @@ static ts_status ensure_plan(const unet_exec *e, int n, int h, int w, int train)
 static ts_tensor tval(const unet_exec *e, int t)
 {
     const unet_tensor *T = &e->g->tensors[t];
-    if (t == 0) return ts_tensor_view((float *)e->g->x_data, T->n, T->c, T->h, T->w);
-    return ts_arena_tensor(e->arena, T->val, T->n, T->c, T->h, T->w);
+    if (t == 0 && e->g->act == TS_F32) return ts_tensor_view((float *)e->g->x_data, T->n, T->c, T->h, T->w);
+    return ts_arena_tensor_as(e->arena, T->val, e->g->act, T->n, T->c, T->h, T->w);
 }
 
 static ts_tensor tgrad(const unet_exec *e, int t)
 {
     const unet_tensor *T = &e->g->tensors[t];
-    return ts_arena_tensor(e->arena, T->grad, T->n, T->c, T->h, T->w);
+    return ts_arena_tensor_as(e->arena, T->grad, e->g->act, T->n, T->c, T->h, T->w);
 }
 
 static ts_tensor pweight(const unet_exec *e, int idx, float *base)
@@ -928,6 +959,17 @@ static ts_tensor pweight(const unet_exec *e, int idx, float *base)
     const ts_param *p = &e->params[idx];
     return ts_tensor_view(base + p->offset, p->shape[0], p->shape[1], p->shape[2], p->shape[3]);
 }
+
+/* A conv weight in the activations' type: its half cast (wh or gh, at
+ * element offset `at`), or with float32 activations the float32 weight. */
+static ts_tensor conv_weight(const unet_exec *e, int idx, uint16_t *half_base, float *base, size_t at)
+{
+    const ts_param *p = &e->params[idx];
+    if (e->g->act == TS_F32)
+        return ts_tensor_view(base + at, p->shape[0], p->shape[1], p->shape[2], p->shape[3]);
+    return ts_tensor_view_as(half_base + at, e->g->act, p->shape[0], p->shape[1], p->shape[2], p->shape[3]);
+}
+
 
 /* Adds the layer's module path to the op's message, so a user sees where in
  * the model it failed (e.g. a BN with one value per channel). */
@@ -941,6 +983,24 @@ static ts_status wrap_error(ts_status st, const char *phase, const unet_node *nd
                         "a larger batch or tile, or eval mode)",
                         phase, nd->name, msg);
     return ts_error(st, "unet %s at %s: %s", phase, nd->name, msg);
+}
+
+/* Mixed precision: every conv weight of the training copy cast to the
+ * activations' type, as autocast casts them once per forward (the optimizer
+ * changed them since the last one). */
+static ts_status cast_weights(const unet_exec *e, ts_ctx *ctx)
+{
+    const ts_unet_layers *g = e->g;
+    for (int i = 0; i < g->n_nodes; i++) {
+        const unet_node *nd = &g->nodes[i];
+        if (nd->kind != OP_CONV) continue;
+        size_t at = e->params[nd->w].offset;
+        ts_tensor w32 = pweight(e, nd->w, e->weights);
+        ts_tensor wh = conv_weight(e, nd->w, e->wh, e->weights, at);
+        ts_status st = ctx->backend->convert(ctx, &wh, &w32, 0);
+        if (st != TS_OK) return wrap_error(st, "weight cast", nd);
+    }
+    return TS_OK;
 }
 
 static ts_status check_ctx(const ts_unet *m, const ts_ctx *ctx, const char *what)
@@ -988,6 +1048,13 @@ static ts_status run_forward(const unet_exec *e, ts_ctx *ctx, const ts_tensor *x
     g->have_train = 0;
     g->x_data = x->data;
     const ts_bn_params bnp = {BN_EPS, BN_MOMENTUM};
+    const int half = g->act != TS_F32;
+    if (half) {
+        ts_tensor xh = tval(e, 0);
+        st = B->convert(ctx, &xh, x, 0);
+        if (st != TS_OK) return ts_error(st, "unet forward: casting the input: %s", ts_last_error());
+        if (!folded && (st = cast_weights(e, ctx)) != TS_OK) return st;
+    }
     for (int i = 0; i < g->n_nodes; i++) {
         unet_node *nd = &g->nodes[i];
         ts_tensor a = tval(e, nd->in0), y = tval(e, nd->out);
@@ -995,9 +1062,7 @@ static ts_status run_forward(const unet_exec *e, ts_ctx *ctx, const ts_tensor *x
         case OP_CONV: {
             ts_conv2d_params cp = {.stride_h = nd->stride, .stride_w = nd->stride, .pad_h = nd->pad, .pad_w = nd->pad};
             if (folded) {
-                const ts_param *wp = &e->params[nd->w];
-                ts_tensor fw = ts_tensor_view((float *)e->folded + nd->fold_w, wp->shape[0], wp->shape[1],
-                                              wp->shape[2], wp->shape[3]);
+                ts_tensor fw = conv_weight(e, nd->w, e->wh, (float *)e->folded, nd->fold_w);
                 const float *fb = nd->fold_b == NO_BIAS ? NULL : e->folded + nd->fold_b;
                 if (!nd->folded) {
                     /* a conv with its own bias (the head, a decoder without BN) */
@@ -1019,7 +1084,7 @@ static ts_status run_forward(const unet_exec *e, ts_ctx *ctx, const ts_tensor *x
                 i += fuse ? 2 : 1;
                 continue;
             }
-            ts_tensor wt = pweight(e, nd->w, e->weights);
+            ts_tensor wt = conv_weight(e, nd->w, e->wh, e->weights, e->params[nd->w].offset);
             st = B->conv2d_forward(ctx, &y, &a, &wt, nd->b >= 0 ? e->weights + e->params[nd->b].offset : NULL, &cp);
             break;
         }
@@ -1063,8 +1128,17 @@ static ts_status run_forward(const unet_exec *e, ts_ctx *ctx, const ts_tensor *x
         }
         if (st != TS_OK) return wrap_error(st, "forward", nd);
     }
-    g->have_train = train;
     *logits = tval(e, g->logits);
+    if (half) {
+        /* Losses and callers take float32 NCHW logits (autocast's losses
+         * run in float32 too). */
+        const unet_tensor *L = &g->tensors[g->logits];
+        ts_tensor l32 = ts_arena_tensor(e->arena, g->logits32, L->n, L->c, L->h, L->w);
+        st = B->convert(ctx, &l32, logits, 0);
+        if (st != TS_OK) return ts_error(st, "unet forward: casting the logits: %s", ts_last_error());
+        *logits = l32;
+    }
+    g->have_train = train;
     return TS_OK;
 }
 
@@ -1099,20 +1173,36 @@ static ts_status run_backward(const unet_exec *e, ts_ctx *ctx, const ts_tensor *
     const ts_param *P = e->params;
     ts_status st = B->zero(ctx, ts_arena_at(e->arena, g->grad_begin), g->grad_bytes / sizeof(float));
     if (st != TS_OK) return st;
+    const int half = g->act != TS_F32;
+    if (half) {
+        /* The caller's float32 dlogits, cast; the conv weights' half
+         * gradients start from 0 (an even count of halves: see set_precision). */
+        ts_tensor dl = tgrad(e, g->logits);
+        st = B->convert(ctx, &dl, dlogits, 0);
+        if (st == TS_OK) st = B->zero(ctx, (float *)e->gh, (e->n_wh + 1) / 2);
+        if (st != TS_OK) return ts_error(st, "unet backward: casting dlogits: %s", ts_last_error());
+    }
     for (int i = g->n_nodes - 1; i >= 0; i--) {
         const unet_node *nd = &g->nodes[i];
-        ts_tensor dy = nd->out == g->logits ? *dlogits : tgrad(e, nd->out);
+        ts_tensor dy = nd->out == g->logits && !half ? *dlogits : tgrad(e, nd->out);
         int need_dx = nd->in0 != 0; /* no gradient for the input image */
         ts_tensor dx = need_dx ? tgrad(e, nd->in0) : dy;
         switch (nd->kind) {
         case OP_CONV: {
             ts_conv2d_params cp = {.stride_h = nd->stride, .stride_w = nd->stride, .pad_h = nd->pad, .pad_w = nd->pad};
             ts_tensor x = tval(e, nd->in0);
-            ts_tensor dw = pweight(e, nd->w, e->grads);
+            size_t at = P[nd->w].offset;
+            ts_tensor dw = conv_weight(e, nd->w, e->gh, e->grads, at);
             st = B->conv2d_backward_filter(ctx, &dw, &dy, &x, &cp);
+            if (st == TS_OK && half) {
+                /* The cast's backward: the half gradient added into the
+                 * float32 master gradient (which accumulates micro-batches). */
+                ts_tensor dw32 = pweight(e, nd->w, e->grads);
+                st = B->convert(ctx, &dw32, &dw, 1);
+            }
             if (st == TS_OK && nd->b >= 0) st = B->conv2d_backward_bias(ctx, e->grads + P[nd->b].offset, &dy);
             if (st == TS_OK && need_dx) {
-                ts_tensor wt = pweight(e, nd->w, e->weights);
+                ts_tensor wt = conv_weight(e, nd->w, e->wh, e->weights, at);
                 st = B->conv2d_backward_data(ctx, &dx, &dy, &wt, &cp);
             }
             break;
@@ -1278,6 +1368,8 @@ void ts_unet_device_free(ts_unet_device *d)
         mem->free(d->grads);
         mem->free(d->buffers);
         mem->free(d->x);
+        mem->free(d->wh);
+        mem->free(d->gh);
     }
     free(d->counters);
     layers_free(d->layers);
@@ -1482,7 +1574,7 @@ static ts_status stage_input(ts_unet_device *d, const ts_tensor *x, int in_place
 static unet_exec device_exec(ts_unet_device *d)
 {
     unet_exec e = {d->layers, d->params, &d->arena, &d->plan_n, &d->plan_h, &d->plan_w, d->backend->memory,
-                   NULL, NULL, NULL, NULL, NULL};
+                   NULL, NULL, NULL, NULL, NULL, d->wh, d->gh, d->wh ? d->n_weights : 0};
     if (d->train) {
         e.weights = d->weights;
         e.grads = d->grads;
@@ -1544,6 +1636,67 @@ ts_status ts_unet_device_zero_grad(ts_unet_device *d, ts_ctx *ctx)
     if (st != TS_OK) return st;
     return ctx->backend->zero(ctx, d->grads, d->n_weights);
 }
+
+ts_status ts_unet_device_set_precision(ts_unet_device *d, ts_ctx *ctx, ts_dtype act)
+{
+    static const char what[] = "device set_precision";
+    if (!d || !d->layers || !d->weights)
+        return ts_error(TS_ERR_INVALID_ARG, "unet %s: the device copy is not initialised", what);
+    if (act != TS_F32 && !ts_dtype_is_half(act))
+        return ts_error(TS_ERR_INVALID_ARG, "unet %s: activations can be f32, bf16 or f16, not %s", what,
+                        ts_dtype_name(act));
+    if (!ctx || ctx->backend != d->backend)
+        return ts_error(TS_ERR_INVALID_ARG, "unet %s: the context's backend (%s) is not the device copy's (%s)", what,
+                        ctx && ctx->backend ? ctx->backend->name : "none", d->backend->name);
+    const ts_backend_memory *mem = d->backend->memory;
+    /* Drop the old type's plan and casts: the arena's slot sizes depend on it. */
+    ts_arena_reset(&d->arena);
+    d->layers->planned = 0;
+    d->layers->have_train = 0;
+    mem->free(d->wh);
+    mem->free(d->gh);
+    d->wh = d->gh = NULL;
+    d->layers->act = TS_F32;
+    if (act == TS_F32) return TS_OK;
+    /* One half per weight float at the same offsets, rounded up to an even
+     * count so the float-wise zero() clears a gradient block exactly. */
+    size_t bytes = (d->n_weights + 1) / 2 * 2 * sizeof(uint16_t);
+    void *p = NULL;
+    ts_status st = device_alloc(d->backend, &p, bytes, what, "half weights");
+    d->wh = p;
+    if (st == TS_OK && d->train) {
+        st = device_alloc(d->backend, &p, bytes, what, "half weight gradients");
+        d->gh = p;
+    }
+    d->layers->act = act;
+    if (st == TS_OK && !d->train) {
+        /* The folded weights never change: cast them once. */
+        unet_exec e = device_exec(d);
+        const ts_unet_layers *g = d->layers;
+        for (int i = 0; i < g->n_nodes && st == TS_OK; i++) {
+            const unet_node *nd = &g->nodes[i];
+            if (nd->kind != OP_CONV) continue;
+            const ts_param *wp = &d->params[nd->w];
+            ts_tensor w32 = ts_tensor_view(d->weights + nd->fold_w, wp->shape[0], wp->shape[1], wp->shape[2],
+                                           wp->shape[3]);
+            ts_tensor wh = conv_weight(&e, nd->w, d->wh, d->weights, nd->fold_w);
+            st = d->backend->convert(ctx, &wh, &w32, 0);
+            if (st != TS_OK) st = wrap_error(st, "weight cast", nd);
+        }
+    }
+    if (st != TS_OK) {
+        char why[768];
+        snprintf(why, sizeof why, "%s", ts_last_error());
+        mem->free(d->wh);
+        mem->free(d->gh);
+        d->wh = d->gh = NULL;
+        d->layers->act = TS_F32;
+        return ts_error(st, "%s", why);
+    }
+    return TS_OK;
+}
+
+ts_dtype ts_unet_device_precision(const ts_unet_device *d) { return d && d->layers ? d->layers->act : TS_F32; }
 
 ts_unet_trainable ts_unet_host_trainable(ts_unet *m)
 {

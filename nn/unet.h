@@ -144,6 +144,8 @@ typedef struct ts_unet_device {
     int plan_n, plan_h, plan_w;
     float *x;               /* backend memory: the input batch (unused on a host backend's training copy) */
     size_t x_bytes;
+    uint16_t *wh;           /* half activations: the conv weights cast (backend memory, n_weights halves) */
+    uint16_t *gh;           /* half activations, training: their gradients before the float32 add */
 } ts_unet_device;
 
 /* Folds m's BN as ts_unet_fold_bn does (from its current weights and running
@@ -190,6 +192,22 @@ ts_status ts_unet_device_run(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x_
  * memory. Accumulates into d->grads as ts_unet_backward does. */
 ts_status ts_unet_device_backward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *dlogits_dev);
 ts_status ts_unet_device_zero_grad(ts_unet_device *d, ts_ctx *ctx);
+
+/* ---- mixed precision ----------------------------------------------------
+ * A device copy runs float32 activations until this says otherwise. With
+ * act = TS_BF16 or TS_F16 every activation (and activation gradient) is
+ * that type, channels-last, as under torch.autocast with channels_last:
+ * the input batch is cast on arrival, every conv weight is cast from the
+ * float32 master weights (once for an inference copy; before every forward
+ * of a training copy, as autocast does), the logits are cast back to float32
+ * for the caller and the losses, dlogits are cast to the half type, and
+ * each conv weight's half gradient is added into the float32 gradients.
+ * The weights, gradients, BN parameters and statistics and the optimizer
+ * stay float32 ("master weights"). Loss scaling for fp16 is the trainer's
+ * (it scales dloss and unscales the gradients). Call it after init, before
+ * running; it discards the plan. On error the copy is back at float32. */
+ts_status ts_unet_device_set_precision(ts_unet_device *d, ts_ctx *ctx, ts_dtype act);
+ts_dtype ts_unet_device_precision(const ts_unet_device *d);
 
 /* The trainable block of a model wherever it lives: what the optimizer
  * (train/optim.h) updates. mem is the memory weights and grads live in

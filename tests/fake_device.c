@@ -127,7 +127,7 @@ static size_t label_bytes(const ts_tensor *t)
     return dims_ok(t) ? (size_t)t->n * t->h * t->w * sizeof(int32_t) : 0;
 }
 
-static void need_t(const ts_tensor *t) { need(t ? t->data : NULL, numel(t) * sizeof(float)); }
+static void need_t(const ts_tensor *t) { need(t ? t->data : NULL, numel(t) * (t ? ts_dtype_size(t->dtype) : 0)); }
 
 static ts_status f_conv(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w, const float *bias,
                         const ts_conv2d_params *p)
@@ -357,6 +357,13 @@ static ts_status f_scale(ts_ctx *ctx, float *x, size_t n, float a)
     return cpu->scale(ctx, x, n, a);
 }
 
+static ts_status f_convert(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, int accumulate)
+{
+    need_t(y);
+    need_t(x);
+    return cpu->convert(ctx, y, x, accumulate);
+}
+
 static ts_backend fake_backend;
 
 const ts_backend *tu_fake_device_backend(void)
@@ -391,6 +398,7 @@ const ts_backend *tu_fake_device_backend(void)
         fake_backend.zero = f_zero;
         fake_backend.sum_squares = f_sum_squares;
         fake_backend.scale = f_scale;
+        fake_backend.convert = f_convert;
     }
     return &fake_backend;
 }

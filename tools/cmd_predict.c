@@ -22,6 +22,7 @@ static int pr_tile = 0, pr_overlap = -1, pr_batch = 4, pr_cog = 0, pr_overwrite 
 static int pr_quicklook_size = 1024, pr_quiet = 0, pr_cache_mb = 256, pr_readers = 0;
 static const char *pr_blend = "gaussian", *pr_tta = "none", *pr_bands = NULL, *pr_nodata = NULL;
 static const char *pr_probs = NULL, *pr_conf = NULL, *pr_quicklook = NULL, *pr_device = "cpu";
+static const char *pr_precision = "fp32";
 
 cli_option predict_options[] = {
     {"tile", 0, CLI_INT, &pr_tile, "PX", "tile side (default: the model card's tile size, else 256)", 0, 16384},
@@ -48,6 +49,8 @@ cli_option predict_options[] = {
     {"quicklook", 0, CLI_STRING, &pr_quicklook, "FILE.png", "also write a PNG of class colours over the image", 0, 0},
     {"quicklook-size", 0, CLI_INT, &pr_quicklook_size, "PX", "long side of the quick-look", 16, 16384},
     {"overwrite", 0, CLI_FLAG, &pr_overwrite, NULL, "replace outputs that already exist", 0, 0},
+    {"precision", 0, CLI_STRING, &pr_precision, "P",
+     "fp32; or bf16 / fp16: half activations on tensor cores (--device cuda; on the CPU emulated and slower)", 0, 0},
     {"device", 0, CLI_STRING, &pr_device, "DEV",
      "where the model runs: cpu, or cuda / cuda:N (a GPU of a CUDA build; reading, blending and writing stay on the "
      "CPU)",
@@ -163,6 +166,18 @@ int run_predict(int argc, char **argv)
         free(bands);
         return 2;
     }
+    ts_dtype precision;
+    if (strcmp(pr_precision, "fp32") == 0)
+        precision = TS_F32;
+    else if (strcmp(pr_precision, "bf16") == 0)
+        precision = TS_BF16;
+    else if (strcmp(pr_precision, "fp16") == 0)
+        precision = TS_F16;
+    else {
+        fprintf(stderr, "terraseg predict: --precision %s: choose fp32, bf16 or fp16\n", pr_precision);
+        free(bands);
+        return 2;
+    }
     /* The device before the model: a name that is wrong is a usage error, and
      * a GPU that is missing should be said before a large model is read. */
     const ts_backend *backend = ts_backend_cpu();
@@ -200,6 +215,7 @@ int run_predict(int argc, char **argv)
         .overlap = pr_overlap,
         .batch = pr_batch,
         .readers = pr_readers,
+        .precision = precision,
         .blend = (ts_blend)blend,
         .tta = tta,
         .cog = pr_cog,
@@ -231,6 +247,7 @@ int run_predict(int argc, char **argv)
                    valid ? 100.0 * (double)r.class_pixels[k] / (double)valid : 0.0);
         printf("  nodata:    %12lld px\n", (long long)r.nodata_pixels);
         if (strcmp(pr_device, "cpu") != 0) printf("  device:    %s\n", pr_device);
+        if (precision != TS_F32) printf("  precision: %s (mixed)\n", pr_precision);
         printf("wrote %s%s%s%s%s%s%s\n", argv[2], pr_probs ? ", " : "", pr_probs ? pr_probs : "",
                pr_conf ? ", " : "", pr_conf ? pr_conf : "", pr_quicklook ? ", " : "", pr_quicklook ? pr_quicklook : "");
     } else {

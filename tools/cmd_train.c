@@ -28,6 +28,7 @@ static int tr_print_schema = 0;
 static int tr_quiet = 0;
 static int tr_plain = 0;
 static const char *tr_device = NULL;
+static const char *tr_precision = NULL;
 
 cli_option train_options[] = {
     {"set", 's', CLI_STRING_LIST, &tr_sets, "KEY=VALUE",
@@ -38,6 +39,8 @@ cli_option train_options[] = {
     {"print-schema", 0, CLI_FLAG, &tr_print_schema, NULL, "print every configuration key (Markdown) and exit", 0, 0},
     {"device", 0, CLI_STRING, &tr_device, "DEV",
      "where to train: cpu, cuda or cuda:N (sets the config's device and cuda_device, after every --set)", 0, 0},
+    {"precision", 0, CLI_STRING, &tr_precision, "P",
+     "fp32, bf16 or fp16: mixed precision on tensor cores (sets the config's precision, after every --set)", 0, 0},
     {"plain", 0, CLI_FLAG, &tr_plain, NULL, "plain log lines even on a terminal (no live progress line)", 0, 0},
     {"quiet", 'q', CLI_FLAG, &tr_quiet, NULL, "print errors only", 0, 0},
     {0},
@@ -62,9 +65,9 @@ int run_train(int argc, char **argv)
         rc = 2;
         goto out;
     }
-    /* --device as two more --set, applied last. */
-    char dev_set[2][48];
-    const char **sets = malloc(((size_t)tr_sets.n + 2) * sizeof *sets);
+    /* --device as two more --set and --precision as one, applied last. */
+    char dev_set[3][48];
+    const char **sets = malloc(((size_t)tr_sets.n + 3) * sizeof *sets);
     int n_sets = tr_sets.n;
     if (!sets) {
         fprintf(stderr, "terraseg train: out of memory\n");
@@ -84,6 +87,11 @@ int run_train(int argc, char **argv)
         snprintf(dev_set[1], sizeof dev_set[1], "cuda_device=%d", idx);
         sets[n_sets++] = dev_set[0];
         sets[n_sets++] = dev_set[1];
+    }
+    if (tr_precision) {
+        /* The config's check names the accepted values when this one is wrong. */
+        snprintf(dev_set[2], sizeof dev_set[2], "precision=%.30s", tr_precision);
+        sets[n_sets++] = dev_set[2];
     }
     ts_train_config c;
     ts_status rst = ts_train_config_resolve(argv[0], sets, n_sets, &c);

@@ -67,6 +67,7 @@ static cli_option version_options[] = {{0}};
 /* ---- terraseg bench ---- */
 static ts_bench_opts bench_opts = {.batch = 1, .size = 256, .in_channels = 3, .classes = 2, .iters = 3, .device = "cpu"};
 static int bench_threads = 0;
+static const char *bench_precision = "fp32";
 
 static cli_option bench_options[] = {
     {"batch", 'b', CLI_INT, &bench_opts.batch, "N", "images per batch", 1, 1024},
@@ -80,6 +81,8 @@ static cli_option bench_options[] = {
      "cpu, cuda or cuda:N: the backend conv, model and train run on", 0, 0},
     {"tf32", 0, CLI_FLAG, &bench_opts.tf32, NULL, "with --device cuda: TF32 tensor-core math for fp32 convs and GEMMs",
      0, 0},
+    {"precision", 0, CLI_STRING, &bench_precision, "P",
+     "model and train: fp32, or bf16 / fp16 mixed precision (half activations; emulated and slow on the CPU)", 0, 0},
     {0},
 };
 
@@ -94,14 +97,29 @@ static int run_bench(int argc, char **argv)
         fprintf(stderr, "%s bench: unknown benchmark \"%s\"; available: conv, model, train\n", prog, what);
         return 2;
     }
+    if (strcmp(bench_precision, "fp32") == 0)
+        bench_opts.precision = TS_F32;
+    else if (strcmp(bench_precision, "bf16") == 0)
+        bench_opts.precision = TS_BF16;
+    else if (strcmp(bench_precision, "fp16") == 0)
+        bench_opts.precision = TS_F16;
+    else {
+        fprintf(stderr, "%s bench: --precision %s: choose fp32, bf16 or fp16\n", prog, bench_precision);
+        return 2;
+    }
+    if (bench_opts.precision != TS_F32 && strcmp(what, "conv") == 0) {
+        fprintf(stderr, "%s bench: --precision applies to bench model and bench train\n", prog);
+        return 2;
+    }
     /* --device and --tf32 are refused here, before anything is printed or run. */
     int rc = ts_bench_check_device(&bench_opts, what);
     if (rc) return rc;
     int threads = ts_threads_init(bench_threads);
-    printf("terraseg bench %s: %dx%d synthetic tile, batch %d, %d in, %d classes, %d threads, %d iterations%s%s%s\n",
+    printf("terraseg bench %s: %dx%d synthetic tile, batch %d, %d in, %d classes, %d threads, %d iterations%s%s%s%s%s\n",
            what, bench_opts.size, bench_opts.size, bench_opts.batch, bench_opts.in_channels, bench_opts.classes,
            threads, bench_opts.iters, ts_bench_is_cuda(&bench_opts) ? ", device " : "",
-           ts_bench_is_cuda(&bench_opts) ? bench_opts.device : "", bench_opts.tf32 ? " (TF32)" : "");
+           ts_bench_is_cuda(&bench_opts) ? bench_opts.device : "", bench_opts.tf32 ? " (TF32)" : "",
+           bench_opts.precision != TS_F32 ? ", precision " : "", bench_opts.precision != TS_F32 ? bench_precision : "");
     if (strcmp(what, "conv") == 0) return ts_bench_conv(&bench_opts);
     if (strcmp(what, "model") == 0) return ts_bench_model(&bench_opts);
     if (strcmp(what, "train") == 0) return ts_bench_train(&bench_opts);

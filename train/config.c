@@ -24,6 +24,7 @@
 
 /* ---- choices ------------------------------------------------------------------- */
 static const ts_cfg_choice devices[] = {{"cpu", TS_DEVICE_CPU}, {"cuda", TS_DEVICE_CUDA}, {NULL, 0}};
+static const ts_cfg_choice precisions[] = {{"fp32", TS_F32}, {"bf16", TS_BF16}, {"fp16", TS_F16}, {NULL, 0}};
 static const ts_cfg_choice norm_kinds[] = {{"none", TS_NORM_NONE},
                                            {"scale", TS_NORM_SCALE},
                                            {"meanstd", TS_NORM_MEANSTD},
@@ -69,6 +70,10 @@ static const ts_cfg_key schema[] = {
     I64("seed", seed, "0", 0, I53, "seed of the model initialization, the window order and the augmentation"),
     ENUM("device", device, "cpu", devices, "where training runs: cpu, or cuda (a build with the CUDA backend)"),
     INT("cuda_device", cuda_device, "0", 0, 1023, "with device cuda: the GPU's index, as cuda:N (terraseg version lists them)"),
+    ENUM("precision", precision, "fp32", precisions,
+         "activations: fp32; or mixed precision bf16 / fp16 (channels-last half activations on tensor cores, float32 "
+         "master weights and optimizer, as torch.autocast; fp16 adds dynamic loss scaling as GradScaler). On the CPU "
+         "the half types are emulated, slower than fp32: use them there to check, on cuda to train"),
     INT("threads", threads, "0", 0, 1024, "CPU threads for the compute kernels (0: TERRASEG_THREADS, else every core)"),
     CLASSES("classes", classes, "[]", TS_CFG_REQUIRED,
             "the classes, ids 0..K-1: a list of names (ids are the positions) or of {id, name}; K >= 2 is the "
@@ -2129,6 +2134,7 @@ void ts_train_config_optim(const ts_train_config *c, ts_optim_config *o)
     o->no_decay_1d = c->optimizer.no_decay_bn_bias;
     o->clip_grad_norm = c->train.grad_clip;
     o->accum_steps = c->train.accumulate;
+    o->loss_scaling = c->precision == TS_F16; /* bf16 has float32's range: no scaling, as autocast */
 }
 
 ts_status ts_train_config_schedule(const ts_train_config *c, int64_t steps_per_epoch, ts_sched_config *s)

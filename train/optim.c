@@ -40,6 +40,8 @@ ts_status ts_optim_config_check(const ts_optim_config *c)
                         c->clip_grad_norm);
     if (c->accum_steps < 1)
         return ts_error(TS_ERR_INVALID_ARG, "optimizer: accum_steps must be >= 1, got %d", c->accum_steps);
+    if (c->loss_scaling != 0 && c->loss_scaling != 1)
+        return ts_error(TS_ERR_INVALID_ARG, "optimizer: loss_scaling must be 0 or 1, got %d", c->loss_scaling);
     return TS_OK;
 }
 
@@ -89,6 +91,7 @@ ts_status ts_optim_init_on(ts_optim *o, const ts_optim_config *cfg, const ts_une
     o->cfg = *cfg;
     o->n = m->n_weights;
     o->step = 0;
+    o->loss_scale = cfg->loss_scaling ? TS_LOSS_SCALE_INIT : 1.0;
     return TS_OK;
 }
 
@@ -118,7 +121,8 @@ int ts_optim_decays(const ts_optim *o, const ts_param *p)
 
 float ts_optim_loss_scale(const ts_optim *o)
 {
-    return (float)(1.0 / (o->cfg.accum_steps > 0 ? o->cfg.accum_steps : 1));
+    double k = o->cfg.accum_steps > 0 ? o->cfg.accum_steps : 1;
+    return o->cfg.loss_scaling ? (float)(o->loss_scale / k) : (float)(1.0 / k);
 }
 
 /* ---- clip_grad_norm_ ------------------------------------------------------- */
@@ -186,6 +190,26 @@ static ts_status used_grads(const ts_unet_trainable *t, float ***g, size_t **n, 
     return TS_OK;
 }
 
+/* *finite = 0 if any used gradient holds an inf or NaN (its sum of squares,
+ * formed in double, is then not finite; finite floats cannot overflow it):
+ * GradScaler's found_inf. */
+static ts_status grads_finite(ts_ctx *ctx, const ts_unet_trainable *t, int *finite)
+{
+    *finite = 1;
+    float **g = NULL;
+    size_t *n = NULL;
+    int count = 0;
+    ts_status st = used_grads(t, &g, &n, &count);
+    for (int i = 0; i < count && !st && *finite; i++) {
+        double s;
+        st = ctx->backend->sum_squares(ctx, &s, g[i], n[i]);
+        if (!st && !isfinite(s)) *finite = 0;
+    }
+    free(g);
+    free(n);
+    return st;
+}
+
 static ts_status clip_trainable(ts_ctx *ctx, const ts_unet_trainable *t, double max_norm, double *total_norm)
 {
     float **g = NULL;
@@ -227,8 +251,24 @@ ts_status ts_optim_step_on(ts_optim *o, ts_ctx *ctx, const ts_unet_trainable *tr
                         ctx->backend->name);
     if (!(lr >= 0) || !isfinite(lr)) return ts_error(TS_ERR_INVALID_ARG, "optimizer step: learning rate is %g", lr);
     ts_status st;
+    o->last_skipped = 0;
+    if (o->cfg.loss_scaling) {
+        int finite;
+        if ((st = grads_finite(ctx, tr, &finite))) return st;
+        if (!finite) {
+            /* scaler.step skips optimizer.step; scaler.update backs off. */
+            o->loss_scale *= 0.5;
+            o->growth_tracker = 0;
+            o->skipped_steps++;
+            o->last_skipped = 1;
+            return TS_OK;
+        }
+        /* scaler.unscale_: grad *= (float)(1 / scale), the whole block at
+         * once (entries of unused parameters are 0 and stay 0). */
+        if ((st = ctx->backend->scale(ctx, tr->grads, tr->n_weights, (float)(1.0 / o->loss_scale)))) return st;
+    }
     if (o->cfg.clip_grad_norm > 0 || grad_norm) {
-        double norm;
+        double norm = NAN;
         st = clip_trainable(ctx, tr, o->cfg.clip_grad_norm, &norm);
         if (grad_norm) *grad_norm = norm;
         if (st) return st;
@@ -268,6 +308,10 @@ ts_status ts_optim_step_on(ts_optim *o, ts_ctx *ctx, const ts_unet_trainable *tr
         i = j;
     }
     o->step = t;
+    if (o->cfg.loss_scaling && ++o->growth_tracker == TS_LOSS_SCALE_GROWTH_INTERVAL) {
+        o->loss_scale *= 2.0;
+        o->growth_tracker = 0;
+    }
     return TS_OK;
 }
 
@@ -286,6 +330,8 @@ ts_status ts_optim_step(ts_optim *o, ts_ctx *ctx, ts_unet *m, double lr, double 
 #define OPT_AVG "optimizer.exp_avg."
 #define OPT_AVG_SQ "optimizer.exp_avg_sq."
 #define OPT_STEP "optimizer.step"
+#define OPT_SCALE "optimizer.loss_scale"
+#define OPT_GROWTH "optimizer.loss_scale_growth"
 
 static ts_status key_of(char *buf, size_t cap, const char *prefix, const char *name)
 {
@@ -315,6 +361,12 @@ ts_status ts_optim_save(const ts_optim *o, const ts_unet *m, ts_dict *d)
     }
     int64_t step = o->step;
     if (!st) st = ts_dict_add(d, OPT_STEP, TS_I64, 0, NULL, &step);
+    if (!st && o->cfg.loss_scaling) {
+        double scale = o->loss_scale;
+        int64_t growth = o->growth_tracker;
+        st = ts_dict_add(d, OPT_SCALE, TS_F64, 0, NULL, &scale);
+        if (!st) st = ts_dict_add(d, OPT_GROWTH, TS_I64, 0, NULL, &growth);
+    }
     char key[160];
     for (int i = 0; i < m->n_params && !st; i++) {
         const ts_param *p = &m->params[i];
@@ -368,8 +420,11 @@ ts_status ts_optim_load(ts_optim *o, const ts_unet *m, const ts_dict *d)
             pn = name + strlen(OPT_AVG);
         else if (strncmp(name, OPT_AVG_SQ, strlen(OPT_AVG_SQ)) == 0)
             pn = name + strlen(OPT_AVG_SQ);
-        else if (strcmp(name, OPT_STEP) == 0)
+        else if (strcmp(name, OPT_STEP) == 0 || strcmp(name, OPT_SCALE) == 0 || strcmp(name, OPT_GROWTH) == 0) {
+            /* the scaler's entries are optional: not counted */
+            if (strcmp(name, OPT_STEP) != 0) found--;
             continue;
+        }
         const ts_param *p = pn ? ts_unet_find(m, pn) : NULL;
         if (!p || p->kind != TS_PARAM_WEIGHT || !p->used)
             return ts_error(TS_ERR_INVALID_ARG,
@@ -380,6 +435,25 @@ ts_status ts_optim_load(ts_optim *o, const ts_unet *m, const ts_dict *d)
     if (found != expected)
         return ts_error(TS_ERR_INVALID_ARG, "optimizer load: %zu optimizer entries, this model needs %zu", found,
                         expected);
+    double new_scale = o->loss_scale;
+    long new_growth = o->growth_tracker;
+    if (o->cfg.loss_scaling) {
+        const ts_named_tensor *sc = ts_dict_find(d, OPT_SCALE), *gr = ts_dict_find(d, OPT_GROWTH);
+        double scale = TS_LOSS_SCALE_INIT;
+        int64_t growth = 0;
+        if (sc && gr && sc->dtype == TS_F64 && ts_named_numel(sc) == 1 && gr->dtype == TS_I64 &&
+            ts_named_numel(gr) == 1) {
+            memcpy(&scale, sc->data, sizeof scale);
+            memcpy(&growth, gr->data, sizeof growth);
+        } else if (sc || gr) {
+            return ts_error(TS_ERR_INVALID_ARG, "optimizer load: \"" OPT_SCALE "\" (one F64) and \"" OPT_GROWTH
+                                                "\" (one I64) must be given together");
+        }
+        if (!(scale > 0) || !isfinite(scale) || growth < 0)
+            return ts_error(TS_ERR_INVALID_ARG, "optimizer load: loss scale %g, growth %lld", scale, (long long)growth);
+        new_scale = scale;
+        new_growth = (long)growth;
+    }
     char key[160];
     ts_status st;
     /* Check everything before writing anything. */
@@ -402,5 +476,7 @@ ts_status ts_optim_load(ts_optim *o, const ts_unet *m, const ts_dict *d)
         }
     }
     o->step = (long)step;
+    o->loss_scale = new_scale;
+    o->growth_tracker = new_growth;
     return TS_OK;
 }

@@ -70,7 +70,18 @@ typedef struct ts_optim_config {
     int no_decay_1d;       /* 1: 1-D parameters (BN weight/bias, biases) get weight_decay 0 */
     double clip_grad_norm; /* > 0: clip_grad_norm_(max_norm) before each step; 0: off */
     int accum_steps;       /* k >= 1 micro-batches per optimizer step */
+    /* 1: dynamic loss scaling for fp16 training, torch.amp.GradScaler with
+     * its defaults (init_scale 2^16, growth_factor 2, backoff_factor 0.5,
+     * growth_interval 2000): dloss is multiplied by the scale; a step whose
+     * gradients hold an inf or NaN is skipped and halves the scale; 2000
+     * good steps in a row double it; a good step unscales the gradients
+     * (float32 multiply by 1/scale, exact for these powers of two) before
+     * clipping and AdamW, as scaler.unscale_ + scaler.step + scaler.update. */
+    int loss_scaling;
 } ts_optim_config;
+
+#define TS_LOSS_SCALE_INIT 65536.0
+#define TS_LOSS_SCALE_GROWTH_INTERVAL 2000
 
 /* torch.optim.AdamW's defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
  * weight_decay 1e-2), every parameter decayed, no clipping, k = 1. */
@@ -84,6 +95,12 @@ typedef struct ts_optim {
     size_t n;          /* = m->n_weights */
     long step;         /* state["step"] of every used parameter: optimizer steps taken */
     const ts_backend_memory *mem; /* where the state lives: NULL for host memory */
+    /* cfg.loss_scaling: GradScaler's state (scale is float32 there too, a
+     * power of two) and what the last step did. */
+    double loss_scale;      /* 1 without loss scaling */
+    long growth_tracker;    /* good steps since the scale last changed */
+    long skipped_steps;     /* steps skipped for non-finite gradients (this run) */
+    int last_skipped;       /* the last ts_optim_step_on skipped its update */
 } ts_optim;
 
 /* Allocates zeroed state for model m (step 0) in host memory. */
@@ -98,7 +115,9 @@ void ts_optim_free(ts_optim *o);
  * no-decay group (or is not trainable). */
 int ts_optim_decays(const ts_optim *o, const ts_param *p);
 
-/* dloss for each micro-batch's ts_loss_backward: (float)(1 / accum_steps). */
+/* dloss for each micro-batch's ts_loss_backward: (float)(loss_scale /
+ * accum_steps), 1/k without loss scaling. Read it for every micro-batch:
+ * the scale changes between steps. */
 float ts_optim_loss_scale(const ts_optim *o);
 
 /* clip_grad_norm_ over `count` gradient tensors grads[i][0..numel[i]):
@@ -122,10 +141,17 @@ ts_status ts_optim_step(ts_optim *o, ts_ctx *ctx, ts_unet *m, double lr, double 
 /* The same on any trainable block (a training copy's: ts_unet_device_trainable),
  * whose memory must be the optimizer's. Runs of parameters that lie back to
  * back in the block and share a weight decay are updated by one
- * adamw_update call (the update is elementwise, so the bits are the same). */
+ * adamw_update call (the update is elementwise, so the bits are the same).
+ * With cfg.loss_scaling, a non-finite gradient is not an error: the step is
+ * skipped (o->last_skipped, *grad_norm NAN, step count unchanged, nothing
+ * written but the scale) and TS_OK returned. */
 ts_status ts_optim_step_on(ts_optim *o, ts_ctx *ctx, const ts_unet_trainable *t, double lr, double *grad_norm);
 
-/* Checkpoint hooks. Save adds "optimizer.step" (I64 scalar) and, for every
+/* Checkpoint hooks. With loss scaling, save also adds
+ * "optimizer.loss_scale" (F64 scalar) and "optimizer.loss_scale_growth"
+ * (I64); load takes them when present (a checkpoint from an fp32 or bf16
+ * run resumes with the initial scale) and ignores them without loss
+ * scaling. Save adds "optimizer.step" (I64 scalar) and, for every
  * used trainable entry NAME, "optimizer.exp_avg.NAME" and
  * "optimizer.exp_avg_sq.NAME" (F32, NAME's shape). Load takes exactly those
  * entries (every other "optimizer." key is an error naming it; keys outside

@@ -1030,12 +1030,17 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     }
     /* The training copy on the backend, made from the model as loaded or resumed. */
     if (!st) st = ts_unet_device_init_train(&dev, &m, B);
+    if (!st && c->precision != TS_F32) st = ts_unet_device_set_precision(&dev, &ctx, (ts_dtype)c->precision);
     const ts_unet_trainable trainable = ts_unet_device_trainable(&dev);
+    const char *prec = c->precision == TS_BF16 ? "bf16 mixed precision"
+                       : c->precision == TS_F16 ? "fp16 mixed precision, dynamic loss scaling"
+                                                : "fp32";
     if (!st && !silent)
         fprintf(log, "model: U-Net ResNet-34, depth %d, %d -> %d classes, %zu trainable parameters; %zu batches "
-                     "(%" PRId64 " optimizer steps) per epoch; device %s\n",
+                     "(%" PRId64 " optimizer steps) per epoch; device %s, %s%s\n",
                 m.cfg.encoder_depth, m.cfg.in_channels, K, ts_unet_count_trainable(&m), batches, steps_per_epoch,
-                B->name);
+                B->name, prec,
+                c->precision != TS_F32 && ts_backend_is_host(B) ? " (emulated on the CPU: slower than fp32)" : "");
     if (!st && o->install_signals) {
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
@@ -1047,7 +1052,6 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     }
 
     const int epochs = c->train.epochs;
-    const float scale = ts_optim_loss_scale(&opt);
     const int is_tty_live = live && !silent;
     double t_epoch0 = now_s();
     int64_t tiles_done = 0;
@@ -1090,7 +1094,7 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
             }
             ts_tensor dv = ts_tensor_view(sg.dlogits, b.size, K, c->windows.tile, c->windows.tile);
             st = ctx.backend->zero(&ctx, dv.data, ts_tensor_numel(&dv));
-            if (!st) st = ts_loss_backward(&loss, &ctx, &dv, &logits, labels, scale);
+            if (!st) st = ts_loss_backward(&loss, &ctx, &dv, &logits, labels, ts_optim_loss_scale(&opt));
             if (!st) st = ts_unet_device_backward(&dev, &ctx, &dv);
             if (st) break;
             rs.loss_sum += lv.total;
@@ -1109,6 +1113,11 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
                               "last good state", e + 1, rs.global_step + 1, msg, p_last);
                 break;
             }
+            if (opt.last_skipped && !silent)
+                fprintf(log, "%sstep %" PRId64 ": fp16 gradients overflowed at loss scale %g: update skipped, scale now "
+                        "%g\n", is_tty_live ? "\r\033[K" : "", rs.global_step + 1, opt.loss_scale * 2, opt.loss_scale);
+            /* A skipped update still counts as a step for the schedule, as
+             * scheduler.step() after scaler.step() does in PyTorch. */
             ts_sched_after_iteration(&sched);
             rs.global_step++;
             rs.next_batch = (int64_t)bi;

@@ -6,13 +6,10 @@
 
 static const struct {
     const char *name;
-    size_t size;
 } dtypes[TS_DTYPE_COUNT] = {
-    [TS_F32] = {"F32", 4}, [TS_F16] = {"F16", 2}, [TS_BF16] = {"BF16", 2}, [TS_F64] = {"F64", 8},
-    [TS_I64] = {"I64", 8}, [TS_I32] = {"I32", 4}, [TS_U8] = {"U8", 1},
+    [TS_F32] = {"F32"}, [TS_F16] = {"F16"}, [TS_BF16] = {"BF16"}, [TS_F64] = {"F64"},
+    [TS_I64] = {"I64"}, [TS_I32] = {"I32"}, [TS_U8] = {"U8"},
 };
-
-size_t ts_dtype_size(ts_dtype t) { return (int)t >= 0 && t < TS_DTYPE_COUNT ? dtypes[t].size : 0; }
 
 const char *ts_dtype_safetensors_name(ts_dtype t)
 {

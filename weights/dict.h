@@ -13,21 +13,10 @@
 #include <stdint.h>
 
 #include "kernels/status.h"
+#include "kernels/tensor.h" /* ts_dtype, ts_dtype_size */
 
-typedef enum ts_dtype {
-    TS_F32 = 0,
-    TS_F16,
-    TS_BF16,
-    TS_F64,
-    TS_I64,
-    TS_I32,
-    TS_U8,
-    TS_DTYPE_COUNT
-} ts_dtype;
-
-/* Bytes per element; safetensors' dtype string ("F32", "F16", "BF16", "F64",
- * "I64", "I32", "U8"). ts_dtype_from_safetensors returns -1 if unknown. */
-size_t ts_dtype_size(ts_dtype t);
+/* safetensors' dtype string ("F32", "F16", "BF16", "F64", "I64", "I32",
+ * "U8"). ts_dtype_from_safetensors returns -1 if unknown. */
 const char *ts_dtype_safetensors_name(ts_dtype t);
 int ts_dtype_from_safetensors(const char *s);
 

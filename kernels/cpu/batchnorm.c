@@ -22,6 +22,7 @@ ts_status ts_cpu_batchnorm_forward_train(ts_ctx *ctx, ts_tensor *y, float *save_
                                          const ts_tensor *x, const float *gamma, const float *beta, float *running_mean,
                                          float *running_var, const ts_bn_params *p)
 {
+    TS_CPU_HALF_DISPATCH(x, ts_cpu_half_batchnorm_forward_train(ctx, y, save_mean, save_invstd, x, gamma, beta, running_mean, running_var, p));
     (void)ctx;
     ts_status st = ts_batchnorm_forward_train_check(y, save_mean, save_invstd, x, gamma, beta, running_mean,
                                                     running_var, p);
@@ -94,6 +95,7 @@ ts_status ts_cpu_batchnorm_forward_eval(ts_ctx *ctx, ts_tensor *y, const ts_tens
                                         const float *beta, const float *running_mean, const float *running_var,
                                         const ts_bn_params *p)
 {
+    TS_CPU_HALF_DISPATCH(x, ts_cpu_half_batchnorm_forward_eval(ctx, y, x, gamma, beta, running_mean, running_var, p));
     (void)ctx;
     ts_status st = ts_batchnorm_forward_eval_check(y, x, gamma, beta, running_mean, running_var, p);
     if (st != TS_OK) return st;
@@ -126,6 +128,7 @@ ts_status ts_cpu_batchnorm_backward(ts_ctx *ctx, ts_tensor *dx, float *dgamma, f
                                     const ts_tensor *x, const float *gamma, const float *save_mean,
                                     const float *save_invstd)
 {
+    TS_CPU_HALF_DISPATCH(dy, ts_cpu_half_batchnorm_backward(ctx, dx, dgamma, dbeta, dy, x, gamma, save_mean, save_invstd));
     (void)ctx;
     ts_status st = ts_batchnorm_backward_check(dx, dgamma, dbeta, dy, x, gamma, save_mean, save_invstd);
     if (st != TS_OK) return st;

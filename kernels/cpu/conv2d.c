@@ -224,6 +224,7 @@ static void epilogue(float *y, int ld, int cout, int pc, const float *bias, int 
 ts_status ts_cpu_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w, const float *bias,
                                 const ts_conv2d_params *p)
 {
+    TS_CPU_HALF_DISPATCH(x, ts_cpu_half_conv2d_forward(ctx, y, x, w, bias, p));
     static const char op[] = "conv2d_forward";
     conv_geom g;
     ts_status st = conv_check(op, &g, x, "x", w, "w", y, "y", p);
@@ -261,6 +262,7 @@ ts_status ts_cpu_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, c
 ts_status ts_cpu_conv2d_backward_data(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *w,
                                       const ts_conv2d_params *p)
 {
+    TS_CPU_HALF_DISPATCH(dy, ts_cpu_half_conv2d_backward_data(ctx, dx, dy, w, p));
     static const char op[] = "conv2d_backward_data";
     conv_geom g;
     ts_status st = conv_check(op, &g, dx, "dx", w, "w", dy, "dy", p);
@@ -296,6 +298,7 @@ ts_status ts_cpu_conv2d_backward_data(ts_ctx *ctx, ts_tensor *dx, const ts_tenso
 ts_status ts_cpu_conv2d_backward_filter(ts_ctx *ctx, ts_tensor *dw, const ts_tensor *dy, const ts_tensor *x,
                                         const ts_conv2d_params *p)
 {
+    TS_CPU_HALF_DISPATCH(dy, ts_cpu_half_conv2d_backward_filter(ctx, dw, dy, x, p));
     static const char op[] = "conv2d_backward_filter";
     conv_geom g;
     ts_status st = conv_check(op, &g, x, "x", dw, "dw", dy, "dy", p);
@@ -331,6 +334,7 @@ ts_status ts_cpu_conv2d_backward_filter(ts_ctx *ctx, ts_tensor *dw, const ts_ten
 
 ts_status ts_cpu_conv2d_backward_bias(ts_ctx *ctx, float *dbias, const ts_tensor *dy)
 {
+    TS_CPU_HALF_DISPATCH(dy, ts_cpu_half_conv2d_backward_bias(ctx, dbias, dy));
     (void)ctx;
     ts_status st = ts_conv2d_backward_bias_check(dbias, dy);
     if (st != TS_OK) return st;

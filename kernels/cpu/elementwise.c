@@ -24,6 +24,7 @@
 
 ts_status ts_cpu_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x)
 {
+    TS_CPU_HALF_DISPATCH(x, ts_cpu_half_relu_forward(ctx, y, x));
     (void)ctx;
     ts_status st = ts_same_shape_check("relu_forward", "y", y, "x", x);
     if (st != TS_OK) return st;
@@ -41,6 +42,7 @@ ts_status ts_cpu_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x)
 
 ts_status ts_cpu_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *y)
 {
+    TS_CPU_HALF_DISPATCH(dy, ts_cpu_half_relu_backward(ctx, dx, dy, y));
     (void)ctx;
     ts_status st = ts_relu_backward_check(dx, dy, y);
     if (st != TS_OK) return st;
@@ -60,6 +62,7 @@ ts_status ts_cpu_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, 
 
 ts_status ts_cpu_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
 {
+    TS_CPU_HALF_DISPATCH(a, ts_cpu_half_add_forward(ctx, y, a, b));
     (void)ctx;
     ts_status st = ts_add_forward_check(y, a, b);
     if (st != TS_OK) return st;
@@ -73,6 +76,7 @@ ts_status ts_cpu_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, cons
 
 ts_status ts_cpu_add_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
 {
+    TS_CPU_HALF_DISPATCH(dy, ts_cpu_half_add_backward(ctx, da, db, dy));
     (void)ctx;
     ts_status st = ts_add_backward_check(da, db, dy);
     if (st != TS_OK) return st;
@@ -93,6 +97,7 @@ ts_status ts_cpu_add_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const t
 
 ts_status ts_cpu_concat_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
 {
+    TS_CPU_HALF_DISPATCH(a, ts_cpu_half_concat_forward(ctx, y, a, b));
     (void)ctx;
     ts_status st = ts_concat_check("concat_forward", "y", y, "a", a, "b", b);
     if (st != TS_OK) return st;
@@ -110,6 +115,7 @@ ts_status ts_cpu_concat_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, c
 
 ts_status ts_cpu_concat_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
 {
+    TS_CPU_HALF_DISPATCH(dy, ts_cpu_half_concat_backward(ctx, da, db, dy));
     (void)ctx;
     ts_status st = ts_concat_check("concat_backward", "dy", dy, "da", da, "db", db);
     if (st != TS_OK) return st;

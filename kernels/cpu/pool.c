@@ -19,6 +19,7 @@
 ts_status ts_cpu_maxpool2d_forward(ts_ctx *ctx, ts_tensor *y, int32_t *index, const ts_tensor *x,
                                    const ts_pool2d_params *p)
 {
+    TS_CPU_HALF_DISPATCH(x, ts_cpu_half_maxpool2d_forward(ctx, y, index, x, p));
     static const char op[] = "maxpool2d_forward";
     (void)ctx;
     ts_status st = ts_pool2d_check(op, x, "x", y, "y", p);
@@ -68,6 +69,7 @@ ts_status ts_cpu_maxpool2d_forward(ts_ctx *ctx, ts_tensor *y, int32_t *index, co
 ts_status ts_cpu_maxpool2d_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const int32_t *index,
                                     const ts_pool2d_params *p)
 {
+    TS_CPU_HALF_DISPATCH(dy, ts_cpu_half_maxpool2d_backward(ctx, dx, dy, index, p));
     static const char op[] = "maxpool2d_backward";
     (void)ctx;
     ts_status st = ts_pool2d_check(op, dx, "dx", dy, "dy", p);

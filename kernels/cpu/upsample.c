@@ -52,6 +52,7 @@ static ts_status up_prepare(const char *op, const ts_tensor *big, const char *bi
 
 ts_status ts_cpu_upsample_nearest_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x)
 {
+    TS_CPU_HALF_DISPATCH(x, ts_cpu_half_upsample_nearest_forward(ctx, y, x));
     (void)ctx;
     int *tab;
     ts_status st = up_prepare("upsample_nearest_forward", y, "y", x, "x", &tab);
@@ -77,6 +78,7 @@ ts_status ts_cpu_upsample_nearest_forward(ts_ctx *ctx, ts_tensor *y, const ts_te
 
 ts_status ts_cpu_upsample_nearest_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy)
 {
+    TS_CPU_HALF_DISPATCH(dy, ts_cpu_half_upsample_nearest_backward(ctx, dx, dy));
     (void)ctx;
     int *tab;
     ts_status st = up_prepare("upsample_nearest_backward", dy, "dy", dx, "dx", &tab);

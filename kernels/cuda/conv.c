@@ -1,8 +1,9 @@
 /* 2-D convolution on the GPU through cuDNN's convolution API (the "legacy"
  * descriptor API, still in cuDNN 9): cudnnConvolutionForward,
- * cudnnConvolutionBackwardData and cudnnConvolutionBackwardFilter on NCHW
- * float tensors, cross-correlation, dilation 1, one group, as the CPU twins in
- * kernels/cpu/conv2d.c (same shape checks, same messages, same semantics):
+ * cudnnConvolutionBackwardData and cudnnConvolutionBackwardFilter,
+ * cross-correlation, dilation 1, one group, as the CPU twins in
+ * kernels/cpu/conv2d.c and kernels/cpu/half.c (same shape checks, same
+ * messages, same semantics):
  *     forward          y   = conv(x, w), then + bias and the fused ReLU
  *     backward data    dx += conv_transpose(dy, w)    (beta = 1)
  *     backward filter  dw += dy (*) x                  (beta = 1)
@@ -10,11 +11,25 @@
  * The forward's bias and ReLU and the bias gradient are small kernels in
  * conv_epilogue.cu; see there for why they are not cuDNN's.
  *
+ * Two element types (kernels/tensor.h): float32 NCHW, and the half types
+ * (bf16, fp16) channels-last, which is the layout cuDNN's tensor-core
+ * kernels run on without transposing. A half call describes x, y and the
+ * weight as NHWC of CUDNN_DATA_BFLOAT16 or CUDNN_DATA_HALF (the weight
+ * [out, in, kh, kw] is then [out, kh, kw, in] in memory, cuDNN's KRSC) with
+ * a float32 compute type: cuDNN's PSEUDO_BFLOAT16 / PSEUDO_HALF
+ * configurations, half I/O with float accumulation, as autocast's
+ * convolutions. alpha and beta stay float and the beta = 1 blend of the
+ * backward ops happens in float inside cuDNN, so dx and dw take
+ * old + contribution rounded once, as kernels/backend.h asks. Half results
+ * are compared with the CPU reference with a tolerance, not bit for bit.
+ *
  * Plans. Everything cuDNN needs for one convolution (the four descriptors,
  * the algorithm, its workspace size) is made once per key and cached: the
- * key is the op, every shape and parameter, TF32 on/off, determinism on/off
- * and the workspace limit, so changing a setting makes new plans instead of
- * running a plan chosen under the old one.
+ * key is the op, the dtype, every shape and parameter, TF32 on/off (float32
+ * only: it does not apply to half data, so a half key always has it off and
+ * toggling it keeps the half plans), determinism on/off and the workspace
+ * limit, so changing a setting makes new plans instead of running a plan
+ * chosen under the old one.
  *
  * Choosing the algorithm. We take cuDNN's heuristic ranking
  * (cudnnGet*Algorithm_v7, PyTorch's choice when cudnn.benchmark is off), not
@@ -29,8 +44,12 @@
  *  - and keeps fp32 honest: with TF32 off the descriptor is CUDNN_FMA_MATH
  *    (no tensor-core rounding) and tensor-op candidates are skipped; with TF32
  *    on it is CUDNN_DEFAULT_MATH and the descriptor takes the candidate's own
- *    math type, as cuDNN asks. A candidate that may convert fp32 to half
- *    (CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) is never taken.
+ *    math type, as cuDNN asks. Half data is what tensor cores are for: the
+ *    descriptor starts as CUDNN_TENSOR_OP_MATH and takes the candidate's
+ *    math type (tensor-op, or a plain kernel for a shape the tensor-op ones
+ *    do not take, such as few input channels). A candidate that may convert
+ *    its inputs to a narrower type (CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION:
+ *    fp32 to half, or bf16 to fp16 and its smaller range) is never taken.
  * The workspace is the backend's one grow-only buffer (ts_cuda_workspace). */
 #include <limits.h>
 #include <stdio.h>
@@ -79,16 +98,17 @@ static const char *const kind_name[] = {"conv2d_forward", "conv2d_backward_data"
 
 typedef struct conv_key {
     int kind;
+    ts_dtype dtype; /* of x, w and y alike (ts_conv2d_check) */
     conv_geom g;
-    int tf32, deterministic;
+    int tf32, deterministic; /* tf32 is 0 for a half dtype */
     size_t workspace_limit;
 } conv_key;
 
 typedef struct conv_plan {
     int used;
     conv_key key;
-    cudnnTensorDescriptor_t x, y; /* x [n,cin,h,w], y [n,cout,ho,wo] */
-    cudnnFilterDescriptor_t w;    /* [cout,cin,kh,kw] */
+    cudnnTensorDescriptor_t x, y; /* x [n,cin,h,w], y [n,cout,ho,wo]: NCHW, or NHWC for half */
+    cudnnFilterDescriptor_t w;    /* [cout,cin,kh,kw]: KCRS, or KRSC for half */
     cudnnConvolutionDescriptor_t conv;
     int algo;         /* a cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t, by key.kind */
     size_t workspace; /* bytes that algorithm needs */
@@ -106,7 +126,7 @@ static int g_next_slot;
 static int key_equal(const conv_key *a, const conv_key *b)
 {
     const conv_geom *p = &a->g, *q = &b->g;
-    return a->kind == b->kind && a->tf32 == b->tf32 && a->deterministic == b->deterministic &&
+    return a->kind == b->kind && a->dtype == b->dtype && a->tf32 == b->tf32 && a->deterministic == b->deterministic &&
            a->workspace_limit == b->workspace_limit && p->n == q->n && p->cin == q->cin && p->h == q->h &&
            p->w == q->w && p->cout == q->cout && p->kh == q->kh && p->kw == q->kw && p->ho == q->ho &&
            p->wo == q->wo && p->sh == q->sh && p->sw == q->sw && p->ph == q->ph && p->pw == q->pw;
@@ -132,22 +152,47 @@ static ts_status plan_clear(conv_plan *pl)
     return TS_OK;
 }
 
-/* The descriptors of a plan, with the math type the TF32 setting asks for. */
+/* The math type a plan's descriptor starts with (see the top of the file). */
+static cudnnMathType_t base_math(const conv_key *k)
+{
+    if (ts_dtype_is_half(k->dtype)) return CUDNN_TENSOR_OP_MATH;
+    return k->tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH;
+}
+
+/* "float32", or "bf16 NHWC" / "f16 NHWC", for the messages. */
+static const char *layout_name(ts_dtype t)
+{
+    switch (t) {
+    case TS_BF16: return "bf16 NHWC";
+    case TS_F16: return "f16 NHWC";
+    default: return "float32";
+    }
+}
+
+/* The descriptors of a plan, with the math type the dtype and the TF32
+ * setting ask for. The dimensions are always the logical (n, c, h, w) and
+ * (k, c, r, s); the format says where they live in memory. */
 static ts_status plan_descriptors(conv_plan *pl)
 {
     const conv_geom *g = &pl->key.g;
+    const int half = ts_dtype_is_half(pl->key.dtype);
+    const cudnnDataType_t type = !half ? CUDNN_DATA_FLOAT
+                                 : pl->key.dtype == TS_BF16 ? CUDNN_DATA_BFLOAT16
+                                                            : CUDNN_DATA_HALF;
+    const cudnnTensorFormat_t format = half ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
     TS_CUDNN_CHECK(cudnnCreateTensorDescriptor(&pl->x));
     TS_CUDNN_CHECK(cudnnCreateTensorDescriptor(&pl->y));
     TS_CUDNN_CHECK(cudnnCreateFilterDescriptor(&pl->w));
     TS_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&pl->conv));
-    TS_CUDNN_CHECK(cudnnSetTensor4dDescriptor(pl->x, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, g->n, g->cin, g->h, g->w));
-    TS_CUDNN_CHECK(cudnnSetTensor4dDescriptor(pl->y, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, g->n, g->cout, g->ho, g->wo));
-    TS_CUDNN_CHECK(
-        cudnnSetFilter4dDescriptor(pl->w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, g->cout, g->cin, g->kh, g->kw));
-    /* Cross-correlation is what torch.nn.Conv2d computes; float accumulation. */
+    TS_CUDNN_CHECK(cudnnSetTensor4dDescriptor(pl->x, format, type, g->n, g->cin, g->h, g->w));
+    TS_CUDNN_CHECK(cudnnSetTensor4dDescriptor(pl->y, format, type, g->n, g->cout, g->ho, g->wo));
+    TS_CUDNN_CHECK(cudnnSetFilter4dDescriptor(pl->w, type, format, g->cout, g->cin, g->kh, g->kw));
+    /* Cross-correlation is what torch.nn.Conv2d computes; float accumulation,
+     * for half data too (cuDNN's PSEUDO_* configurations: half storage,
+     * float arithmetic, as autocast). */
     TS_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(pl->conv, g->ph, g->pw, g->sh, g->sw, 1, 1,
                                                    CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
-    TS_CUDNN_CHECK(cudnnSetConvolutionMathType(pl->conv, pl->key.tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH));
+    TS_CUDNN_CHECK(cudnnSetConvolutionMathType(pl->conv, base_math(&pl->key)));
     /* Our output size rule and cuDNN's must agree, or every op would read or
      * write out of bounds; a cheap guard against a descriptor mistake. */
     int on, oc, oh, ow;
@@ -252,7 +297,8 @@ static const char *math_name(cudnnMathType_t m)
 static ts_status plan_choose(conv_plan *pl)
 {
     const conv_key *k = &pl->key;
-    const cudnnMathType_t base = k->tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH;
+    const int half = ts_dtype_is_half(k->dtype);
+    const cudnnMathType_t base = base_math(k);
     conv_candidate cand[MAX_CANDIDATES];
     int count = 0;
     ts_status st = ranked_candidates(pl, cand, &count);
@@ -269,14 +315,16 @@ static ts_status plan_choose(conv_plan *pl)
             why = "not supported";
         else if (k->deterministic && c->determinism != CUDNN_DETERMINISTIC)
             why = "not deterministic";
-        else if (c->math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION || (!k->tf32 && c->math == CUDNN_TENSOR_OP_MATH))
+        else if (c->math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION ||
+                 (!half && !k->tf32 && c->math == CUDNN_TENSOR_OP_MATH))
             why = "tensor-op math";
         else if (c->memory > k->workspace_limit)
             why = "workspace";
         if (!why) {
             /* cuDNN asks for the descriptor to carry the candidate's math type
-             * when tensor cores are allowed; with TF32 off it stays FMA. */
-            const cudnnMathType_t m = k->tf32 ? c->math : CUDNN_FMA_MATH;
+             * when tensor cores are allowed (half data, or float32 with TF32
+             * on); float32 with TF32 off stays FMA. */
+            const cudnnMathType_t m = (half || k->tf32) ? c->math : CUDNN_FMA_MATH;
             TS_CUDNN_CHECK(cudnnSetConvolutionMathType(pl->conv, m));
             size_t bytes = 0;
             if (workspace_size(pl, c->algo, &bytes) != CUDNN_STATUS_SUCCESS)
@@ -300,16 +348,17 @@ static ts_status plan_choose(conv_plan *pl)
     }
     const conv_geom *g = &k->g;
     return ts_error(TS_ERR_UNSUPPORTED,
-                    "%s: x [%d,%d,%d,%d], w [%d,%d,%d,%d], stride (%d,%d), pad (%d,%d): no cuDNN algorithm fits "
-                    "(deterministic %s, TF32 %s, workspace limit %zu bytes); cuDNN ranked: %s. Raise the workspace "
+                    "%s: x [%d,%d,%d,%d], w [%d,%d,%d,%d] %s, stride (%d,%d), pad (%d,%d): no cuDNN algorithm "
+                    "fits (deterministic %s, %s, workspace limit %zu bytes); cuDNN ranked: %s. Raise the workspace "
                     "limit or turn determinism off",
-                    kind_name[k->kind], g->n, g->cin, g->h, g->w, g->cout, g->cin, g->kh, g->kw, g->sh, g->sw, g->ph,
-                    g->pw, k->deterministic ? "on" : "off", k->tf32 ? "on" : "off", k->workspace_limit,
+                    kind_name[k->kind], g->n, g->cin, g->h, g->w, g->cout, g->cin, g->kh, g->kw,
+                    layout_name(k->dtype), g->sh, g->sw, g->ph, g->pw, k->deterministic ? "on" : "off",
+                    half ? "tensor-op math" : k->tf32 ? "TF32 on" : "TF32 off", k->workspace_limit,
                     count ? skipped : "nothing");
 }
 
-/* The cached plan for (kind, g, current settings), made on first use. */
-static ts_status get_plan(conv_kind kind, const conv_geom *g, conv_plan **out)
+/* The cached plan for (kind, dtype, g, current settings), made on first use. */
+static ts_status get_plan(conv_kind kind, ts_dtype dtype, const conv_geom *g, conv_plan **out)
 {
     const ts_cuda_state *s = ts_cuda_state_get();
     *out = NULL;
@@ -323,8 +372,9 @@ static ts_status get_plan(conv_kind kind, const conv_geom *g, conv_plan **out)
     conv_key key;
     memset(&key, 0, sizeof key);
     key.kind = kind;
+    key.dtype = dtype;
     key.g = *g;
-    key.tf32 = s->tf32 != 0;
+    key.tf32 = dtype == TS_F32 && s->tf32 != 0; /* TF32 is a float32 setting */
     key.deterministic = s->deterministic != 0;
     key.workspace_limit = s->workspace_limit;
     for (int i = 0; i < PLAN_CACHE; i++)
@@ -369,6 +419,10 @@ static ts_status plan_workspace(const conv_plan *pl, void **ws)
 
 /* ---- the ops ------------------------------------------------------------------------ */
 
+/* A tensor's device memory as cuDNN takes it: `data` and `half` are one
+ * pointer (kernels/tensor.h), the descriptors say what it holds. */
+static void *dev(const ts_tensor *t) { return t->dtype == TS_F32 ? (void *)t->data : (void *)t->half; }
+
 ts_status ts_cuda_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w, const float *bias,
                                  const ts_conv2d_params *p)
 {
@@ -377,14 +431,18 @@ ts_status ts_cuda_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, 
     conv_plan *pl = NULL;
     void *ws = NULL;
     ts_status st = conv_check("conv2d_forward", &g, x, "x", w, "w", y, "y", p);
-    if (st == TS_OK) st = get_plan(CONV_FWD, &g, &pl);
+    if (st == TS_OK) st = get_plan(CONV_FWD, x->dtype, &g, &pl);
     if (st == TS_OK) st = plan_workspace(pl, &ws);
     if (st != TS_OK) return st;
-    /* beta = 0: y is overwritten and never read, whatever it held. */
+    /* beta = 0: y is overwritten and never read, whatever it held. alpha
+     * and beta are float for every data type (cuDNN's scaling parameters
+     * follow the compute type, float here). */
     const float one = 1.0f, zero = 0.0f;
-    TS_CUDNN_CHECK(cudnnConvolutionForward(ts_cuda_state_get()->cudnn, &one, pl->x, x->data, pl->w, w->data, pl->conv,
+    TS_CUDNN_CHECK(cudnnConvolutionForward(ts_cuda_state_get()->cudnn, &one, pl->x, dev(x), pl->w, dev(w), pl->conv,
                                            (cudnnConvolutionFwdAlgo_t)pl->algo, ws, pl->workspace, &zero, pl->y,
-                                           y->data));
+                                           dev(y)));
+    if (ts_dtype_is_half(y->dtype))
+        return ts_cuda_conv_epilogue_half(y->half, y->dtype, bias, (size_t)g.n * g.ho * g.wo, g.cout, p->relu);
     return ts_cuda_conv_epilogue(y->data, bias, g.n, g.cout, (size_t)g.ho * g.wo, p->relu);
 }
 
@@ -396,14 +454,14 @@ ts_status ts_cuda_conv2d_backward_data(ts_ctx *ctx, ts_tensor *dx, const ts_tens
     conv_plan *pl = NULL;
     void *ws = NULL;
     ts_status st = conv_check("conv2d_backward_data", &g, dx, "dx", w, "w", dy, "dy", p);
-    if (st == TS_OK) st = get_plan(CONV_BWD_DATA, &g, &pl);
+    if (st == TS_OK) st = get_plan(CONV_BWD_DATA, dx->dtype, &g, &pl);
     if (st == TS_OK) st = plan_workspace(pl, &ws);
     if (st != TS_OK) return st;
     /* beta = 1: dx += ..., the accumulate convention of every backward op. */
     const float one = 1.0f;
-    TS_CUDNN_CHECK(cudnnConvolutionBackwardData(ts_cuda_state_get()->cudnn, &one, pl->w, w->data, pl->y, dy->data,
+    TS_CUDNN_CHECK(cudnnConvolutionBackwardData(ts_cuda_state_get()->cudnn, &one, pl->w, dev(w), pl->y, dev(dy),
                                                 pl->conv, (cudnnConvolutionBwdDataAlgo_t)pl->algo, ws, pl->workspace,
-                                                &one, pl->x, dx->data));
+                                                &one, pl->x, dev(dx)));
     return TS_OK;
 }
 
@@ -415,13 +473,13 @@ ts_status ts_cuda_conv2d_backward_filter(ts_ctx *ctx, ts_tensor *dw, const ts_te
     conv_plan *pl = NULL;
     void *ws = NULL;
     ts_status st = conv_check("conv2d_backward_filter", &g, x, "x", dw, "dw", dy, "dy", p);
-    if (st == TS_OK) st = get_plan(CONV_BWD_FILTER, &g, &pl);
+    if (st == TS_OK) st = get_plan(CONV_BWD_FILTER, x->dtype, &g, &pl);
     if (st == TS_OK) st = plan_workspace(pl, &ws);
     if (st != TS_OK) return st;
     const float one = 1.0f; /* alpha 1, beta 1: dw += dy (*) x */
-    TS_CUDNN_CHECK(cudnnConvolutionBackwardFilter(ts_cuda_state_get()->cudnn, &one, pl->x, x->data, pl->y, dy->data,
+    TS_CUDNN_CHECK(cudnnConvolutionBackwardFilter(ts_cuda_state_get()->cudnn, &one, pl->x, dev(x), pl->y, dev(dy),
                                                   pl->conv, (cudnnConvolutionBwdFilterAlgo_t)pl->algo, ws,
-                                                  pl->workspace, &one, pl->w, dw->data));
+                                                  pl->workspace, &one, pl->w, dev(dw)));
     return TS_OK;
 }
 
@@ -430,10 +488,17 @@ ts_status ts_cuda_conv2d_backward_bias(ts_ctx *ctx, float *dbias, const ts_tenso
     (void)ctx;
     ts_status st = ts_conv2d_backward_bias_check(dbias, dy);
     if (st != TS_OK) return st;
+    if (dy->dtype != TS_F32 && !ts_dtype_is_half(dy->dtype)) {
+        char sh[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG, "conv2d_backward_bias: dy %s has dtype %s; float32, bf16 or f16 expected",
+                        ts_shape_str(dy, sh), ts_dtype_name(dy->dtype));
+    }
     const ts_cuda_state *s = ts_cuda_state_get();
     if (!s->initialized)
         return ts_error(TS_ERR_INVALID_ARG,
                         "conv2d_backward_bias: the CUDA backend is not initialized; call ts_cuda_backend first");
     TS_CUDA_CHECK(cudaSetDevice(s->device)); /* per host thread, as in get_plan */
+    if (ts_dtype_is_half(dy->dtype))
+        return ts_cuda_conv_bias_grad_half(dbias, dy->half, dy->dtype, (size_t)dy->n * dy->h * dy->w, dy->c);
     return ts_cuda_conv_bias_grad(dbias, dy->data, dy->n, dy->c, (size_t)dy->h * dy->w);
 }

@@ -8,15 +8,37 @@
  * - The bias gradient, summed in double in a fixed order as the CPU does
  *   (cudnnConvolutionBackwardBias accumulates in float and promises no order).
  *
- * Reduction layout. The sum for channel c runs over N planes of `plane`
- * contiguous floats, count = N * plane values. It is cut into S slices of
- * consecutive values (S from the shape alone, never from the device, so a
- * given shape sums in the same order on any GPU); block (c, s) adds its slice
- * in double, each thread a fixed strided subset and then a fixed tree, and a
- * second tiny kernel adds the S partial sums of each channel in order. The
- * slices keep the GPU busy when there are few channels (the segmentation
- * head's bias has one per class over full-resolution planes). */
+ * Both come in two layouts: float32 NCHW and half (bf16, fp16) NHWC, the
+ * layouts of kernels/tensor.h. A half element is widened to float32 (exact),
+ * the arithmetic is the float path's, and an output is rounded once to the
+ * half type (round to nearest even, __float2bfloat16_rn / __float2half_rn).
+ * One caveat of the half forward: cuDNN has already rounded the convolution
+ * to the half type, so with a bias y is rounded twice where the CPU
+ * reference (float conv + bias, one rounding) rounds once; convolutions are
+ * compared with a tolerance anyway. Without a bias the ReLU is exact.
+ *
+ * Reduction layout, NCHW. The sum for channel c runs over N planes of
+ * `plane` contiguous floats, count = N * plane values. It is cut into S
+ * slices of consecutive values (S from the shape alone, never from the
+ * device, so a given shape sums in the same order on any GPU); block (c, s)
+ * adds its slice in double, each thread a fixed strided subset and then a
+ * fixed tree, and a second tiny kernel adds the S partial sums of each
+ * channel in order. The slices keep the GPU busy when there are few channels
+ * (the segmentation head's bias has one per class over full-resolution
+ * planes).
+ *
+ * Reduction layout, NHWC. Channel c is every C-th element, so a block per
+ * channel would read with a stride of C; instead a block is (cw, rows)
+ * threads, threadIdx.x a channel of a chunk of cw channels and threadIdx.y a
+ * pixel row, so a warp reads consecutive memory: cw = C when C <= 32 (a warp
+ * spans whole consecutive rows), else 32 (64 contiguous bytes of one row).
+ * The P = N * H * W rows are cut into S slices (S from (P, C) alone, again);
+ * block (chunk, s) adds, per channel, rows ty, ty + rows, ... of its slice
+ * in double, then a fixed tree over the row lanes, and the same finalize
+ * kernel adds the S partials of each channel in order. */
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <limits.h>
 
 #include "conv_epilogue.h"
@@ -151,6 +173,144 @@ extern "C" ts_status ts_cuda_conv_bias_grad(float *dbias, const float *dy, int n
     if (st != TS_OK) return st;
     cudaStream_t stream = ts_cuda_state_get()->stream;
     bias_grad_partial<<<dim3((unsigned)c, (unsigned)S), RED_THREADS, 0, stream>>>(dy, c, plane, count, len, part);
+    TS_CUDA_LAUNCH_CHECK();
+    bias_grad_finalize<<<(unsigned)((c + 127) / 128), 128, 0, stream>>>(dbias, c, (int)S, part);
+    TS_CUDA_LAUNCH_CHECK();
+    return TS_OK;
+}
+
+/* ---- half precision, NHWC ------------------------------------------------------------ */
+
+/* Widening and the one rounding of each half type, on the raw 16-bit
+ * patterns the tensors hold. */
+struct bf16_io {
+    __device__ static float load(uint16_t v) { return __bfloat162float(__ushort_as_bfloat16(v)); }
+    __device__ static uint16_t store(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+};
+struct f16_io {
+    __device__ static float load(uint16_t v) { return __half2float(__ushort_as_half(v)); }
+    __device__ static uint16_t store(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+
+#define NHWC_LANES 32        /* channels per chunk once C > 32 */
+#define NHWC_MAX_SLICES 256 /* partials per channel the serial finalize adds */
+
+/* The block shape for C channels (see the top of the file): cw channel lanes
+ * times `rows` row lanes, at most RED_THREADS threads; chunks of cw channels
+ * cover C. */
+typedef struct nhwc_block {
+    unsigned cw, rows, chunks;
+} nhwc_block;
+
+static nhwc_block nhwc_block_of(int C)
+{
+    nhwc_block b;
+    b.cw = C < NHWC_LANES ? (unsigned)C : NHWC_LANES;
+    b.rows = RED_THREADS / b.cw;
+    b.chunks = (unsigned)((C + (int)b.cw - 1) / (int)b.cw);
+    return b;
+}
+
+/* A fixed-order sum over the row lanes (threadIdx.y) of one double per
+ * thread, per channel lane; every thread of the block must call it, and the
+ * total of lane threadIdx.x is returned to every thread. The tree pairs row
+ * ty with ty + s for s = the powers of two below blockDim.y, so it handles
+ * any row count (256 / cw need not be a power of two). */
+__device__ static double column_sum(double v)
+{
+    __shared__ double buf[RED_THREADS];
+    const unsigned cw = blockDim.x, rows = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
+    buf[ty * cw + tx] = v;
+    __syncthreads();
+    unsigned span = 1;
+    while (span < rows) span <<= 1;
+    for (unsigned s = span / 2; s > 0; s >>= 1) {
+        if (ty < s && ty + s < rows) buf[ty * cw + tx] += buf[(ty + s) * cw + tx];
+        __syncthreads();
+    }
+    const double total = buf[tx];
+    __syncthreads(); /* buf may be reused by a later call */
+    return total;
+}
+
+/* Block (chunk, y-stride) of (cw, rows) threads: each thread owns one
+ * channel and strides the rows, so the bias is loaded once per thread and no
+ * element needs a division to find its channel. */
+template <typename H>
+__global__ static void epilogue_nhwc_kernel(uint16_t *y, const float *bias, int C, size_t pixels, int relu)
+{
+    const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (c >= C) return;
+    const float b = bias ? bias[c] : 0.0f;
+    const size_t step = (size_t)gridDim.y * blockDim.y;
+    for (size_t r = (size_t)blockIdx.y * blockDim.y + threadIdx.y; r < pixels; r += step) {
+        const size_t k = r * (size_t)C + (size_t)c;
+        /* The float path's expression on the widened value, rounded once. */
+        const float v = __fadd_rn(H::load(y[k]), b);
+        y[k] = H::store(relu ? (v > 0.0f ? v : 0.0f) : v);
+    }
+}
+
+extern "C" ts_status ts_cuda_conv_epilogue_half(uint16_t *y, ts_dtype dtype, const float *bias, size_t pixels, int c,
+                                                int relu)
+{
+    if (!bias && !relu) return TS_OK;
+    if (pixels < 1 || c < 1 || (dtype != TS_BF16 && dtype != TS_F16))
+        return ts_error(TS_ERR_INVALID_ARG, "conv2d_forward epilogue: bad half tensor: %zu pixels, c %d, dtype %s",
+                        pixels, c, ts_dtype_name(dtype));
+    const nhwc_block b = nhwc_block_of(c);
+    size_t gy = (pixels + (size_t)b.rows * 4 - 1) / ((size_t)b.rows * 4);
+    if (gy > 65535) gy = 65535;
+    const dim3 grid(b.chunks, (unsigned)gy), block(b.cw, b.rows);
+    cudaStream_t stream = ts_cuda_state_get()->stream;
+    if (dtype == TS_BF16)
+        epilogue_nhwc_kernel<bf16_io><<<grid, block, 0, stream>>>(y, bias, c, pixels, relu);
+    else
+        epilogue_nhwc_kernel<f16_io><<<grid, block, 0, stream>>>(y, bias, c, pixels, relu);
+    TS_CUDA_LAUNCH_CHECK();
+    return TS_OK;
+}
+
+/* Block (chunk, s): per channel lane, the double sum of rows [s * len,
+ * (s + 1) * len) of dy, thread (tx, ty) adding rows ty, ty + rows, ... of
+ * the slice in that order, then column_sum. part is [C][S] as the NCHW
+ * kernel's, so bias_grad_finalize serves both. */
+template <typename H>
+__global__ static void bias_grad_partial_nhwc(const uint16_t *dy, int C, size_t pixels, size_t len, double *part)
+{
+    const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    const int s = blockIdx.y, S = gridDim.y;
+    const size_t r0 = (size_t)s * len;
+    const size_t r1 = r0 + len < pixels ? r0 + len : pixels;
+    double acc = 0.0;
+    if (c < C)
+        for (size_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) acc += (double)H::load(dy[r * (size_t)C + c]);
+    acc = column_sum(acc); /* every thread, the idle lanes too: it synchronizes */
+    if (threadIdx.y == 0 && c < C) part[(size_t)c * S + s] = acc;
+}
+
+extern "C" ts_status ts_cuda_conv_bias_grad_half(float *dbias, const uint16_t *dy, ts_dtype dtype, size_t pixels, int c)
+{
+    if (pixels < 1 || c < 1 || (dtype != TS_BF16 && dtype != TS_F16))
+        return ts_error(TS_ERR_INVALID_ARG, "conv2d_backward_bias: bad half tensor: %zu pixels, c %d, dtype %s",
+                        pixels, c, ts_dtype_name(dtype));
+    const nhwc_block b = nhwc_block_of(c);
+    /* Slices of about RED_SLICE_TARGET values per block (cw channels times
+     * rows), at most NHWC_MAX_SLICES: a function of (pixels, c) only. */
+    const size_t rows_target = RED_SLICE_TARGET / b.cw;
+    size_t S = (pixels + rows_target - 1) / rows_target;
+    if (S > NHWC_MAX_SLICES) S = NHWC_MAX_SLICES;
+    if (S < 1) S = 1;
+    const size_t len = (pixels + S - 1) / S;
+    double *part = NULL;
+    ts_status st = part_buffer((size_t)c * S * sizeof(double), &part);
+    if (st != TS_OK) return st;
+    cudaStream_t stream = ts_cuda_state_get()->stream;
+    const dim3 grid(b.chunks, (unsigned)S), block(b.cw, b.rows);
+    if (dtype == TS_BF16)
+        bias_grad_partial_nhwc<bf16_io><<<grid, block, 0, stream>>>(dy, c, pixels, len, part);
+    else
+        bias_grad_partial_nhwc<f16_io><<<grid, block, 0, stream>>>(dy, c, pixels, len, part);
     TS_CUDA_LAUNCH_CHECK();
     bias_grad_finalize<<<(unsigned)((c + 127) / 128), 128, 0, stream>>>(dbias, c, (int)S, part);
     TS_CUDA_LAUNCH_CHECK();

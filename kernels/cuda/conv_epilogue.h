@@ -1,16 +1,18 @@
-/* The two small kernels conv.c needs beside cuDNN (conv_epilogue.cu), with C
- * linkage so the plain-C conv.c can call them. Both run on the backend's
+/* The small kernels conv.c needs beside cuDNN (conv_epilogue.cu), with C
+ * linkage so the plain-C conv.c can call them. All run on the backend's
  * stream; pointers are device memory; shapes were checked by the caller. */
 #ifndef TS_CUDA_CONV_EPILOGUE_H
 #define TS_CUDA_CONV_EPILOGUE_H
 
 #include <stddef.h>
+#include <stdint.h>
+
+#include "../status.h"
+#include "../tensor.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-#include "../status.h"
 
 /* y[n, c, :] = y + bias[c], or max(y + bias[c], 0) when relu (bias may then
  * be NULL: plain ReLU), for y [n, c, plane]: the CPU forward's epilogue. */
@@ -19,6 +21,14 @@ ts_status ts_cuda_conv_epilogue(float *y, const float *bias, int n, int c, size_
 /* dbias[c] += sum over n and the plane of dy[n, c, :], summed in double in a
  * fixed order (the same bits on every run), as the CPU does. */
 ts_status ts_cuda_conv_bias_grad(float *dbias, const float *dy, int n, int c, size_t plane);
+
+/* The same two for a half tensor (dtype TS_BF16 or TS_F16, NHWC: `pixels` =
+ * n * h * w rows of c channels; bias and dbias stay float32). The epilogue
+ * widens each element, adds the bias and applies the ReLU in float32, and
+ * rounds once to the half type; the bias gradient sums the widened values in
+ * double in a fixed order that depends only on (pixels, c). */
+ts_status ts_cuda_conv_epilogue_half(uint16_t *y, ts_dtype dtype, const float *bias, size_t pixels, int c, int relu);
+ts_status ts_cuda_conv_bias_grad_half(float *dbias, const uint16_t *dy, ts_dtype dtype, size_t pixels, int c);
 
 #ifdef __cplusplus
 }

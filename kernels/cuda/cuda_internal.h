@@ -115,6 +115,9 @@ ts_status ts_cuda_dice_forward(ts_ctx *ctx, double *loss, const ts_tensor *logit
 ts_status ts_cuda_dice_backward(ts_ctx *ctx, ts_tensor *dlogits, const ts_tensor *logits, const int32_t *target,
                                 const ts_dice_params *p, float dloss);
 
+/* convert.cu: dtype and layout casts (float32 NCHW <-> bf16/fp16 NHWC) */
+ts_status ts_cuda_convert(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, int accumulate);
+
 /* adamw.cu */
 ts_status ts_cuda_adamw_update(ts_ctx *ctx, float *param, const float *grad, float *exp_avg, float *exp_avg_sq,
                                size_t n, const ts_adamw_step *s);

@@ -8,10 +8,26 @@
  * and do not depend on the grid. sum_squares reduces in double over a grid
  * fixed by n alone, so it is deterministic on any GPU, but its order is not
  * the CPU's (see there). The argument checks are the CPU's: the backends'
- * shared ts_*_check functions (kernels/ops_common.c). */
+ * shared ts_*_check functions (kernels/ops_common.c).
+ *
+ * Mixed precision: ReLU, add and concat also take bf16 and fp16 tensors (all
+ * the tensors of a call of one dtype, which the shared checks enforce). Each
+ * of them is one kernel templated on the element type: it widens every value
+ * it reads to float32 (exact), does the float32 op's one operation, and
+ * rounds the result once to the element type (to nearest even, CUDA's
+ * __float2bfloat16_rn / __float2half_rn), an accumulating op once after its
+ * add. That is kernels/cpu/half.c's definition (widen, run the float32 op,
+ * round each output once), element by element. For float the widening and
+ * the rounding are the identity, so the float32 results are the bits they
+ * always were. ReLU and add are layout-blind (a flat index); concat's
+ * per-image blocks become per-pixel blocks in the half types' NHWC layout.
+ * zero, sum_squares and scale are float32 only (gradients, clipping). */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #define TS_OPS_WANT_REDUCE
 #include "cuda_ops.cuh"
@@ -20,16 +36,52 @@
 #define EW_LOOP(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 
+/* ---- element types --------------------------------------------------------- */
+
+/* ew_ld widens an element to float32 (exact for all three types); ew_st<T>
+ * rounds a float32 once to T, to nearest even. For float both are the
+ * identity, which keeps the float32 kernels' operations (and bits) as they
+ * were before the templates. */
+static __device__ __forceinline__ float ew_ld(float v) { return v; }
+static __device__ __forceinline__ float ew_ld(__nv_bfloat16 v) { return __bfloat162float(v); }
+static __device__ __forceinline__ float ew_ld(__half v) { return __half2float(v); }
+
+template <typename T> static __device__ __forceinline__ T ew_st(float v);
+template <> __device__ __forceinline__ float ew_st<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 ew_st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half ew_st<__half>(float v) { return __float2half_rn(v); }
+
+/* A tensor's elements as T (data and half alias one pointer). */
+template <typename T> static inline T *ew_el(const ts_tensor *t) { return reinterpret_cast<T *>(t->data); }
+
+/* Runs LAUNCH(T) with T the C++ type of dtype. The ops' checks have already
+ * refused an unknown dtype, so the default is float32. */
+#define EW_DISPATCH(dtype, LAUNCH)  \
+    switch (dtype) {                \
+    case TS_BF16:                   \
+        LAUNCH(__nv_bfloat16);      \
+        break;                      \
+    case TS_F16:                    \
+        LAUNCH(__half);             \
+        break;                      \
+    default:                        \
+        LAUNCH(float);              \
+        break;                      \
+    }
+
 /* ---- ReLU ---------------------------------------------------------------- */
 
-/* y may be x: each element is read, then written, by the same thread. */
-static __global__ void relu_forward_kernel(float *y, const float *x, size_t n)
+/* y may be x: each element is read, then written, by the same thread. The
+ * element itself is stored, not a rounded float: the same value for every
+ * non-NaN input, and a NaN keeps its bits. */
+template <typename T> static __global__ void relu_forward_kernel(T *y, const T *x, size_t n)
 {
     EW_LOOP(i, n)
     {
-        float v = x[i];
+        const T e = x[i];
+        const float v = ew_ld(e);
         /* torch.relu is clamp_min(x, 0), which propagates NaN. */
-        y[i] = (v > 0.0f || isnan(v)) ? v : 0.0f;
+        y[i] = (v > 0.0f || isnan(v)) ? e : ew_st<T>(0.0f);
     }
 }
 
@@ -41,18 +93,22 @@ extern "C" ts_status ts_cuda_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_te
     ts_cuda_state *cs;
     if ((st = ts_ops_state("relu_forward", &cs)) != TS_OK) return st;
     const size_t n = ts_tensor_numel(x);
-    relu_forward_kernel<<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(y->data, x->data, n);
+#define LAUNCH(T) \
+    relu_forward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ew_el<T>(y), ew_el<T>(x), n)
+    EW_DISPATCH(x->dtype, LAUNCH)
+#undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }
 
 /* threshold_backward(grad, output, 0): output <= 0 ? 0 : grad, as a select
- * (an infinite dy at y == 0 gives 0, not NaN), added onto dx. */
-static __global__ void relu_backward_kernel(float *dx, const float *dy, const float *y, size_t n)
+ * (an infinite dy at y == 0 gives 0, not NaN), added onto dx in float32 and
+ * rounded once. An element the select drops keeps its bits. */
+template <typename T> static __global__ void relu_backward_kernel(T *dx, const T *dy, const T *y, size_t n)
 {
     EW_LOOP(i, n)
     {
-        if (!(y[i] <= 0.0f)) dx[i] += dy[i];
+        if (!(ew_ld(y[i]) <= 0.0f)) dx[i] = ew_st<T>(ew_ld(dx[i]) + ew_ld(dy[i]));
     }
 }
 
@@ -64,7 +120,11 @@ extern "C" ts_status ts_cuda_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_
     ts_cuda_state *cs;
     if ((st = ts_ops_state("relu_backward", &cs)) != TS_OK) return st;
     const size_t n = ts_tensor_numel(y);
-    relu_backward_kernel<<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(dx->data, dy->data, y->data, n);
+#define LAUNCH(T)                                                                                              \
+    relu_backward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ew_el<T>(dx), ew_el<T>(dy), \
+                                                                                   ew_el<T>(y), n)
+    EW_DISPATCH(y->dtype, LAUNCH)
+#undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }
@@ -73,9 +133,9 @@ extern "C" ts_status ts_cuda_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_
 
 /* y may be a or b (the residual adds in place): one thread reads both, then
  * writes. No __restrict__ anywhere here, for exactly that reason. */
-static __global__ void add_forward_kernel(float *y, const float *a, const float *b, size_t n)
+template <typename T> static __global__ void add_forward_kernel(T *y, const T *a, const T *b, size_t n)
 {
-    EW_LOOP(i, n) y[i] = a[i] + b[i];
+    EW_LOOP(i, n) y[i] = ew_st<T>(ew_ld(a[i]) + ew_ld(b[i]));
 }
 
 extern "C" ts_status ts_cuda_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
@@ -86,20 +146,30 @@ extern "C" ts_status ts_cuda_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_ten
     ts_cuda_state *cs;
     if ((st = ts_ops_state("add_forward", &cs)) != TS_OK) return st;
     const size_t n = ts_tensor_numel(a);
-    add_forward_kernel<<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(y->data, a->data, b->data, n);
+#define LAUNCH(T)                                                                                          \
+    add_forward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ew_el<T>(y), ew_el<T>(a), \
+                                                                                 ew_el<T>(b), n)
+    EW_DISPATCH(a->dtype, LAUNCH)
+#undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }
 
-/* da == db (y = a + a) is fine: the same thread adds dy twice, in order, as
- * the CPU's one iteration does. */
-static __global__ void add_backward_kernel(float *da, float *db, const float *dy, size_t n)
+/* da == db (y = a + a) adds dy twice. The CPU's float32 loop adds it twice
+ * in order, and its half path does the same on one widened copy before one
+ * rounding, so `same` makes it (da + g) + g in float32, stored once. For
+ * float that is the bits of two in-place adds, as before. */
+template <typename T> static __global__ void add_backward_kernel(T *da, T *db, const T *dy, size_t n, int same)
 {
     EW_LOOP(i, n)
     {
-        float g = dy[i];
-        da[i] += g;
-        db[i] += g;
+        const float g = ew_ld(dy[i]);
+        if (same) {
+            da[i] = ew_st<T>((ew_ld(da[i]) + g) + g);
+        } else {
+            da[i] = ew_st<T>(ew_ld(da[i]) + g);
+            db[i] = ew_st<T>(ew_ld(db[i]) + g);
+        }
     }
 }
 
@@ -111,23 +181,44 @@ extern "C" ts_status ts_cuda_add_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor 
     ts_cuda_state *cs;
     if ((st = ts_ops_state("add_backward", &cs)) != TS_OK) return st;
     const size_t n = ts_tensor_numel(dy);
-    add_backward_kernel<<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(da->data, db->data, dy->data, n);
+    const int same = da->data == db->data;
+#define LAUNCH(T)                                                                                             \
+    add_backward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ew_el<T>(da), ew_el<T>(db), \
+                                                                                  ew_el<T>(dy), n, same)
+    EW_DISPATCH(dy->dtype, LAUNCH)
+#undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }
 
 /* ---- concat along channels ------------------------------------------------ */
 
-/* torch.cat([a, b], dim=1): per image, a's na floats then b's nb floats. One
- * thread per element of y, so every read and write is coalesced. */
-static __global__ void concat_forward_kernel(float *y, const float *a, const float *b, size_t na, size_t nb,
-                                             size_t total)
+/* torch.cat([a, b], dim=1) is, in both layouts, y made of blocks of na
+ * elements of a then nb of b: per image in float32 NCHW (na = Ca*H*W), per
+ * pixel in the half types' NHWC (na = Ca, y[p, 0:Ca] = a[p, :], y[p, Ca:] =
+ * b[p, :] for pixel p = (n*H + h)*W + w). One kernel serves both. One thread
+ * per element of y, so every write is coalesced (and the reads nearly so).
+ * Values are copied, not rounded: a NaN keeps its bits. */
+template <typename T>
+static __global__ void concat_forward_kernel(T *y, const T *a, const T *b, size_t na, size_t nb, size_t total)
 {
     const size_t per = na + nb;
     EW_LOOP(i, total)
     {
         size_t n = i / per, r = i % per;
         y[i] = r < na ? a[n * na + r] : b[n * nb + (r - na)];
+    }
+}
+
+/* The block sizes of concat for a, b in their layout (see above). */
+static void concat_blocks(const ts_tensor *a, const ts_tensor *b, size_t *na, size_t *nb)
+{
+    if (a->dtype == TS_F32) {
+        *na = (size_t)a->c * a->h * a->w;
+        *nb = (size_t)b->c * b->h * b->w;
+    } else {
+        *na = (size_t)a->c;
+        *nb = (size_t)b->c;
     }
 }
 
@@ -138,27 +229,35 @@ extern "C" ts_status ts_cuda_concat_forward(ts_ctx *ctx, ts_tensor *y, const ts_
     if (st != TS_OK) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state("concat_forward", &cs)) != TS_OK) return st;
-    const size_t na = (size_t)a->c * a->h * a->w, nb = (size_t)b->c * b->h * b->w;
-    const size_t total = (size_t)y->n * (na + nb);
-    concat_forward_kernel<<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>(y->data, a->data, b->data, na,
-                                                                                      nb, total);
+    size_t na, nb;
+    concat_blocks(a, b, &na, &nb);
+    const size_t total = ts_tensor_numel(y);
+#define LAUNCH(T)                                                                                                 \
+    concat_forward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>(ew_el<T>(y), ew_el<T>(a), \
+                                                                                        ew_el<T>(b), na, nb, total)
+    EW_DISPATCH(y->dtype, LAUNCH)
+#undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }
 
 /* The split back: each dy element goes to exactly one of da, db, by the same
- * index arithmetic as forward. */
-static __global__ void concat_backward_kernel(float *da, float *db, const float *dy, size_t na, size_t nb, size_t total)
+ * index arithmetic as forward, added in float32 and rounded once. */
+template <typename T>
+static __global__ void concat_backward_kernel(T *da, T *db, const T *dy, size_t na, size_t nb, size_t total)
 {
     const size_t per = na + nb;
     EW_LOOP(i, total)
     {
         size_t n = i / per, r = i % per;
-        float g = dy[i];
-        if (r < na)
-            da[n * na + r] += g;
-        else
-            db[n * nb + (r - na)] += g;
+        const float g = ew_ld(dy[i]);
+        if (r < na) {
+            T *p = da + n * na + r;
+            *p = ew_st<T>(ew_ld(*p) + g);
+        } else {
+            T *p = db + n * nb + (r - na);
+            *p = ew_st<T>(ew_ld(*p) + g);
+        }
     }
 }
 
@@ -169,10 +268,14 @@ extern "C" ts_status ts_cuda_concat_backward(ts_ctx *ctx, ts_tensor *da, ts_tens
     if (st != TS_OK) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state("concat_backward", &cs)) != TS_OK) return st;
-    const size_t na = (size_t)da->c * da->h * da->w, nb = (size_t)db->c * db->h * db->w;
-    const size_t total = (size_t)dy->n * (na + nb);
-    concat_backward_kernel<<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>(da->data, db->data, dy->data,
-                                                                                       na, nb, total);
+    size_t na, nb;
+    concat_blocks(da, db, &na, &nb);
+    const size_t total = ts_tensor_numel(dy);
+#define LAUNCH(T)                                                                         \
+    concat_backward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>( \
+        ew_el<T>(da), ew_el<T>(db), ew_el<T>(dy), na, nb, total)
+    EW_DISPATCH(dy->dtype, LAUNCH)
+#undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }

@@ -16,12 +16,62 @@
  * (a contiguous range per axis, since the index is non-decreasing in dst) and
  * adds their dy in increasing (oh, ow) onto its own dx: exactly the CPU's
  * sequence of float additions for that element, so dx matches the CPU bit for
- * bit, run after run. */
+ * bit, run after run.
+ *
+ * Mixed precision: x, y, dx, dy may also be bf16 or fp16, stored NHWC. The
+ * kernels are templated on the element type, which fixes the layout (float32
+ * NCHW, half NHWC); a thread still owns one element of y or dx, walked in
+ * memory order (coalesced), and the pixels of its (n, c) plane are C
+ * elements apart instead of 1. The index rule is the same. Forward copies
+ * the element (what kernels/cpu/half.c's widen, copy, round gives, and a NaN
+ * keeps its bits); backward widens dx, adds the same dy elements in the same
+ * order in float32, and rounds once. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include "cuda_ops.cuh"
+
+/* ---- element types --------------------------------------------------------- */
+
+/* up_ld widens an element to float32 (exact); up_st<T> rounds once to T, to
+ * nearest even. For float both are the identity. */
+static __device__ __forceinline__ float up_ld(float v) { return v; }
+static __device__ __forceinline__ float up_ld(__nv_bfloat16 v) { return __bfloat162float(v); }
+static __device__ __forceinline__ float up_ld(__half v) { return __half2float(v); }
+
+template <typename T> static __device__ __forceinline__ T up_st(float v);
+template <> __device__ __forceinline__ float up_st<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 up_st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half up_st<__half>(float v) { return __float2half_rn(v); }
+
+/* float32 tensors are NCHW, the half types NHWC (kernels/tensor.h). */
+template <typename T> struct up_nhwc {
+    static constexpr bool value = true;
+};
+template <> struct up_nhwc<float> {
+    static constexpr bool value = false;
+};
+
+template <typename T> static inline T *up_el(const ts_tensor *t) { return reinterpret_cast<T *>(t->data); }
+
+/* Runs LAUNCH(T) with T the C++ type of dtype (the checks have refused an
+ * unknown one). */
+#define UP_DISPATCH(dtype, LAUNCH) \
+    switch (dtype) {               \
+    case TS_BF16:                  \
+        LAUNCH(__nv_bfloat16);     \
+        break;                     \
+    case TS_F16:                   \
+        LAUNCH(__half);            \
+        break;                     \
+    default:                       \
+        LAUNCH(float);             \
+        break;                     \
+    }
 
 /* One axis of the resize: in -> out, and the CPU's float scale. */
 typedef struct up_axis {
@@ -67,14 +117,28 @@ static __device__ int up_first_dst(int v, up_axis a)
 
 /* ---- forward ------------------------------------------------------------- */
 
-/* One thread per output element: y[pl, oh, ow] = x[pl, src(oh), src(ow)]. */
-static __global__ void upsample_forward_kernel(float *y, const float *x, up_axis ah, up_axis aw, size_t total)
+/* One thread per output element, in y's memory order:
+ * y[n, c, oh, ow] = x[n, c, src(oh), src(ow)]. In NCHW the thread's (n, c)
+ * plane is o / out_plane; in NHWC, c = o % C and the pixel is o / C, and
+ * pixel steps are C elements. The element is copied, not rounded. */
+template <typename T>
+static __global__ void upsample_forward_kernel(T *y, const T *x, up_axis ah, up_axis aw, int C, size_t total)
 {
     const size_t out_plane = (size_t)ah.out * aw.out, in_plane = (size_t)ah.in * aw.in;
     for (size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += (size_t)gridDim.x * blockDim.x) {
-        const size_t pl = o / out_plane, r = o % out_plane;
+        size_t r, base, cs;
+        if constexpr (up_nhwc<T>::value) {
+            const size_t c = o % (size_t)C, pix = o / (size_t)C;
+            r = pix % out_plane;
+            base = (pix / out_plane) * in_plane * C + c;
+            cs = (size_t)C;
+        } else {
+            r = o % out_plane;
+            base = (o / out_plane) * in_plane;
+            cs = 1;
+        }
         const int oh = (int)(r / (size_t)aw.out), ow = (int)(r % (size_t)aw.out);
-        y[o] = x[pl * in_plane + (size_t)up_src(oh, ah) * aw.in + up_src(ow, aw)];
+        y[o] = x[base + ((size_t)up_src(oh, ah) * aw.in + up_src(ow, aw)) * cs];
     }
 }
 
@@ -82,39 +146,58 @@ extern "C" ts_status ts_cuda_upsample_nearest_forward(ts_ctx *ctx, ts_tensor *y,
 {
     static const char op[] = "upsample_nearest_forward";
     (void)ctx;
-    ts_status st = ts_upsample_check(op, y, "y", x, "x"); /* the CPU's checks, shared */
+    ts_status st = ts_upsample_check(op, y, "y", x, "x"); /* the CPU's checks, shared (one dtype too) */
     if (st != TS_OK) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state(op, &cs)) != TS_OK) return st;
     const size_t total = ts_tensor_numel(y);
-    upsample_forward_kernel<<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>(
-        y->data, x->data, up_axis_of(x->h, y->h), up_axis_of(x->w, y->w), total);
+    const up_axis ah = up_axis_of(x->h, y->h), aw = up_axis_of(x->w, y->w);
+#define LAUNCH(T)                                                                          \
+    upsample_forward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>( \
+        up_el<T>(y), up_el<T>(x), ah, aw, x->c, total)
+    UP_DISPATCH(x->dtype, LAUNCH)
+#undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }
 
 /* ---- backward ------------------------------------------------------------ */
 
-/* One thread per source element (pl, ih, iw): its destinations are rows
+/* One thread per source element (n, c, ih, iw), in dx's memory order (the
+ * plane and pixel step as in forward): its destinations are rows
  * [first(ih), first(ih + 1)) times columns [first(iw), first(iw + 1)), empty
- * for a source no destination reads (a downscale), which then keeps its dx. */
-static __global__ void upsample_backward_kernel(float *dx, const float *dy, up_axis ah, up_axis aw, size_t total)
+ * for a source no destination reads (a downscale), which then keeps its dx
+ * (not even rewritten, so a half NaN keeps its payload). */
+template <typename T>
+static __global__ void upsample_backward_kernel(T *dx, const T *dy, up_axis ah, up_axis aw, int C, size_t total)
 {
     const size_t out_plane = (size_t)ah.out * aw.out, in_plane = (size_t)ah.in * aw.in;
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
-        const size_t pl = e / in_plane, r = e % in_plane;
+        size_t r, cs;
+        const T *gp;
+        if constexpr (up_nhwc<T>::value) {
+            const size_t c = e % (size_t)C, pix = e / (size_t)C;
+            r = pix % in_plane;
+            gp = dy + (pix / in_plane) * out_plane * C + c;
+            cs = (size_t)C;
+        } else {
+            r = e % in_plane;
+            gp = dy + (e / in_plane) * out_plane;
+            cs = 1;
+        }
         const int ih = (int)(r / (size_t)aw.in), iw = (int)(r % (size_t)aw.in);
         const int oh0 = up_first_dst(ih, ah), oh1 = up_first_dst(ih + 1, ah);
         const int ow0 = up_first_dst(iw, aw), ow1 = up_first_dst(iw + 1, aw);
-        const float *gp = dy + pl * out_plane;
+        if (oh0 >= oh1 || ow0 >= ow1) continue;
         /* grad_in[ih, iw] += grad_out[oh, ow], oh then ow increasing, onto the
-         * caller's dx (our accumulate rule), as the CPU adds them. */
-        float acc = dx[e];
+         * caller's dx (our accumulate rule), as the CPU adds them: in float32
+         * (on its widened copy for a half type), then one rounding. */
+        float acc = up_ld(dx[e]);
         for (int oh = oh0; oh < oh1; oh++) {
-            const float *g = gp + (size_t)oh * aw.out;
-            for (int ow = ow0; ow < ow1; ow++) acc += g[ow];
+            const T *g = gp + (size_t)oh * aw.out * cs;
+            for (int ow = ow0; ow < ow1; ow++) acc += up_ld(g[(size_t)ow * cs]);
         }
-        dx[e] = acc;
+        dx[e] = up_st<T>(acc);
     }
 }
 
@@ -127,8 +210,12 @@ extern "C" ts_status ts_cuda_upsample_nearest_backward(ts_ctx *ctx, ts_tensor *d
     ts_cuda_state *cs;
     if ((st = ts_ops_state(op, &cs)) != TS_OK) return st;
     const size_t total = ts_tensor_numel(dx);
-    upsample_backward_kernel<<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>(
-        dx->data, dy->data, up_axis_of(dx->h, dy->h), up_axis_of(dx->w, dy->w), total);
+    const up_axis ah = up_axis_of(dx->h, dy->h), aw = up_axis_of(dx->w, dy->w);
+#define LAUNCH(T)                                                                           \
+    upsample_backward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>( \
+        up_el<T>(dx), up_el<T>(dy), ah, aw, dx->c, total)
+    UP_DISPATCH(dy->dtype, LAUNCH)
+#undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }

@@ -6,7 +6,7 @@
  *
  * Seeds: tests/fuzz/corpus/fuzz_pth/ (small torch.save files from
  * tests/fixtures/make_pth_fixtures.py and files written by ts_pth_write). */
-// fuzz-sources: weights/pth.c weights/dict.c kernels/status.c kernels/outfile.c
+// fuzz-sources: weights/pth.c weights/dict.c kernels/status.c kernels/tensor.c kernels/outfile.c
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>

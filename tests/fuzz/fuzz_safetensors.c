@@ -4,7 +4,7 @@
  * one must survive a round trip: serialize -> parse gives the same tensors
  * and metadata, and serializing again gives the same bytes (the writer's
  * output is a fixed point). Sanitizers catch the memory errors. */
-// fuzz-sources: weights/safetensors.c weights/dict.c kernels/status.c kernels/outfile.c
+// fuzz-sources: weights/safetensors.c weights/dict.c kernels/status.c kernels/tensor.c kernels/outfile.c
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>

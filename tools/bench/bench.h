@@ -7,6 +7,8 @@
 
 #include <stddef.h>
 
+#include "kernels/tensor.h"
+
 typedef struct ts_bench_opts {
     int batch;       /* images per batch */
     int size;        /* tile height and width in pixels */
@@ -16,6 +18,7 @@ typedef struct ts_bench_opts {
     const char *csv; /* if not NULL: also write one row per measurement to this file */
     const char *device; /* "cpu" (or NULL), "cuda" or "cuda:N" */
     int tf32;           /* CUDA only: TF32 tensor-core math for fp32 convs and GEMMs (ts_cuda_set_tf32) */
+    ts_dtype precision; /* model and train: the activations (TS_F32, or TS_BF16 / TS_F16 mixed precision) */
 } ts_bench_opts;
 
 /* Checks o->device and o->tf32 for benchmark `what` ("conv", "model",

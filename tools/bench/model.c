@@ -82,7 +82,7 @@ static void close_model(bench_model *bm)
 /* Median of iters timed runs after one warm-up. mode 0: the inference copy's
  * forward (host batch in, host logits out, as predict). mode 1: the training
  * copy's train forward + backward (dlogits constant, in backend memory). */
-static int time_model(bench_model *bm, const ts_tensor *x, int mode, int iters, double *median_s)
+static int time_model(bench_model *bm, const ts_tensor *x, int mode, int iters, ts_dtype precision, double *median_s)
 {
     const ts_backend *B = bm->b;
     double *t = malloc(sizeof(double) * (size_t)iters);
@@ -94,12 +94,14 @@ static int time_model(bench_model *bm, const ts_tensor *x, int mode, int iters, 
     if (!t) goto out;
     const int K = bm->m.cfg.classes;
     if (mode == 0) {
-        if (ts_unet_device_init(&d, &bm->m, B) != TS_OK || ts_tensor_alloc(&logits, x->n, K, x->h, x->w) != TS_OK)
+        if (ts_unet_device_init(&d, &bm->m, B) != TS_OK || ts_tensor_alloc(&logits, x->n, K, x->h, x->w) != TS_OK ||
+            (precision != TS_F32 && ts_unet_device_set_precision(&d, &bm->ctx, precision) != TS_OK))
             goto out;
     } else {
         void *p = NULL;
         if (ts_unet_device_init_train(&d, &bm->m, B) != TS_OK || ts_tensor_alloc(&dl, x->n, K, x->h, x->w) != TS_OK ||
-            B->memory->alloc(&p, ts_tensor_numel(&dl) * sizeof(float)) != TS_OK)
+            B->memory->alloc(&p, ts_tensor_numel(&dl) * sizeof(float)) != TS_OK ||
+            (precision != TS_F32 && ts_unet_device_set_precision(&d, &bm->ctx, precision) != TS_OK))
             goto out;
         dl_dev = p;
         for (size_t i = 0; i < ts_tensor_numel(&dl); i++) dl.data[i] = 1e-4f;
@@ -151,8 +153,8 @@ int ts_bench_model(const ts_bench_opts *o)
             break;
         }
         double fwd = 0, train = 0;
-        rc = time_model(&bm, &x, 0, o->iters, &fwd);
-        if (rc == 0) rc = time_model(&bm, &x, 1, o->iters, &train);
+        rc = time_model(&bm, &x, 0, o->iters, o->precision, &fwd);
+        if (rc == 0) rc = time_model(&bm, &x, 1, o->iters, o->precision, &train);
         if (rc == 0) {
             char tile[32];
             snprintf(tile, sizeof tile, "%dx%d", o->size, o->size);
@@ -186,8 +188,10 @@ int ts_bench_train(const ts_bench_opts *o)
     ts_optim_config oc = ts_optim_default_config();
     oc.lr = 3e-4;
     oc.weight_decay = 1e-4;
+    oc.loss_scaling = o->precision == TS_F16;
     if (ts_loss_init(&loss, &lc, cfg.classes) != TS_OK || ts_optim_init_on(&opt, &oc, &bm.m, B) != TS_OK ||
-        ts_unet_device_init_train(&d, &bm.m, B) != TS_OK) {
+        ts_unet_device_init_train(&d, &bm.m, B) != TS_OK ||
+        (o->precision != TS_F32 && ts_unet_device_set_precision(&d, &bm.ctx, o->precision) != TS_OK)) {
         fprintf(stderr, "bench train: %s\n", ts_last_error());
         rc = 1;
     }
@@ -222,7 +226,7 @@ int ts_bench_train(const ts_bench_opts *o)
             if ((!host && B->memory->upload(yd, target, npix * sizeof(int32_t)) != TS_OK) ||
                 ts_unet_device_zero_grad(&d, &bm.ctx) || ts_unet_device_run(&d, &bm.ctx, &x, 1, &logits) ||
                 ts_loss_forward(&loss, &bm.ctx, &logits, labels, &lv) || B->zero(&bm.ctx, dv.data, ts_tensor_numel(&dv)) ||
-                ts_loss_backward(&loss, &bm.ctx, &dv, &logits, labels, 1.0f) ||
+                ts_loss_backward(&loss, &bm.ctx, &dv, &logits, labels, ts_optim_loss_scale(&opt)) ||
                 ts_unet_device_backward(&d, &bm.ctx, &dv) || ts_optim_step_on(&opt, &bm.ctx, &tr, oc.lr, NULL) ||
                 B->memory->sync()) {
                 fprintf(stderr, "bench train: %s\n", ts_last_error());
