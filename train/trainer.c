@@ -1240,6 +1240,7 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
     }
     if (is_tty_live && (st || stop)) fprintf(log, "\n");
     r->global_step = rs.global_step;
+    r->skipped_steps = opt.skipped_steps;
     r->epochs_done = rs.epoch;
     r->best_miou = rs.best_miou;
     r->best_epoch = rs.best_epoch;

@@ -97,6 +97,7 @@ typedef struct ts_train_result {
     int early_stopped;    /* 1: patience ran out */
     int epochs_done;      /* complete epochs */
     int64_t global_step;  /* optimizer steps */
+    int64_t skipped_steps; /* of those, this run's updates skipped by fp16 loss scaling (overflow) */
     size_t train_windows, val_windows;
     double train_loss;    /* the last complete epoch's mean training loss (NaN if none) */
     double val_loss, miou, oa; /* the last validation (NaN if none) */

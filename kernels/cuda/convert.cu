@@ -28,32 +28,11 @@
 
 #include "cuda_ops.cuh"
 
-/* ---- element types --------------------------------------------------------- */
-
-/* cv_ld widens an element to float32 (exact); cv_st<T> rounds a float32
- * once to T, to nearest even (out of range gives infinity). */
-static __device__ __forceinline__ float cv_ld(float v) { return v; }
-static __device__ __forceinline__ float cv_ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-static __device__ __forceinline__ float cv_ld(__half v) { return __half2float(v); }
-
-template <typename T> static __device__ __forceinline__ T cv_st(float v);
-template <> __device__ __forceinline__ float cv_st<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 cv_st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half cv_st<__half>(float v) { return __float2half_rn(v); }
-
-/* float32 tensors are NCHW, the half types NHWC (kernels/tensor.h). */
-template <typename T> struct cv_nhwc {
-    static constexpr bool value = true;
-};
-template <> struct cv_nhwc<float> {
-    static constexpr bool value = false;
-};
-
 /* The new value of one element of y: x's, or the float32 sum with y's old one
  * (y == x in place reads the element once for each, before the write). */
 template <typename TY> static __device__ __forceinline__ void cv_put(TY *py, float v, int accumulate)
 {
-    *py = cv_st<TY>(accumulate ? cv_ld(*py) + v : v);
+    *py = ts_el_st<TY>(accumulate ? ts_el_ld(*py) + v : v);
 }
 
 /* ---- one layout: a flat loop ------------------------------------------------ */
@@ -63,7 +42,7 @@ template <typename TY, typename TX>
 static __global__ void convert_flat_kernel(TY *y, const TX *x, size_t n, int accumulate)
 {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        cv_put<TY>(y + i, cv_ld(x[i]), accumulate);
+        cv_put<TY>(y + i, ts_el_ld(x[i]), accumulate);
 }
 
 /* ---- NCHW <-> NHWC: a tiled transpose ------------------------------------- */
@@ -94,7 +73,7 @@ static __global__ void convert_transpose_kernel(TY *y, const TX *x, size_t R, si
         TY *yi = y + img * R * S;
         for (unsigned j = ty; j < CV_TILE; j += CV_TILE_ROWS) {
             const size_t r = r0 + j, s = s0 + tx;
-            if (r < R && s < S) tile[j][tx] = cv_ld(xi[r * S + s]);
+            if (r < R && s < S) tile[j][tx] = ts_el_ld(xi[r * S + s]);
         }
         __syncthreads();
         for (unsigned j = ty; j < CV_TILE; j += CV_TILE_ROWS) {
@@ -107,17 +86,15 @@ static __global__ void convert_transpose_kernel(TY *y, const TX *x, size_t R, si
 
 /* ---- launch ------------------------------------------------------------------ */
 
-template <typename T> static inline T *cv_el(const ts_tensor *t) { return reinterpret_cast<T *>(t->data); }
-
 template <typename TY, typename TX>
 static ts_status convert_launch(const ts_cuda_state *cs, ts_tensor *y, const ts_tensor *x, int accumulate)
 {
     const size_t n = ts_tensor_numel(x);
     const size_t C = (size_t)x->c, HW = (size_t)x->h * x->w;
     /* Only the pairs of different layouts instantiate the transpose. */
-    if constexpr (cv_nhwc<TY>::value != cv_nhwc<TX>::value) {
+    if constexpr (ts_el_nhwc<TY>::value != ts_el_nhwc<TX>::value) {
         if (C > 1 && HW > 1) {
-            const size_t R = cv_nhwc<TX>::value ? HW : C, S = cv_nhwc<TX>::value ? C : HW;
+            const size_t R = ts_el_nhwc<TX>::value ? HW : C, S = ts_el_nhwc<TX>::value ? C : HW;
             const size_t tiles_r = (R + CV_TILE - 1) / CV_TILE, tiles_s = (S + CV_TILE - 1) / CV_TILE;
             const size_t tiles = (size_t)x->n * tiles_r * tiles_s;
             /* As ts_ops_grid, in tiles: enough blocks to fill every SM, never
@@ -125,12 +102,12 @@ static ts_status convert_launch(const ts_cuda_state *cs, ts_tensor *y, const ts_
             size_t blocks = (size_t)(cs->sm_count > 0 ? cs->sm_count : 1) * TS_OPS_BLOCKS_PER_SM;
             if (blocks > tiles) blocks = tiles;
             convert_transpose_kernel<TY, TX><<<(unsigned)blocks, TS_OPS_THREADS, 0, cs->stream>>>(
-                cv_el<TY>(y), cv_el<TX>(x), R, S, tiles_r, tiles_s, tiles, accumulate);
+                ts_el_ptr<TY>(y), ts_el_ptr<TX>(x), R, S, tiles_r, tiles_s, tiles, accumulate);
             TS_CUDA_LAUNCH_CHECK();
             return TS_OK;
         }
     }
-    convert_flat_kernel<TY, TX><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(cv_el<TY>(y), cv_el<TX>(x), n,
+    convert_flat_kernel<TY, TX><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ts_el_ptr<TY>(y), ts_el_ptr<TX>(x), n,
                                                                                       accumulate);
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;

@@ -115,4 +115,49 @@ static __global__ void ts_reduce_partials_kernel(const double *part, double *out
 }
 #endif
 
+/* ---- element types of the half paths (kernels/tensor.h) ------------------- */
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+/* ts_el_ld widens an element to float32 (exact for all three types);
+ * ts_el_st<T> rounds a float32 once to T, to nearest even (out of range gives
+ * infinity), as kernels/backend.h asks of every half op. For float both are
+ * the identity, which keeps the float32 kernels' operations (and bits). */
+static __device__ __forceinline__ float ts_el_ld(float v) { return v; }
+static __device__ __forceinline__ float ts_el_ld(__nv_bfloat16 v) { return __bfloat162float(v); }
+static __device__ __forceinline__ float ts_el_ld(__half v) { return __half2float(v); }
+
+template <typename T> static __device__ __forceinline__ T ts_el_st(float v);
+template <> __device__ __forceinline__ float ts_el_st<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 ts_el_st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half ts_el_st<__half>(float v) { return __float2half_rn(v); }
+
+/* float32 tensors are NCHW, the half types NHWC. */
+template <typename T> struct ts_el_nhwc {
+    static constexpr bool value = true;
+};
+template <> struct ts_el_nhwc<float> {
+    static constexpr bool value = false;
+};
+
+/* A tensor's elements as T (data and half alias one pointer). */
+template <typename T> static inline T *ts_el_ptr(const ts_tensor *t) { return reinterpret_cast<T *>(t->data); }
+
+/* Runs LAUNCH(T) with T the C++ type of dtype. The ops' checks have already
+ * refused an unknown dtype, so the default is float32. */
+#define TS_EL_DISPATCH(dtype, LAUNCH) \
+    switch (dtype) {                  \
+    case TS_BF16:                     \
+        LAUNCH(__nv_bfloat16);        \
+        break;                        \
+    case TS_F16:                      \
+        LAUNCH(__half);               \
+        break;                        \
+    default:                          \
+        LAUNCH(float);                \
+        break;                        \
+    }
+#endif
+
 #endif

@@ -38,37 +38,6 @@
 
 /* ---- element types --------------------------------------------------------- */
 
-/* ew_ld widens an element to float32 (exact for all three types); ew_st<T>
- * rounds a float32 once to T, to nearest even. For float both are the
- * identity, which keeps the float32 kernels' operations (and bits) as they
- * were before the templates. */
-static __device__ __forceinline__ float ew_ld(float v) { return v; }
-static __device__ __forceinline__ float ew_ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-static __device__ __forceinline__ float ew_ld(__half v) { return __half2float(v); }
-
-template <typename T> static __device__ __forceinline__ T ew_st(float v);
-template <> __device__ __forceinline__ float ew_st<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 ew_st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half ew_st<__half>(float v) { return __float2half_rn(v); }
-
-/* A tensor's elements as T (data and half alias one pointer). */
-template <typename T> static inline T *ew_el(const ts_tensor *t) { return reinterpret_cast<T *>(t->data); }
-
-/* Runs LAUNCH(T) with T the C++ type of dtype. The ops' checks have already
- * refused an unknown dtype, so the default is float32. */
-#define EW_DISPATCH(dtype, LAUNCH)  \
-    switch (dtype) {                \
-    case TS_BF16:                   \
-        LAUNCH(__nv_bfloat16);      \
-        break;                      \
-    case TS_F16:                    \
-        LAUNCH(__half);             \
-        break;                      \
-    default:                        \
-        LAUNCH(float);              \
-        break;                      \
-    }
-
 /* ---- ReLU ---------------------------------------------------------------- */
 
 /* y may be x: each element is read, then written, by the same thread. The
@@ -79,9 +48,9 @@ template <typename T> static __global__ void relu_forward_kernel(T *y, const T *
     EW_LOOP(i, n)
     {
         const T e = x[i];
-        const float v = ew_ld(e);
+        const float v = ts_el_ld(e);
         /* torch.relu is clamp_min(x, 0), which propagates NaN. */
-        y[i] = (v > 0.0f || isnan(v)) ? e : ew_st<T>(0.0f);
+        y[i] = (v > 0.0f || isnan(v)) ? e : ts_el_st<T>(0.0f);
     }
 }
 
@@ -94,8 +63,8 @@ extern "C" ts_status ts_cuda_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_te
     if ((st = ts_ops_state("relu_forward", &cs)) != TS_OK) return st;
     const size_t n = ts_tensor_numel(x);
 #define LAUNCH(T) \
-    relu_forward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ew_el<T>(y), ew_el<T>(x), n)
-    EW_DISPATCH(x->dtype, LAUNCH)
+    relu_forward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ts_el_ptr<T>(y), ts_el_ptr<T>(x), n)
+    TS_EL_DISPATCH(x->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
@@ -108,7 +77,7 @@ template <typename T> static __global__ void relu_backward_kernel(T *dx, const T
 {
     EW_LOOP(i, n)
     {
-        if (!(ew_ld(y[i]) <= 0.0f)) dx[i] = ew_st<T>(ew_ld(dx[i]) + ew_ld(dy[i]));
+        if (!(ts_el_ld(y[i]) <= 0.0f)) dx[i] = ts_el_st<T>(ts_el_ld(dx[i]) + ts_el_ld(dy[i]));
     }
 }
 
@@ -121,9 +90,9 @@ extern "C" ts_status ts_cuda_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_
     if ((st = ts_ops_state("relu_backward", &cs)) != TS_OK) return st;
     const size_t n = ts_tensor_numel(y);
 #define LAUNCH(T)                                                                                              \
-    relu_backward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ew_el<T>(dx), ew_el<T>(dy), \
-                                                                                   ew_el<T>(y), n)
-    EW_DISPATCH(y->dtype, LAUNCH)
+    relu_backward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ts_el_ptr<T>(dx), ts_el_ptr<T>(dy), \
+                                                                                   ts_el_ptr<T>(y), n)
+    TS_EL_DISPATCH(y->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
@@ -135,7 +104,7 @@ extern "C" ts_status ts_cuda_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_
  * writes. No __restrict__ anywhere here, for exactly that reason. */
 template <typename T> static __global__ void add_forward_kernel(T *y, const T *a, const T *b, size_t n)
 {
-    EW_LOOP(i, n) y[i] = ew_st<T>(ew_ld(a[i]) + ew_ld(b[i]));
+    EW_LOOP(i, n) y[i] = ts_el_st<T>(ts_el_ld(a[i]) + ts_el_ld(b[i]));
 }
 
 extern "C" ts_status ts_cuda_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b)
@@ -147,9 +116,9 @@ extern "C" ts_status ts_cuda_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_ten
     if ((st = ts_ops_state("add_forward", &cs)) != TS_OK) return st;
     const size_t n = ts_tensor_numel(a);
 #define LAUNCH(T)                                                                                          \
-    add_forward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ew_el<T>(y), ew_el<T>(a), \
-                                                                                 ew_el<T>(b), n)
-    EW_DISPATCH(a->dtype, LAUNCH)
+    add_forward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ts_el_ptr<T>(y), ts_el_ptr<T>(a), \
+                                                                                 ts_el_ptr<T>(b), n)
+    TS_EL_DISPATCH(a->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
@@ -163,12 +132,12 @@ template <typename T> static __global__ void add_backward_kernel(T *da, T *db, c
 {
     EW_LOOP(i, n)
     {
-        const float g = ew_ld(dy[i]);
+        const float g = ts_el_ld(dy[i]);
         if (same) {
-            da[i] = ew_st<T>((ew_ld(da[i]) + g) + g);
+            da[i] = ts_el_st<T>((ts_el_ld(da[i]) + g) + g);
         } else {
-            da[i] = ew_st<T>(ew_ld(da[i]) + g);
-            db[i] = ew_st<T>(ew_ld(db[i]) + g);
+            da[i] = ts_el_st<T>(ts_el_ld(da[i]) + g);
+            db[i] = ts_el_st<T>(ts_el_ld(db[i]) + g);
         }
     }
 }
@@ -183,9 +152,9 @@ extern "C" ts_status ts_cuda_add_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor 
     const size_t n = ts_tensor_numel(dy);
     const int same = da->data == db->data;
 #define LAUNCH(T)                                                                                             \
-    add_backward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ew_el<T>(da), ew_el<T>(db), \
-                                                                                  ew_el<T>(dy), n, same)
-    EW_DISPATCH(dy->dtype, LAUNCH)
+    add_backward_kernel<T><<<ts_ops_grid(cs, n), TS_OPS_THREADS, 0, cs->stream>>>(ts_el_ptr<T>(da), ts_el_ptr<T>(db), \
+                                                                                  ts_el_ptr<T>(dy), n, same)
+    TS_EL_DISPATCH(dy->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
@@ -233,9 +202,9 @@ extern "C" ts_status ts_cuda_concat_forward(ts_ctx *ctx, ts_tensor *y, const ts_
     concat_blocks(a, b, &na, &nb);
     const size_t total = ts_tensor_numel(y);
 #define LAUNCH(T)                                                                                                 \
-    concat_forward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>(ew_el<T>(y), ew_el<T>(a), \
-                                                                                        ew_el<T>(b), na, nb, total)
-    EW_DISPATCH(y->dtype, LAUNCH)
+    concat_forward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>(ts_el_ptr<T>(y), ts_el_ptr<T>(a), \
+                                                                                        ts_el_ptr<T>(b), na, nb, total)
+    TS_EL_DISPATCH(y->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
@@ -250,13 +219,13 @@ static __global__ void concat_backward_kernel(T *da, T *db, const T *dy, size_t 
     EW_LOOP(i, total)
     {
         size_t n = i / per, r = i % per;
-        const float g = ew_ld(dy[i]);
+        const float g = ts_el_ld(dy[i]);
         if (r < na) {
             T *p = da + n * na + r;
-            *p = ew_st<T>(ew_ld(*p) + g);
+            *p = ts_el_st<T>(ts_el_ld(*p) + g);
         } else {
             T *p = db + n * nb + (r - na);
-            *p = ew_st<T>(ew_ld(*p) + g);
+            *p = ts_el_st<T>(ts_el_ld(*p) + g);
         }
     }
 }
@@ -273,8 +242,8 @@ extern "C" ts_status ts_cuda_concat_backward(ts_ctx *ctx, ts_tensor *da, ts_tens
     const size_t total = ts_tensor_numel(dy);
 #define LAUNCH(T)                                                                         \
     concat_backward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>( \
-        ew_el<T>(da), ew_el<T>(db), ew_el<T>(dy), na, nb, total)
-    EW_DISPATCH(dy->dtype, LAUNCH)
+        ts_el_ptr<T>(da), ts_el_ptr<T>(db), ts_el_ptr<T>(dy), na, nb, total)
+    TS_EL_DISPATCH(dy->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;

@@ -40,43 +40,6 @@
 
 #include "cuda_ops.cuh"
 
-/* ---- element types --------------------------------------------------------- */
-
-/* pool_ld widens an element to float32 (exact); pool_st<T> rounds once to T,
- * to nearest even. For float both are the identity. */
-static __device__ __forceinline__ float pool_ld(float v) { return v; }
-static __device__ __forceinline__ float pool_ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-static __device__ __forceinline__ float pool_ld(__half v) { return __half2float(v); }
-
-template <typename T> static __device__ __forceinline__ T pool_st(float v);
-template <> __device__ __forceinline__ float pool_st<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 pool_st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half pool_st<__half>(float v) { return __float2half_rn(v); }
-
-/* float32 tensors are NCHW, the half types NHWC (kernels/tensor.h). */
-template <typename T> struct pool_nhwc {
-    static constexpr bool value = true;
-};
-template <> struct pool_nhwc<float> {
-    static constexpr bool value = false;
-};
-
-template <typename T> static inline T *pool_el(const ts_tensor *t) { return reinterpret_cast<T *>(t->data); }
-
-/* Runs LAUNCH(T) with T the C++ type of dtype (the checks have refused an
- * unknown one). */
-#define POOL_DISPATCH(dtype, LAUNCH) \
-    switch (dtype) {                 \
-    case TS_BF16:                    \
-        LAUNCH(__nv_bfloat16);       \
-        break;                       \
-    case TS_F16:                     \
-        LAUNCH(__half);              \
-        break;                       \
-    default:                         \
-        LAUNCH(float);               \
-        break;                       \
-    }
 
 /* Sizes and parameters a kernel needs, passed by value. */
 typedef struct pool_dims {
@@ -115,7 +78,7 @@ static __global__ void maxpool_forward_kernel(T *y, int32_t *index, const T *x, 
         const T *xp;
         size_t cs, io;
         int r;
-        if constexpr (pool_nhwc<T>::value) {
+        if constexpr (ts_el_nhwc<T>::value) {
             const size_t c = o % (size_t)d.C, pix = o / (size_t)d.C, img = pix / out_plane;
             r = (int)(pix % out_plane);
             xp = x + img * in_plane * d.C + c;
@@ -140,11 +103,11 @@ static __global__ void maxpool_forward_kernel(T *y, int32_t *index, const T *x, 
         /* Compared widened (exact and monotonic, so the half types pick the
          * float32 op's arg-max); the chosen element itself is stored. */
         float maxval = -INFINITY;
-        T maxelem = pool_st<T>(-INFINITY);
+        T maxelem = ts_el_st<T>(-INFINITY);
         for (int ih = ih0; ih < ih1; ih++) {
             for (int iw = iw0; iw < iw1; iw++) {
                 const T e = xp[(size_t)(ih * d.W + iw) * cs];
-                const float val = pool_ld(e);
+                const float val = ts_el_ld(e);
                 if (val > maxval || isnan(val)) {
                     maxval = val;
                     maxelem = e;
@@ -170,9 +133,9 @@ extern "C" ts_status ts_cuda_maxpool2d_forward(ts_ctx *ctx, ts_tensor *y, int32_
     const size_t total = ts_tensor_numel(y);
     const pool_dims d = pool_dims_of(x, y, p);
 #define LAUNCH(T)                                                                                              \
-    maxpool_forward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>(pool_el<T>(y), index, \
-                                                                                         pool_el<T>(x), d, total)
-    POOL_DISPATCH(x->dtype, LAUNCH)
+    maxpool_forward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>(ts_el_ptr<T>(y), index, \
+                                                                                         ts_el_ptr<T>(x), d, total)
+    TS_EL_DISPATCH(x->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
@@ -222,7 +185,7 @@ static __global__ void maxpool_backward_kernel(T *dx, const T *dy, const int32_t
         const int32_t *ip;
         size_t cs;
         int k;
-        if constexpr (pool_nhwc<T>::value) {
+        if constexpr (ts_el_nhwc<T>::value) {
             const size_t c = e % (size_t)d.C, pix = e / (size_t)d.C, img = pix / in_plane;
             k = (int)(pix % in_plane);
             gp = dy + img * out_plane * d.C + c;
@@ -247,17 +210,17 @@ static __global__ void maxpool_backward_kernel(T *dx, const T *dy, const int32_t
          * half type), then one rounding. An element no output chose is not
          * written, so it keeps its bits (even -0.0 or a NaN's payload), as
          * on the CPU. */
-        float acc = pool_ld(dx[e]);
+        float acc = ts_el_ld(dx[e]);
         bool hit = false;
         for (int oh = oh0; oh <= oh1; oh++)
             for (int ow = ow0; ow <= ow1; ow++) {
                 const int o = oh * d.OW + ow;
                 if (ip[o] == k) {
-                    acc += pool_ld(gp[(size_t)o * cs]);
+                    acc += ts_el_ld(gp[(size_t)o * cs]);
                     hit = true;
                 }
             }
-        if (hit) dx[e] = pool_st<T>(acc);
+        if (hit) dx[e] = ts_el_st<T>(acc);
     }
 }
 
@@ -284,8 +247,8 @@ extern "C" ts_status ts_cuda_maxpool2d_backward(ts_ctx *ctx, ts_tensor *dx, cons
     /* As the CPU, the valid entries are applied even when some are bad. */
 #define LAUNCH(T)                                                                        \
     maxpool_backward_kernel<T><<<ts_ops_grid(cs, nin), TS_OPS_THREADS, 0, cs->stream>>>( \
-        pool_el<T>(dx), pool_el<T>(dy), index, d, nin)
-    POOL_DISPATCH(dy->dtype, LAUNCH)
+        ts_el_ptr<T>(dx), ts_el_ptr<T>(dy), index, d, nin)
+    TS_EL_DISPATCH(dy->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     /* The status must say whether the index was valid, so this op waits for

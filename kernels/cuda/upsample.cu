@@ -35,44 +35,6 @@
 
 #include "cuda_ops.cuh"
 
-/* ---- element types --------------------------------------------------------- */
-
-/* up_ld widens an element to float32 (exact); up_st<T> rounds once to T, to
- * nearest even. For float both are the identity. */
-static __device__ __forceinline__ float up_ld(float v) { return v; }
-static __device__ __forceinline__ float up_ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-static __device__ __forceinline__ float up_ld(__half v) { return __half2float(v); }
-
-template <typename T> static __device__ __forceinline__ T up_st(float v);
-template <> __device__ __forceinline__ float up_st<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 up_st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half up_st<__half>(float v) { return __float2half_rn(v); }
-
-/* float32 tensors are NCHW, the half types NHWC (kernels/tensor.h). */
-template <typename T> struct up_nhwc {
-    static constexpr bool value = true;
-};
-template <> struct up_nhwc<float> {
-    static constexpr bool value = false;
-};
-
-template <typename T> static inline T *up_el(const ts_tensor *t) { return reinterpret_cast<T *>(t->data); }
-
-/* Runs LAUNCH(T) with T the C++ type of dtype (the checks have refused an
- * unknown one). */
-#define UP_DISPATCH(dtype, LAUNCH) \
-    switch (dtype) {               \
-    case TS_BF16:                  \
-        LAUNCH(__nv_bfloat16);     \
-        break;                     \
-    case TS_F16:                   \
-        LAUNCH(__half);            \
-        break;                     \
-    default:                       \
-        LAUNCH(float);             \
-        break;                     \
-    }
-
 /* One axis of the resize: in -> out, and the CPU's float scale. */
 typedef struct up_axis {
     int in, out;
@@ -127,7 +89,7 @@ static __global__ void upsample_forward_kernel(T *y, const T *x, up_axis ah, up_
     const size_t out_plane = (size_t)ah.out * aw.out, in_plane = (size_t)ah.in * aw.in;
     for (size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += (size_t)gridDim.x * blockDim.x) {
         size_t r, base, cs;
-        if constexpr (up_nhwc<T>::value) {
+        if constexpr (ts_el_nhwc<T>::value) {
             const size_t c = o % (size_t)C, pix = o / (size_t)C;
             r = pix % out_plane;
             base = (pix / out_plane) * in_plane * C + c;
@@ -154,8 +116,8 @@ extern "C" ts_status ts_cuda_upsample_nearest_forward(ts_ctx *ctx, ts_tensor *y,
     const up_axis ah = up_axis_of(x->h, y->h), aw = up_axis_of(x->w, y->w);
 #define LAUNCH(T)                                                                          \
     upsample_forward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>( \
-        up_el<T>(y), up_el<T>(x), ah, aw, x->c, total)
-    UP_DISPATCH(x->dtype, LAUNCH)
+        ts_el_ptr<T>(y), ts_el_ptr<T>(x), ah, aw, x->c, total)
+    TS_EL_DISPATCH(x->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
@@ -175,7 +137,7 @@ static __global__ void upsample_backward_kernel(T *dx, const T *dy, up_axis ah, 
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
         size_t r, cs;
         const T *gp;
-        if constexpr (up_nhwc<T>::value) {
+        if constexpr (ts_el_nhwc<T>::value) {
             const size_t c = e % (size_t)C, pix = e / (size_t)C;
             r = pix % in_plane;
             gp = dy + (pix / in_plane) * out_plane * C + c;
@@ -192,12 +154,12 @@ static __global__ void upsample_backward_kernel(T *dx, const T *dy, up_axis ah, 
         /* grad_in[ih, iw] += grad_out[oh, ow], oh then ow increasing, onto the
          * caller's dx (our accumulate rule), as the CPU adds them: in float32
          * (on its widened copy for a half type), then one rounding. */
-        float acc = up_ld(dx[e]);
+        float acc = ts_el_ld(dx[e]);
         for (int oh = oh0; oh < oh1; oh++) {
             const T *g = gp + (size_t)oh * aw.out * cs;
-            for (int ow = ow0; ow < ow1; ow++) acc += up_ld(g[(size_t)ow * cs]);
+            for (int ow = ow0; ow < ow1; ow++) acc += ts_el_ld(g[(size_t)ow * cs]);
         }
-        dx[e] = up_st<T>(acc);
+        dx[e] = ts_el_st<T>(acc);
     }
 }
 
@@ -213,8 +175,8 @@ extern "C" ts_status ts_cuda_upsample_nearest_backward(ts_ctx *ctx, ts_tensor *d
     const up_axis ah = up_axis_of(dx->h, dy->h), aw = up_axis_of(dx->w, dy->w);
 #define LAUNCH(T)                                                                           \
     upsample_backward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>( \
-        up_el<T>(dx), up_el<T>(dy), ah, aw, dx->c, total)
-    UP_DISPATCH(dy->dtype, LAUNCH)
+        ts_el_ptr<T>(dx), ts_el_ptr<T>(dy), ah, aw, dx->c, total)
+    TS_EL_DISPATCH(dy->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;

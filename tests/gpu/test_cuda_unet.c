@@ -5,6 +5,14 @@
  * 1e-4 of the largest |logit| (fp32 cuDNN convolutions against OpenBLAS;
  * TF32 off), and the host model refuses the CUDA table.
  *
+ * Mixed precision (ts_unet_device_set_precision), bf16 and fp16, on the same
+ * copies and shapes: the CUDA half inference copy against (a) the CPU
+ * backend's inference copy at the same precision (kernels/cpu/half.c, the
+ * reference every CUDA half op is held to by test_cuda_half.c) and (b) the
+ * float32 folded forward, as tests/test_mixed.c holds the CPU half copy;
+ * then the same copy set back to float32 meets the float32 bound again.
+ * These shapes use no SMP fixture (random weights and statistics).
+ *
  * Device: TERRASEG_TEST_DEVICE (cuda, cuda:N or N; cuda:0 by default). Fails,
  * never skips, without a usable device: it runs only from tools/test_gpu.sh
  * (CTest label "gpu"). */
@@ -49,6 +57,117 @@ static void compare(ts_unet *m, ts_ctx *cpu, ts_ctx *gpu, ts_unet_device *d, int
     tu_tensor_free(&l, SUITE, "logits");
 }
 
+/* ---- mixed precision ----------------------------------------------------- */
+
+/* max |a - b| / max |b| (NaN propagates), as tests/test_mixed.c measures a
+ * half type's error: relative to the tensor's scale. *differ: any bit. */
+static double rel_err(const float *a, const float *b, size_t n, int *differ)
+{
+    double dmax = 0, rmax = 0;
+    *differ = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= dmax)) dmax = d;
+        rmax = fmax(rmax, fabs((double)b[i]));
+        *differ |= a[i] != b[i];
+    }
+    return rmax > 0 ? dmax / rmax : dmax;
+}
+
+/* The bounds, relative to max |reference logit|.
+ *
+ * (b) CUDA half against the float32 folded forward: tests/test_mixed.c's
+ * bound for the CPU half copy against float32 (8e-2 bf16, 1.2e-2 fp16; it
+ * measured 0.014 and 0.0018 on the depth-5 configuration here, the
+ * decoder {32,16,16,8,8} of its small_cfg(5)). A wrong layout, offset, a
+ * lost bias or a missing cast is off by O(1).
+ *
+ * (a) CUDA half against the CPU half copy. Both cast the same float32
+ * weights and input to the same half values, and every op takes the same
+ * half inputs, sums products that are exact in float32 in float32, and
+ * rounds. They differ where the GPU rounds differently, not where the type
+ * does:
+ *   - float32 summation order (cuDNN, the scatter-adds): ~1e-6 relative,
+ *     far below a half ulp (2^-8 bf16, 2^-11 fp16), so it only moves the one
+ *     rounding of an element to the neighbouring half value now and then
+ *     (test_cuda_half.c: <= 1 ulp per op);
+ *   - the biased forward: cuDNN rounds the convolution to the half type and
+ *     the bias/ReLU epilogue (conv_epilogue.cu) rounds again, where the CPU
+ *     rounds conv + bias once. Every conv of an inference copy has a bias
+ *     (the BN folded in), so every conv adds one extra rounding: up to one
+ *     ulp per element, about as large as the rounding the half type adds to
+ *     each op anyway (<= 1/2 ulp), and it propagates through the same
+ *     network.
+ * Per op that is up to 2 ulps (test_cuda_half.c's accounting: 1 for the
+ * summation order, 1 for the second rounding) against the CPU half copy's
+ * <= 1/2 ulp rounding plus its weight and input casts (about 1/2 ulp
+ * relative each) against float32: injections per layer of the same order,
+ * at most about twice as large, through the same propagation. So the bound
+ * is a multiple of the CPU half copy's error against float32 measured in
+ * the same call (e_ref below: the scale the type sets on this network and
+ * batch), 3 x e_ref, plus 1/4 ulp of the largest logit in case e_ref is
+ * small by chance. A model of these differences on the host (the CPU
+ * backend with the second rounding in the biased forward and in the
+ * beta = 1 blends of backward data / filter, and 2 eps sqrt(K) rms noise
+ * under every conv's rounding) gave 1.0 to 1.6 x e_ref on these shapes:
+ * an estimate, not a GPU measurement. A kernel that accumulates in half
+ * (sqrt(K) ulps per op) is several times e_ref; a lost bias or a wrong
+ * layout O(1). */
+#define HALF_REF_RATIO 3.0
+static double half_ulp_rel(ts_dtype t) { return t == TS_BF16 ? 0x1p-8 : 0x1p-11; }
+static double half_f32_bound(ts_dtype t) { return t == TS_BF16 ? 8e-2 : 1.2e-2; }
+
+static void compare_half(ts_unet *m, ts_ctx *cpu, ts_ctx *gpu, ts_unet_device *d, ts_unet_device *dc, ts_dtype prec,
+                         int n, int h, int w, const char *name)
+{
+    const char *pn = ts_dtype_name(prec);
+    tu_rng rng;
+    tu_rng_seed(&rng, (uint64_t)(n * 1000 + h * 10 + w));
+    ts_tensor x = tu_tensor(n, m->cfg.in_channels, h, w), l = tu_tensor(n, m->cfg.classes, h, w),
+              lc = tu_tensor(n, m->cfg.classes, h, w), ref;
+    tu_fill(&rng, x.data, ts_tensor_numel(&x), -1, 1);
+    if (tu_expect_ok(ts_unet_forward_folded(m, cpu, &x, &ref), "cpu forward_folded") &&
+        tu_expect_ok(ts_unet_device_forward(dc, cpu, &x, &lc), "cpu half forward") &&
+        tu_expect_ok(ts_unet_device_forward(d, gpu, &x, &l), name)) {
+        const size_t nl = ts_tensor_numel(&l);
+        int differ, dref;
+        const double e_ref = rel_err(lc.data, ref.data, nl, &dref);
+        const double e_cpu = rel_err(l.data, lc.data, nl, &differ);
+        const double e_f32 = rel_err(l.data, ref.data, nl, &differ);
+        const double b_cpu = HALF_REF_RATIO * e_ref + 0.25 * half_ulp_rel(prec), b_f32 = half_f32_bound(prec);
+        printf("  %s [%d,%d,%d]: cuda vs cpu %.3e, cuda vs f32 %.3e, cpu vs f32 %.3e\n", name, n, h, w, e_cpu,
+               e_f32, e_ref);
+        tu_expect(dref, "%s [%d,%d,%d]: the cpu half copy is not float32 (the half path ran)", name, n, h, w);
+        tu_expect(e_cpu <= b_cpu, "%s [%d,%d,%d]: cuda vs cpu at %s %.3e <= %.3e (%.1f x cpu vs f32 %.3e + 1/4 ulp)",
+                  name, n, h, w, pn, e_cpu, b_cpu, HALF_REF_RATIO, e_ref);
+        tu_expect(e_f32 <= b_f32 && differ, "%s [%d,%d,%d]: cuda vs float32 %.3e <= %g, not equal", name, n, h, w,
+                  e_f32, b_f32);
+    }
+    tu_tensor_free(&x, SUITE, "x");
+    tu_tensor_free(&l, SUITE, "logits");
+    tu_tensor_free(&lc, SUITE, "cpu logits");
+}
+
+/* The CUDA copy d at precision prec, and a CPU inference copy of the same
+ * folded model at the same precision, on the float32 shapes (the last one
+ * again: replanning at half sizes). */
+static void half_case(ts_unet *m, ts_ctx *cpu, ts_ctx *gpu, ts_unet_device *d, ts_dtype prec, const char *name)
+{
+    char what[96];
+    snprintf(what, sizeof what, "%s, %s", name, ts_dtype_name(prec));
+    ts_unet_device dc;
+    memset(&dc, 0, sizeof dc);
+    if (tu_expect_ok(ts_unet_device_set_precision(d, gpu, prec), "cuda set_precision") &&
+        tu_expect(ts_unet_device_precision(d) == prec, "%s: the copy reports its precision", what) &&
+        tu_expect_ok(ts_unet_device_init(&dc, m, cpu->backend), "cpu inference copy") &&
+        tu_expect_ok(ts_unet_device_set_precision(&dc, cpu, prec), "cpu set_precision")) {
+        compare_half(m, cpu, gpu, d, &dc, prec, 2, 45, 37, what);
+        compare_half(m, cpu, gpu, d, &dc, prec, 1, 33, 65, what);
+        compare_half(m, cpu, gpu, d, &dc, prec, 2, 45, 37, what);
+    }
+    ts_unet_device_free(&dc);
+}
+
 static void run_case(ts_ctx *cpu, ts_ctx *gpu, const ts_unet_config *cfg, const char *name)
 {
     ts_unet m;
@@ -74,6 +193,11 @@ static void run_case(ts_ctx *cpu, ts_ctx *gpu, const ts_unet_config *cfg, const 
         compare(&m, cpu, gpu, &d, 2, 45, 37, name);
         compare(&m, cpu, gpu, &d, 1, 33, 65, name);
         compare(&m, cpu, gpu, &d, 2, 45, 37, name);
+        half_case(&m, cpu, gpu, &d, TS_BF16, name);
+        half_case(&m, cpu, gpu, &d, TS_F16, name);
+        /* The plan and the half weights are dropped: float32 bits again. */
+        if (tu_expect_ok(ts_unet_device_set_precision(&d, gpu, TS_F32), "set_precision f32"))
+            compare(&m, cpu, gpu, &d, 1, 33, 65, "back to f32");
     }
     ts_unet_device_free(&d);
     ts_unet_free(&m);
