@@ -124,6 +124,9 @@ ts_status ts_float_buffer_check(const char *op, const float *p, size_t n);
 /* sum_squares: sumsq non-NULL, then *sumsq = 0 (the result for n == 0 and
  * after a NULL x), and x non-NULL when n > 0. */
 ts_status ts_sum_squares_check(double *sumsq, const float *x, size_t n);
+/* sum_squares_multi: count >= 0; for count > 0, sumsq, x and n non-NULL,
+ * every sumsq[i] = 0, and each x[i] non-NULL when n[i] > 0. */
+ts_status ts_sum_squares_multi_check(double *sumsq, const float *const *x, const size_t *n, int count);
 /* Nearest upsampling: big is the tensor at the output resolution (y or dy),
  * small the one at the input resolution (x or dx); both valid, same n and c. */
 ts_status ts_upsample_check(const char *op, const ts_tensor *big, const char *bigname, const ts_tensor *small,
@@ -338,6 +341,11 @@ struct ts_backend {
     /* *sumsq = sum of x[i]^2 over x[0..n), accumulated in double over fixed
      * blocks (the same bits for any thread count): gradient-norm clipping. */
     ts_status (*sum_squares)(ts_ctx *ctx, double *sumsq, const float *x, size_t n);
+    /* sumsq[i] = sum_squares of x[i][0..n[i]) for i < count, the same bits as
+     * count sum_squares calls, in one call: on a device one synchronization
+     * instead of one per tensor (clip_grad_norm's per-tensor norms, the loss
+     * scaler's overflow check over every gradient of the model). */
+    ts_status (*sum_squares_multi)(ts_ctx *ctx, double *sumsq, const float *const *x, const size_t *n, int count);
     /* x[0..n) *= a, in float32 (torch's Tensor.mul_ with a float scalar). */
     ts_status (*scale)(ts_ctx *ctx, float *x, size_t n, float a);
 
@@ -379,6 +387,7 @@ struct ts_backend {
     X(adamw_update) \
     X(zero) \
     X(sum_squares) \
+    X(sum_squares_multi) \
     X(scale) \
     X(convert)
 

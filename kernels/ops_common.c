@@ -367,6 +367,19 @@ ts_status ts_sum_squares_check(double *sumsq, const float *x, size_t n)
     return ts_float_buffer_check("sum_squares", x, n);
 }
 
+ts_status ts_sum_squares_multi_check(double *sumsq, const float *const *x, const size_t *n, int count)
+{
+    if (count < 0) return ts_error(TS_ERR_INVALID_ARG, "sum_squares_multi: count %d < 0", count);
+    if (count == 0) return TS_OK;
+    if (!sumsq || !x || !n) return ts_error(TS_ERR_INVALID_ARG, "sum_squares_multi: NULL result, tensor or size list");
+    for (int i = 0; i < count; i++) sumsq[i] = 0;
+    for (int i = 0; i < count; i++)
+        if (n[i] > 0 && !x[i])
+            return ts_error(TS_ERR_INVALID_ARG, "sum_squares_multi: tensor %d of %d is NULL with %zu floats", i, count,
+                            n[i]);
+    return TS_OK;
+}
+
 /* ---- upsample ---------------------------------------------------------------- */
 
 ts_status ts_upsample_check(const char *op, const ts_tensor *big, const char *bigname, const ts_tensor *small,

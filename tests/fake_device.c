@@ -351,6 +351,15 @@ static ts_status f_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_
     return cpu->sum_squares(ctx, sumsq, x, n);
 }
 
+static ts_status f_sum_squares_multi(ts_ctx *ctx, double *sumsq, const float *const *x, const size_t *n, int count)
+{
+    need_host(sumsq);
+    need_host(x);
+    need_host(n);
+    for (int i = 0; x && n && i < count; i++) need(x[i], n[i] * sizeof(float));
+    return cpu->sum_squares_multi(ctx, sumsq, x, n, count);
+}
+
 static ts_status f_scale(ts_ctx *ctx, float *x, size_t n, float a)
 {
     need(x, n * sizeof(float));
@@ -397,6 +406,7 @@ const ts_backend *tu_fake_device_backend(void)
         fake_backend.adamw_update = f_adamw;
         fake_backend.zero = f_zero;
         fake_backend.sum_squares = f_sum_squares;
+        fake_backend.sum_squares_multi = f_sum_squares_multi;
         fake_backend.scale = f_scale;
         fake_backend.convert = f_convert;
     }

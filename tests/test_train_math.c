@@ -77,6 +77,33 @@ static void test_ops(ts_ctx *ctx)
         tu_free(x, "sum_squares", "x");
         tu_free(y, "scale", "y");
     }
+    /* sum_squares_multi: the bits of one sum_squares per tensor, empty ones
+     * (and their NULL pointers) included. */
+    {
+        enum { M = 5 };
+        const size_t mn[M] = {3, 0, 16385, 1, 65536 * 2 + 9};
+        float *mx[M];
+        double got[M], one[M];
+        for (int i = 0; i < M; i++) {
+            mx[i] = mn[i] ? tu_alloc_f(mn[i]) : NULL;
+            if (mx[i]) tu_fill(&rng, mx[i], mn[i], -3, 3);
+            got[i] = -1;
+            one[i] = -2;
+            tu_expect_ok(B->sum_squares(ctx, &one[i], mx[i], mn[i]), "sum_squares one");
+        }
+        tu_expect_ok(B->sum_squares_multi(ctx, got, (const float *const *)mx, mn, M), "sum_squares_multi");
+        tu_expect(memcmp(got, one, sizeof got) == 0, "sum_squares_multi equals %d sum_squares bit for bit", M);
+        tu_expect_ok(B->sum_squares_multi(ctx, NULL, NULL, NULL, 0), "sum_squares_multi of nothing");
+        float *x3 = mx[3];
+        mx[3] = NULL;
+        tu_expect_error(B->sum_squares_multi(ctx, got, (const float *const *)mx, mn, M), TS_ERR_INVALID_ARG,
+                        "sum_squares_multi with a NULL tensor", "tensor 3 of 5 is NULL", (char *)NULL);
+        tu_expect_error(B->sum_squares_multi(ctx, got, (const float *const *)mx, mn, -1), TS_ERR_INVALID_ARG,
+                        "sum_squares_multi count -1", "count -1", (char *)NULL);
+        mx[3] = x3;
+        for (int i = 0; i < M; i++)
+            if (mx[i]) tu_free(mx[i], "sum_squares_multi", "x");
+    }
     double s;
     tu_expect_error(B->sum_squares(ctx, &s, NULL, 3), TS_ERR_INVALID_ARG, "sum_squares(NULL)", "sum_squares",
                     (char *)NULL);

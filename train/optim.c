@@ -139,14 +139,16 @@ ts_status ts_clip_grad_norm(ts_ctx *ctx, float *const *grads, const size_t *nume
     const ts_backend *B = ctx->backend;
     /* torch._foreach_norm: one float32 norm per tensor; then
      * vector_norm(stack(norms)) in float32. */
+    double *s = malloc((size_t)count * sizeof *s);
+    if (!s) return ts_error(TS_ERR_NOMEM, "clip_grad_norm: out of memory for %d norms", count);
+    ts_status st = B->sum_squares_multi(ctx, s, (const float *const *)grads, numel, count);
     double ss = 0;
-    for (int i = 0; i < count; i++) {
-        double s;
-        ts_status st = B->sum_squares(ctx, &s, grads[i], numel[i]);
-        if (st) return st;
-        float ni = (float)sqrt(s);
+    for (int i = 0; i < count && !st; i++) {
+        float ni = (float)sqrt(s[i]);
         ss += (double)ni * ni;
     }
+    free(s);
+    if (st) return st;
     const float total = (float)sqrt(ss);
     if (total_norm) *total_norm = total;
     if (!isfinite(total))
@@ -160,7 +162,7 @@ ts_status ts_clip_grad_norm(ts_ctx *ctx, float *const *grads, const size_t *nume
     if (coef > 1.0f) coef = 1.0f;
     if (coef == 1.0f) return TS_OK; /* g * 1.0f is g, bit for bit */
     for (int i = 0; i < count; i++) {
-        ts_status st = B->scale(ctx, grads[i], numel[i], coef);
+        st = B->scale(ctx, grads[i], numel[i], coef);
         if (st) return st;
     }
     return TS_OK;
@@ -200,11 +202,12 @@ static ts_status grads_finite(ts_ctx *ctx, const ts_unet_trainable *t, int *fini
     size_t *n = NULL;
     int count = 0;
     ts_status st = used_grads(t, &g, &n, &count);
-    for (int i = 0; i < count && !st && *finite; i++) {
-        double s;
-        st = ctx->backend->sum_squares(ctx, &s, g[i], n[i]);
-        if (!st && !isfinite(s)) *finite = 0;
-    }
+    double *s = st ? NULL : malloc((size_t)(count ? count : 1) * sizeof *s);
+    if (!st && !s) st = ts_error(TS_ERR_NOMEM, "loss scaling: out of memory for %d sums", count);
+    if (!st) st = ctx->backend->sum_squares_multi(ctx, s, (const float *const *)g, n, count);
+    for (int i = 0; i < count && !st; i++)
+        if (!isfinite(s[i])) *finite = 0;
+    free(s);
     free(g);
     free(n);
     return st;

@@ -36,6 +36,7 @@ ts_status ts_cpu_concat_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, c
 ts_status ts_cpu_concat_backward(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy);
 ts_status ts_cpu_zero(ts_ctx *ctx, float *p, size_t n);
 ts_status ts_cpu_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_t n);
+ts_status ts_cpu_sum_squares_multi(ts_ctx *ctx, double *sumsq, const float *const *x, const size_t *n, int count);
 ts_status ts_cpu_scale(ts_ctx *ctx, float *x, size_t n, float a);
 
 /* pool.c */

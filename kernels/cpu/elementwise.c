@@ -194,6 +194,13 @@ ts_status ts_cpu_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_t 
     return TS_OK;
 }
 
+ts_status ts_cpu_sum_squares_multi(ts_ctx *ctx, double *sumsq, const float *const *x, const size_t *n, int count)
+{
+    ts_status st = ts_sum_squares_multi_check(sumsq, x, n, count);
+    for (int i = 0; i < count && st == TS_OK; i++) st = ts_cpu_sum_squares(ctx, &sumsq[i], x[i], n[i]);
+    return st;
+}
+
 ts_status ts_cpu_scale(ts_ctx *ctx, float *x, size_t n, float a)
 {
     (void)ctx;

@@ -308,6 +308,45 @@ extern "C" ts_status ts_cuda_sum_squares(ts_ctx *ctx, double *sumsq, const float
     return TS_OK;
 }
 
+/* The same kernels per tensor (so the same bits as sum_squares), each
+ * tensor's result into its own slot of one device array, then one copy and
+ * one synchronization for all of them. The block partials of every tensor
+ * get their own region of the scratch, since all the launches are queued
+ * before any result is read. */
+extern "C" ts_status ts_cuda_sum_squares_multi(ts_ctx *ctx, double *sumsq, const float *const *x, const size_t *n,
+                                               int count)
+{
+    static ts_ops_scratch scratch; /* [0, count): results; then each tensor's block partials */
+    (void)ctx;
+    ts_status st = ts_sum_squares_multi_check(sumsq, x, n, count); /* sets every sumsq[i] = 0 */
+    if (st != TS_OK || count == 0) return st;
+    ts_cuda_state *cs;
+    if ((st = ts_ops_state("sum_squares_multi", &cs)) != TS_OK) return st;
+    size_t total = (size_t)count;
+    for (int i = 0; i < count; i++) {
+        size_t blocks = (n[i] + TS_OPS_THREADS - 1) / TS_OPS_THREADS;
+        total += blocks > SUMSQ_BLOCKS ? SUMSQ_BLOCKS : blocks;
+    }
+    void *buf = NULL;
+    if ((st = ts_ops_scratch_get(&scratch, total * sizeof(double), &buf)) != TS_OK) return st;
+    double *out = (double *)buf, *part = out + count;
+    /* An empty tensor's result is 0: cleared once for all. */
+    TS_CUDA_CHECK(cudaMemsetAsync(out, 0, (size_t)count * sizeof(double), cs->stream));
+    for (int i = 0; i < count; i++) {
+        if (n[i] == 0) continue;
+        size_t blocks = (n[i] + TS_OPS_THREADS - 1) / TS_OPS_THREADS;
+        if (blocks > SUMSQ_BLOCKS) blocks = SUMSQ_BLOCKS;
+        sumsq_kernel<<<(unsigned)blocks, TS_OPS_THREADS, 0, cs->stream>>>(part, x[i], n[i]);
+        TS_CUDA_LAUNCH_CHECK();
+        ts_reduce_partials_kernel<<<1, TS_OPS_THREADS, 0, cs->stream>>>(part, out + i, blocks, 1);
+        TS_CUDA_LAUNCH_CHECK();
+        part += blocks;
+    }
+    TS_CUDA_CHECK(cudaMemcpyAsync(sumsq, out, (size_t)count * sizeof(double), cudaMemcpyDeviceToHost, cs->stream));
+    TS_CUDA_CHECK(cudaStreamSynchronize(cs->stream));
+    return TS_OK;
+}
+
 /* x *= a in float32 (torch's Tensor.mul_ with a float scalar): one rounded
  * multiply, as the CPU. */
 static __global__ void scale_kernel(float *x, size_t n, float a)

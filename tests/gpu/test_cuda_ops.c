@@ -1087,6 +1087,31 @@ static void test_sum_squares(size_t n)
     pair_free(&b, op, "x");
 }
 
+/* sum_squares_multi on the GPU: the bits of the GPU's own sum_squares per
+ * tensor (the same kernels, one synchronization), close to the CPU's. */
+static void test_sum_squares_multi(void)
+{
+    const char *op = "sum_squares_multi";
+    enum { M = 4 };
+    const size_t n[M] = {5, 0, 300007, 1};
+    pair b[M];
+    const float *xd[M], *xh[M];
+    double sg[M], sc[M], one[M];
+    for (int i = 0; i < M; i++) {
+        b[i] = vec_rand(n[i] ? n[i] : 1, -2, 2);
+        pair_sync(&b[i]);
+        xd[i] = n[i] ? b[i].d.data : NULL;
+        xh[i] = n[i] ? b[i].h.data : NULL;
+        one[i] = -1;
+        gpu_ok(gpu->sum_squares(&gctx, &one[i], xd[i], n[i]), op);
+    }
+    if (gpu_ok(gpu->sum_squares_multi(&gctx, sg, xd, n, M), op) && cpu_ok(cpu->sum_squares_multi(&cctx, sc, xh, n, M), op)) {
+        check(memcmp(sg, one, sizeof sg) == 0, "%s: equals %d single sum_squares on the GPU bit for bit", op, M);
+        for (int i = 0; i < M; i++) cmp_double(op, "sum", sg[i], sc[i], 0, 1e-7);
+    }
+    for (int i = 0; i < M; i++) pair_free(&b[i], op, "x");
+}
+
 static void test_scale(size_t n, float a)
 {
     char op[128];
@@ -1549,6 +1574,7 @@ int main(void)
         test_zero(vec_sizes[i]);
         test_sum_squares(vec_sizes[i]);
     }
+    test_sum_squares_multi();
     test_scale(1, 0.5f);
     test_scale(7, -3.1f);
     test_scale(1000003, 0.37f);

@@ -258,6 +258,304 @@ out:
     fx_free(&f);
 }
 
+/* ---- (d) mixed precision: the CUDA training copy against the CPU's ---- */
+
+/* Cosine similarity of two gradient vectors: the direction an optimizer
+ * follows, which is what mixed precision must keep (tests/test_mixed.c). */
+static double cosine(const float *a, const float *b, size_t n)
+{
+    double ab = 0, aa = 0, bb = 0;
+    for (size_t i = 0; i < n; i++) {
+        ab += (double)a[i] * b[i];
+        aa += (double)a[i] * a[i];
+        bb += (double)b[i] * b[i];
+    }
+    return aa > 0 && bb > 0 ? ab / sqrt(aa * bb) : (aa == bb ? 1 : 0);
+}
+
+static double max_abs_diff(const float *a, const float *b, size_t n)
+{
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (!(d <= m)) m = d; /* NaN propagates */
+    }
+    return m;
+}
+
+/* One training copy at a precision with its optimizer, labels and dlogits
+ * in its backend's memory: the CUDA one, and the CPU one that is its
+ * reference (kernels/cpu/half.c). */
+typedef struct half_side {
+    ts_ctx *ctx;
+    ts_unet_device d;
+    ts_optim o;
+    int32_t *y;
+    float *dl;
+    float *logits, *grads, *stats; /* host copies after the last step */
+    ts_loss_value lv;
+} half_side;
+
+static int side_init(half_side *s, ts_ctx *ctx, const ts_unet *m, ts_dtype prec, const ts_optim_config *oc,
+                     const int32_t *y, size_t npix, size_t nl)
+{
+    const ts_backend *B = ctx->backend;
+    memset(s, 0, sizeof *s);
+    s->ctx = ctx;
+    float *zeros = calloc(nl, sizeof(float));
+    int ok = zeros && tu_expect_ok(ts_unet_device_init_train(&s->d, m, B), "training copy") &&
+             tu_expect_ok(ts_unet_device_set_precision(&s->d, ctx, prec), "set_precision") &&
+             tu_expect_ok(ts_optim_init_on(&s->o, oc, m, B), "optimizer") &&
+             (s->y = put(B, y, npix * sizeof(int32_t))) && (s->dl = put(B, zeros, nl * sizeof(float)));
+    free(zeros);
+    return ok;
+}
+
+static void side_free(half_side *s)
+{
+    if (!s->ctx) return;
+    const ts_backend *B = s->ctx->backend;
+    free(s->logits);
+    free(s->grads);
+    free(s->stats);
+    B->memory->free(s->y);
+    B->memory->free(s->dl);
+    ts_optim_free(&s->o);
+    ts_unet_device_free(&s->d);
+}
+
+/* zero_grad, train forward, loss, dloss = the optimizer's loss scale (2^16
+ * with loss scaling), backward; the logits, gradients and BN statistics
+ * downloaded. With step, then the AdamW step. */
+static int side_step(half_side *s, const ts_loss *loss, const ts_tensor *x, int step)
+{
+    ts_ctx *c = s->ctx;
+    const ts_backend *B = c->backend;
+    ts_tensor lg, dl = ts_tensor_view(s->dl, x->n, loss->classes, x->h, x->w);
+    ts_unet_trainable tr = ts_unet_device_trainable(&s->d);
+    free(s->logits);
+    free(s->grads);
+    free(s->stats);
+    s->logits = s->grads = s->stats = NULL;
+    if (!tu_expect_ok(ts_unet_device_zero_grad(&s->d, c), "zero_grad") ||
+        !tu_expect_ok(ts_unet_device_run(&s->d, c, x, 1, &lg), "train run") ||
+        !tu_expect_ok(ts_loss_forward(loss, c, &lg, s->y, &s->lv), "loss") ||
+        !tu_expect_ok(B->zero(c, dl.data, ts_tensor_numel(&dl)), "zero dl") ||
+        !tu_expect_ok(ts_loss_backward(loss, c, &dl, &lg, s->y, ts_optim_loss_scale(&s->o)), "dloss") ||
+        !tu_expect_ok(ts_unet_device_backward(&s->d, c, &dl), "backward"))
+        return 0;
+    s->logits = fetch(B, lg.data, ts_tensor_numel(&lg) * sizeof(float));
+    s->grads = fetch(B, s->d.grads, s->d.n_weights * sizeof(float));
+    s->stats = fetch(B, s->d.buffers, s->d.n_buffers * sizeof(float));
+    return s->logits && s->grads && s->stats && (!step || tu_expect_ok(ts_optim_step_on(&s->o, c, &tr, 1e-3, NULL), "step"));
+}
+
+/* The bounds of (d), on tests/test_mixed.c's configuration (depth 3,
+ * decoder {16,8,8}, 2 x 3 x 67 x 64, its seeds): deeper on a small tile a
+ * BN over a handful of values makes the gradients of a random network
+ * ill-conditioned (see there), so the gradient comparisons need this depth.
+ *
+ * Both copies cast the same float32 master weights and input to the same
+ * half values; every op takes the same half inputs, accumulates in float32
+ * and rounds. Where the GPU differs from the CPU reference
+ * (test_cuda_half.c's per-op accounting): float32 summation order, which
+ * moves a rounding to the neighbouring half value now and then (<= 1 ulp),
+ * a second rounding where a conv has a bias (the head, a decoder conv
+ * without BN: cuDNN's output, then the epilogue), and cuDNN's beta = 1
+ * blend of backward data / filter that may round its contribution before
+ * the add (<= 1 ulp more). Those are injections of at most the size of the
+ * roundings that separate the half copy from float32 (<= 1/2 ulp per op plus
+ * the casts), and fewer of them in training (no bias before a BN), so:
+ *
+ *   - logits, BN statistics: within REF_RATIO = 3 times the CPU half copy's
+ *     error against float32 measured in the same run (e_ref; the float32
+ *     reference is the host model on the CPU), plus 1/4 ulp of the largest
+ *     value against a small e_ref (as test_cuda_unet.c's inference bound).
+ *   - losses: to first order |d(0.5 CE + 0.5 Dice)| <= 3 max |dlogit| (CE =
+ *     logsumexp(z) - z_y: 2 max|dz|; the softmax moves each p by a factor
+ *     within exp(+-2 max|dz|), the Dice ratio by a relative 4 max|dz|), so
+ *     |loss_cuda - loss_cpu| <= 4 max |logits_cuda - logits_cpu| + 1e-6
+ *     |loss|: the losses are the logits' (float32 kernels on float32
+ *     logits; the 1e-6 is their reductions' order).
+ *   - gradients: per parameter (every used trainable tensor) cosine
+ *     >= 1 - REF_RATIO * (1 - c_ref) and the whole vector likewise, where
+ *     c_ref is the same cosine of the CPU half copy against float32 (worst
+ *     parameter / whole vector, measured in the same run; test_mixed.c saw
+ *     0.862 / 0.937 for bf16 and 0.983 / 0.993 for fp16), and never below
+ *     test_mixed's own bounds for the half type against float32 (0.75 / 0.9
+ *     bf16, 0.95 / 0.98 fp16). The per-parameter gradient norms within
+ *     GRAD_NORM_MED (median) / GRAD_NORM_WORST of the CPU's.
+ *   - 3 AdamW steps: the first step's loss as above; steps 2 and 3 within
+ *     1e-2 (bf16) / 2e-3 (fp16) relative. AdamW's first steps move each
+ *     weight by about lr * sign(grad), so the two copies' weights differ by
+ *     2 lr = 2e-3 where a gradient's sign differs (only near-zero gradients)
+ *     and by the half type's rounding of the rest; test_mixed.c's half runs
+ *     move the loss by ~1/10 of its logits error per step of that size.
+ *
+ * A model of the GPU's differences on the host (the CPU backend with a
+ * second rounding in the biased forward and the beta = 1 blends, and 2 eps
+ * sqrt(K) rms noise under every conv rounding) stays inside every one of
+ * these bounds; it is an estimate, not a GPU measurement (see the report
+ * lines: every measured value is printed). A wrong layout, a lost bias or
+ * cast, a half accumulation or a missed gradient add is far outside. */
+#define REF_RATIO 3.0
+#define GRAD_NORM_MED 1e-2
+#define GRAD_NORM_WORST 1e-1
+
+static double ulp_rel(ts_dtype t) { return t == TS_BF16 ? 0x1p-8 : 0x1p-11; }
+
+/* Worst per-parameter cosine (and its name) over the used trainable tensors. */
+static double worst_cosine(const ts_unet *m, const float *a, const float *b, const char **name, int *count)
+{
+    double worst = 1;
+    *name = "";
+    *count = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const ts_param *p = &m->params[i];
+        if (p->kind != TS_PARAM_WEIGHT || !p->used) continue;
+        double c = cosine(a + p->offset, b + p->offset, p->numel);
+        ++*count;
+        if (!(c >= worst)) {
+            worst = c;
+            *name = p->name;
+        }
+    }
+    return worst;
+}
+
+static void half_vs_cpu(ts_ctx *cpu, ts_ctx *gpu, ts_dtype prec)
+{
+    const char *pn = ts_dtype_name(prec);
+    static const int dec[3] = {16, 8, 8};
+    const ts_unet_config cfg = make_cfg(3, 4, 3, dec, 1);
+    const int N = 2, K = cfg.classes, H = 67, W = 64;
+    const size_t npix = (size_t)N * H * W, nl = npix * (size_t)K;
+    ts_unet m;
+    if (!tu_expect_ok(ts_unet_init(&m, &cfg), "unet init")) return;
+    ts_unet_init_random(&m, 5);
+    tu_rng rng;
+    tu_rng_seed(&rng, 7);
+    ts_tensor x = tu_tensor(N, 3, H, W), dl = tu_tensor(N, K, H, W);
+    tu_fill(&rng, x.data, ts_tensor_numel(&x), -1, 1);
+    int32_t *y = tu_alloc_i32(npix);
+    for (size_t i = 0; i < npix; i++) y[i] = tu_randint(&rng, K);
+    ts_loss_config lc = ts_loss_default_config();
+    ts_loss loss;
+    ts_optim_config oc = ts_optim_default_config();
+    oc.loss_scaling = prec == TS_F16; /* GradScaler: fp16's narrow range needs it, bf16's does not */
+    half_side g, c;
+    memset(&g, 0, sizeof g);
+    memset(&c, 0, sizeof c);
+    float *w0 = NULL, *wg = NULL, *ref_logits = NULL, *ref_grads = NULL, *ref_stats = NULL;
+    tu_expect_ok(ts_loss_init(&loss, &lc, K), "loss");
+    /* Both copies from the model as it is; the float32 reference (the host
+     * model) moves its BN statistics afterwards. */
+    if (!side_init(&g, gpu, &m, prec, &oc, y, npix, nl) || !side_init(&c, cpu, &m, prec, &oc, y, npix, nl)) goto out;
+    w0 = malloc(m.n_weights * sizeof(float));
+    if (!w0) goto out;
+    memcpy(w0, m.weights, m.n_weights * sizeof(float));
+    ts_tensor lg;
+    ts_loss_value lv32;
+    if (!tu_expect_ok(ts_unet_zero_grad(&m, cpu), "host zero") ||
+        !tu_expect_ok(ts_unet_forward(&m, cpu, &x, 1, &lg), "host forward") ||
+        !tu_expect_ok(ts_loss_forward(&loss, cpu, &lg, y, &lv32), "host loss") ||
+        !tu_expect_ok(ts_loss_backward(&loss, cpu, &dl, &lg, y, ts_optim_loss_scale(&c.o)), "host dloss") ||
+        !tu_expect_ok(ts_unet_backward(&m, cpu, &dl), "host backward"))
+        goto out;
+    ref_logits = malloc(nl * sizeof(float));
+    ref_grads = malloc(m.n_weights * sizeof(float));
+    ref_stats = malloc(m.n_buffers * sizeof(float));
+    if (!ref_logits || !ref_grads || !ref_stats) goto out;
+    memcpy(ref_logits, lg.data, nl * sizeof(float));
+    memcpy(ref_grads, m.grads, m.n_weights * sizeof(float));
+    memcpy(ref_stats, m.buffers, m.n_buffers * sizeof(float));
+
+    /* Step 1: forward and backward on both copies. */
+    if (!side_step(&g, &loss, &x, 0) || !side_step(&c, &loss, &x, 0)) goto out;
+    double e = rel_max(g.logits, c.logits, nl), e_ref = rel_max(c.logits, ref_logits, nl);
+    double bnd = REF_RATIO * e_ref + 0.25 * ulp_rel(prec);
+    printf("  %s train logits: cuda vs cpu %.3e, cpu vs f32 %.3e\n", pn, e, e_ref);
+    tu_expect(e <= bnd, "%s: train logits cuda vs cpu %.3e <= %.3e (%.0f x cpu vs f32 %.3e + 1/4 ulp)", pn, e, bnd,
+              REF_RATIO, e_ref);
+    double dz = max_abs_diff(g.logits, c.logits, nl), dloss = fabs(g.lv.total - c.lv.total);
+    printf("  %s loss: cuda %.9g cpu %.9g (f32 %.9g), max |dlogit| %.3e\n", pn, g.lv.total, c.lv.total, lv32.total,
+           dz);
+    tu_expect(dloss <= 4 * dz + 1e-6 * fabs(c.lv.total),
+              "%s: loss cuda %.9g vs cpu %.9g: |diff| %.3e <= 4 max|dlogit| + 1e-6 |loss| = %.3e", pn, g.lv.total,
+              c.lv.total, dloss, 4 * dz + 1e-6 * fabs(c.lv.total));
+    e = rel_max(g.stats, c.stats, m.n_buffers);
+    e_ref = rel_max(c.stats, ref_stats, m.n_buffers);
+    bnd = REF_RATIO * e_ref + 0.25 * ulp_rel(prec);
+    printf("  %s BN running statistics: cuda vs cpu %.3e, cpu vs f32 %.3e\n", pn, e, e_ref);
+    tu_expect(e <= bnd, "%s: BN running statistics cuda vs cpu %.3e <= %.3e", pn, e, bnd);
+    tu_expect(memcmp(g.d.counters, c.d.counters, m.n_counters * sizeof(int64_t)) == 0 && g.d.counters[0] == 1,
+              "%s: num_batches_tracked after one train forward", pn);
+
+    /* Gradients (scaled by 2^16 on both with loss scaling: cosines and
+     * relative norms do not see the scale). */
+    const char *wn, *wn_ref;
+    int cnt, cnt_ref;
+    double cw = worst_cosine(&m, g.grads, c.grads, &wn, &cnt), cw_ref = worst_cosine(&m, c.grads, ref_grads, &wn_ref,
+                                                                                          &cnt_ref);
+    double ca = cosine(g.grads, c.grads, m.n_weights), ca_ref = cosine(c.grads, ref_grads, m.n_weights);
+    const double floor_w = prec == TS_BF16 ? 0.75 : 0.95, floor_a = prec == TS_BF16 ? 0.9 : 0.98;
+    const double bw = fmax(floor_w, 1 - REF_RATIO * (1 - cw_ref)), ba = fmax(floor_a, 1 - REF_RATIO * (1 - ca_ref));
+    printf("  %s gradient cosines: cuda vs cpu worst %.6f (%s) whole %.6f; cpu vs f32 worst %.6f (%s) whole %.6f\n",
+           pn, cw, wn, ca, cw_ref, wn_ref, ca_ref);
+    tu_expect(cw >= bw && cnt > 50, "%s: every parameter's gradient (%d) cuda vs cpu within cosine %.6f (worst %.6f at %s)",
+              pn, cnt, bw, cw, wn);
+    tu_expect(ca >= ba, "%s: the whole gradient cuda vs cpu within cosine %.6f (%.6f)", pn, ba, ca);
+    double med, worst;
+    const char *nn;
+    norm_errors(&m, g.grads, NULL, 1, c.grads, &med, &worst, &nn);
+    printf("  %s gradient norms cuda vs cpu: rel median %.2e worst %.2e (%s)\n", pn, med, worst, nn);
+    tu_expect(med <= GRAD_NORM_MED && worst <= GRAD_NORM_WORST,
+              "%s: gradient norms cuda vs cpu: median %.2e <= %g, worst %.2e <= %g", pn, med, GRAD_NORM_MED, worst,
+              GRAD_NORM_WORST);
+
+    /* The AdamW step updates (a good step with loss scaling: not skipped,
+     * the scale kept until 2000 good steps), then 2 more steps. */
+    ts_unet_trainable tg = ts_unet_device_trainable(&g.d), tc = ts_unet_device_trainable(&c.d);
+    if (!tu_expect_ok(ts_optim_step_on(&g.o, gpu, &tg, 1e-3, NULL), "cuda step") ||
+        !tu_expect_ok(ts_optim_step_on(&c.o, cpu, &tc, 1e-3, NULL), "cpu step"))
+        goto out;
+    wg = fetch(gpu->backend, g.d.weights, m.n_weights * sizeof(float));
+    size_t moved = 0, used = 0; /* of the used trainable values (depth 3 leaves most of ResNet-34 out) */
+    for (int i = 0; wg && i < m.n_params; i++) {
+        const ts_param *p = &m.params[i];
+        if (p->kind != TS_PARAM_WEIGHT || !p->used) continue;
+        used += p->numel;
+        for (size_t k = p->offset; k < p->offset + p->numel; k++) moved += wg[k] != w0[k];
+    }
+    tu_expect(!g.o.last_skipped && !c.o.last_skipped && g.o.step == 1 && g.o.skipped_steps == 0 && moved > used / 2,
+              "%s: the step updates (skipped %d, step %ld, %zu of %zu used weights moved)", pn, g.o.last_skipped,
+              g.o.step, moved, used);
+    if (oc.loss_scaling)
+        tu_expect(g.o.loss_scale == TS_LOSS_SCALE_INIT && g.o.growth_tracker == 1 && c.o.loss_scale == g.o.loss_scale,
+                  "%s: loss scale %g after a good step (growth %ld)", pn, g.o.loss_scale, g.o.growth_tracker);
+    const double tol_adam = prec == TS_BF16 ? 1e-2 : 2e-3;
+    for (int t = 2; t <= 3; t++) {
+        if (!side_step(&g, &loss, &x, 1) || !side_step(&c, &loss, &x, 1)) goto out;
+        e = rel_d(g.lv.total, c.lv.total);
+        printf("  %s AdamW step %d loss: cuda %.9g cpu %.9g (rel %.2e)\n", pn, t, g.lv.total, c.lv.total, e);
+        tu_expect(e <= tol_adam && !g.o.last_skipped, "%s: AdamW step %d loss cuda %.9g vs cpu %.9g: rel %.2e <= %g", pn,
+                  t, g.lv.total, c.lv.total, e, tol_adam);
+    }
+out:
+    free(w0);
+    free(wg);
+    free(ref_logits);
+    free(ref_grads);
+    free(ref_stats);
+    side_free(&g);
+    side_free(&c);
+    ts_loss_free(&loss);
+    tu_free(y, SUITE, "labels");
+    tu_tensor_free(&x, SUITE, "x");
+    tu_tensor_free(&dl, SUITE, "dl");
+    ts_unet_free(&m);
+}
+
 /* ---- (c) determinism and resume ---- */
 
 typedef struct run_data {
@@ -429,6 +727,8 @@ int main(void)
     const char *cases[] = {"in4_k6_d5_100x76", "in4_k6_d3_64x64", "in3_k6_d4_nobn_64x48", "in3_k1_d5_64x64"};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) parity(&cpu, &gpu, cases[i]);
     determinism(&gpu);
+    half_vs_cpu(&cpu, &gpu, TS_BF16);
+    half_vs_cpu(&cpu, &gpu, TS_F16);
     ts_ctx_free(&gpu);
     ts_ctx_free(&cpu);
     return tu_finish(SUITE);

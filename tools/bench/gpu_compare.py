@@ -356,6 +356,10 @@ def terraseg_run(binary, a, phase, mode, size, batch):
         return new_cell("timeout", detail=f"timeout after {a.ts_timeout:.0f} s"), {}
     except OSError as e:
         return new_cell("unavailable", detail=str(e)), {}
+    if r.returncode in (-signal.SIGTERM, -signal.SIGINT):
+        # timeout(1) or ^C signals the whole process group: terraseg may die
+        # before this process's own handler runs. Not a result: stop here.
+        raise Interrupted(signal.Signals(-r.returncode).name)
     if r.returncode != 0:
         lines = [l for l in r.stderr.strip().splitlines() if l.strip()] or [f"exit status {r.returncode}"]
         why = lines[-1].strip()
@@ -750,8 +754,9 @@ def cell_text(c, notes, what):
     if c["status"] == "oom" and what.startswith("torch"):
         return "OOM"
     detail = c["detail"] or c["status"]
-    # a refusal or a skip says the same for every cell it hits: one footnote for all
-    text = detail if c["status"] in ("unavailable", "skipped") else f"{what}: {detail}"
+    # One footnote per distinct reason: a refusal, a skip or the same error
+    # (bench model / bench train alike) hits many cells.
+    text = detail if c["status"] in ("unavailable", "skipped") else f"{what}: {re.sub(r'^bench (model|train): ', '', detail)}"
     return f"{label} [{notes.ref(text)}]"
 
 
@@ -774,8 +779,7 @@ def table(a, phase, cells, notes):
         for batch in a.batches:
             cells_row = [str(size), str(batch)]
             for m in a.modes:
-                cells_row.append(cell_text(cells.get(("torch", phase, m, size, batch)), notes,
-                                           f"torch {m} {phase} {size}/b{batch}"))
+                cells_row.append(cell_text(cells.get(("torch", phase, m, size, batch)), notes, f"torch {MODE_TITLES[m]}"))
             pm, pv = best_of(cells, "torch", phase, a.modes, size, batch)
             partial = [m for m in MODES if cells.get(("torch", phase, m, size, batch)) is None
                        or cells[("torch", phase, m, size, batch)]["status"] == "skipped"]
@@ -784,8 +788,7 @@ def table(a, phase, cells, notes):
                 best += f" [{notes.ref('PyTorch best: of the modes measured in that row (' + ', '.join(MODE_TITLES[m] for m in partial) + ' not measured)')}]"
             cells_row.append(best)
             for m in a.ts_modes:
-                cells_row.append(cell_text(cells.get(("terraseg", phase, m, size, batch)), notes,
-                                           f"terraseg {m} {phase} {size}/b{batch}"))
+                cells_row.append(cell_text(cells.get(("terraseg", phase, m, size, batch)), notes, "terraseg"))
             tm, tv = best_of(cells, "terraseg", phase, a.ts_modes, size, batch)
             cells_row.append(TS_TITLES[tm] if tm else "-")
             cells_row.append(f"{tv / pv:.2f}" if tv and pv else "-")
@@ -805,27 +808,36 @@ def row_verdict(cells, phase, ts_modes, pt_modes, size, batch, ts_required=None)
     mode, a terraseg mode of ts_required (default ts_modes); 'none': PyTorch
     itself ran in no mode (out of memory or failed in each), so there is
     nothing to compare with."""
-    def state(side, modes, required):
+    def state(side, modes, required, unknown):
         got = {m: cells.get((side, phase, m, size, batch)) for m in modes}
         vals = {m: c["rate"] for m, c in got.items() if c and c["status"] == "ok"}
-        missing = [m for m, c in got.items() if (c is None or c["status"] == "skipped") and m in required]
+        missing = [m for m, c in got.items() if (c is None or c["status"] in unknown) and m in required]
         failed = {m: c for m, c in got.items() if c and c["status"] not in ("ok", "skipped")}
         return vals, missing, failed
 
-    pv, pmiss, pfail = state("torch", pt_modes, pt_modes)
-    tv, tmiss, tfail = state("terraseg", ts_modes, ts_required or ts_modes)
+    # PyTorch: a mode that failed other than by running out of memory (a
+    # torch.compile without its compiler, say) is a mode not measured: it
+    # might have been the best. terraseg: a failure is terraseg's.
+    pv, pmiss, pfail = state("torch", pt_modes, pt_modes, ("skipped", "error", "timeout", "unavailable"))
+    tv, tmiss, tfail = state("terraseg", ts_modes, ts_required or ts_modes, ("skipped",))
     where = f"{size}/b{batch}"
-    pfail_s = "; ".join(f"{MODE_TITLES[m]} {c['status']}" for m, c in pfail.items())
+
+    def why_missing(side, m):
+        c = cells.get((side, phase, m, size, batch))
+        return "not run" if c is None else c["status"]
+    pmiss_s = ", ".join(f"{MODE_TITLES[m]} {why_missing('torch', m)}" for m in pmiss)
+    tmiss_s = ", ".join(f"{TS_TITLES[m]} {why_missing('terraseg', m)}" for m in tmiss)
+    pfail_s = "; ".join(f"{MODE_TITLES[m]} {c['status']}" for m, c in pfail.items() if m not in pmiss)
     tfail_s = "; ".join(f"{TS_TITLES[m]} {c['status']}" for m, c in tfail.items()
                         if m in (ts_required or ts_modes))
     if not pv:
         if pmiss:
-            return "open", None, f"{where}: PyTorch not measured ({', '.join(MODE_TITLES[m] for m in pmiss)})"
+            return "open", None, f"{where}: PyTorch not measured ({pmiss_s})"
         return "none", None, f"{where}: PyTorch ran in no mode ({pfail_s})"
     pm = max(pv, key=pv.get)
     if not tv:
         if tmiss:
-            return "open", None, f"{where}: terraseg not measured ({', '.join(TS_TITLES[m] for m in tmiss)})"
+            return "open", None, f"{where}: terraseg not measured ({tmiss_s})"
         return "fail", None, f"{where}: terraseg failed ({tfail_s}) where PyTorch {MODE_TITLES[pm]} ran"
     tm = max(tv, key=tv.get)
     ratio = tv[tm] / pv[pm]
@@ -839,16 +851,16 @@ def row_verdict(cells, phase, ts_modes, pt_modes, size, batch, ts_required=None)
         words += f" [terraseg {tfail_s}]"
     if ratio >= 1:
         if pmiss:
-            return "open", ratio, words + f" [PyTorch {', '.join(MODE_TITLES[m] for m in pmiss)} not measured]"
+            return "open", ratio, words + f" [not measured: PyTorch {pmiss_s}]"
         return "pass", ratio, words
     if tmiss:
-        return "open", ratio, words + f" [terraseg {', '.join(TS_TITLES[m] for m in tmiss)} not measured]"
+        return "open", ratio, words + f" [not measured: {tmiss_s}]"
     return "fail", ratio, words
 
 
 def verdict(name, rule, rows):
     """The lines of one done-when from row_verdict() results."""
-    ratios = [r for s, r, _ in rows if r is not None and s in ("pass", "fail", "open")]
+    ratios = [r for s, r, _ in rows if r is not None and s in ("pass", "fail")]  # the rows decided
     fails = [w for s, _, w in rows if s == "fail"]
     opens = [w for s, _, w in rows if s == "open"]
     nones = [w for s, _, w in rows if s == "none"]
@@ -861,12 +873,19 @@ def verdict(name, rule, rows):
         word = "PASS"
     else:
         word = "NOT MEASURED"
-    out = [f"{name}: {word}: {rule}"]
+    out = [f"{name} ({rule}): {word}"]
+    counts = (f"{len(passes)} rows pass, {len(fails)} fail, {len(opens)} not fully measured, {len(nones)} without a "
+              "PyTorch number")
     if ratios:
         gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-        out.append(f"  ratios: min {min(ratios):.3f}, geometric mean {gm:.3f}, max {max(ratios):.3f} over "
-                   f"{len(ratios)} rows; {len(passes)} pass, {len(fails)} fail, {len(opens)} not fully measured, "
-                   f"{len(nones)} without a PyTorch number")
+        out.append(f"  ratio: min {min(ratios):.3f}, geometric mean {gm:.3f}, max {max(ratios):.3f} over the "
+                   f"{len(ratios)} rows decided; {counts}")
+    else:
+        out.append(f"  ratio: no row decided; {counts}")
+    prov = [r for s, r, _ in rows if r is not None and s == "open"]
+    if prov:
+        out.append(f"  provisional ratio of the rows not fully measured: min {min(prov):.3f}, max {max(prov):.3f} "
+                   f"over {len(prov)} rows")
     for title, ws in (("below 1 or terraseg failed", fails), ("not fully measured", opens),
                       ("no PyTorch number (not counted)", nones), ("pass", passes)):
         if ws:
@@ -881,14 +900,14 @@ def verdicts(a, cells):
         rows = [row_verdict(cells, "infer", TS_MODES, MODES, s, b, ts_required=TS_DEFAULT) for s in a.sizes
                 for b in a.batches]
         out += verdict("DONE-WHEN 1, inference",
-                       "terraseg's best mode / PyTorch's best mode (fp32, tf32, bf16 cl, compile) >= 1 in every row",
-                       rows)
+                       "tiles/s of terraseg's best mode / PyTorch's best of fp32, tf32, bf16 cl, compile >= 1 in "
+                       "every row", rows)
     if "train" in a.phases:
         rows = [row_verdict(cells, "train", ("bf16",), ("bf16",), s, b) for s in a.sizes for b in a.batches]
         if out:
             out.append("")
-        out += verdict("DONE-WHEN 2, training", "terraseg bf16 step / PyTorch bf16-autocast (bf16 cl) step >= 1 in "
-                       "every row (tiles/s)", rows)
+        out += verdict("DONE-WHEN 2, training", "tiles/s of terraseg bf16 training steps / PyTorch bf16 autocast "
+                       "(bf16 cl) steps >= 1 in every row", rows)
     return out
 
 

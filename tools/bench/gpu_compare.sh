@@ -2,8 +2,11 @@
 # terraseg and PyTorch on the same U-Net ResNet-34 on a CUDA GPU, one command:
 #
 #   tools/bench/gpu_compare.sh [--sizes 256,512] [--batches 1,2,4,8,16,32]
-#       [--modes fp32,tf32,bf16,compile] [--phases infer,train] [--iters N]
-#       [--warmup N] [--device cuda[:N]] [--compile-mode M] [--ts-tf32] ...
+#       [--modes fp32,tf32,bf16,compile] [--ts-modes fp32,tf32,bf16[,fp16]]
+#       [--phases infer,train] [--iters N] [--warmup N] [--device cuda[:N]]
+#       [--compile-mode M] [--save-csv FILE] [--resume FILE] [--budget-s S] ...
+#   tools/bench/gpu_compare.sh --from-csv FILE [FILE ...]   (the report of saved
+#       runs: no venv, no build, no GPU)
 #   tools/bench/gpu_compare.sh --help        (all options; needs no venv)
 #
 # Steps:
@@ -17,17 +20,24 @@
 #     tools/test_gpu.sh: Release, -DTERRASEG_CUDA=ON, CUDA_ARCHS default 90),
 #     configured if it has no CMakeCache.txt yet.
 #  3. tools/bench/gpu_compare.py: terraseg (`bench model` / `bench train
-#     --device cuda`) and PyTorch (eager fp32 with TF32 off and on,
-#     channels_last + bf16 autocast, torch.compile of the latter), inference
-#     and training steps, and one Markdown table of tiles/s per phase with the
-#     ratios, the device, driver, versions and this command at the top.
-#     Progress goes to stderr, the report to stdout:
-#       tools/bench/gpu_compare.sh > gpu-compare.md
+#     --device cuda` in fp32, with --tf32, and with --precision bf16; fp16 on
+#     request) and PyTorch (eager fp32 with TF32 off and on, channels_last +
+#     bf16 autocast, torch.compile of the latter), inference and training
+#     steps, and one Markdown table of tiles/s per phase with the ratios, the
+#     device, driver, versions and this command at the top, then the two
+#     done-when verdicts (PASS / FAIL / INCOMPLETE): terraseg's best inference
+#     / PyTorch's best inference, and terraseg bf16 / PyTorch bf16-autocast
+#     training steps, each >= 1 in every row. Progress goes to stderr, the
+#     report to stdout:
+#       tools/bench/gpu_compare.sh --save-csv gpu-compare.csv > gpu-compare.md
 #
-# The defaults (2 sizes x 6 batches x 4 modes x 2 phases) take a while: every
-# torch.compile cell compiles afresh (tens of seconds each); narrow with
-# --sizes, --batches, --modes, --phases. Needs the network on the first run.
-# A benchmark, not a test: results go to docs/benchmarks.md by hand.
+# The defaults (2 sizes x 6 batches x (4 PyTorch + 3 terraseg modes) x 2
+# phases) take a while: every torch.compile cell compiles afresh (tens of
+# seconds each); narrow with --sizes, --batches, --modes, --ts-modes,
+# --phases, or bound the wall time with --budget-s (cells that would not fit
+# say "skipped"; the cells the verdicts need run first). Needs the network
+# on the first run. A benchmark, not a test: results go to
+# docs/benchmarks.md by hand.
 set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -35,6 +45,8 @@ cd "$root"
 for arg in "$@"; do
     case "$arg" in
     --help | -h) exec python3 tools/bench/gpu_compare.py --help ;;
+    # a report of saved measurements: runs nothing, needs no torch
+    --from-csv) exec python3 tools/bench/gpu_compare.py "$@" ;;
     esac
 done
 
