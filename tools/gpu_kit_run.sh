@@ -40,7 +40,7 @@ step() {    # step NAME LOGFILE COMMAND...: runs COMMAND (under timeout), append
     log=$2
     shift 2
     echo "== $name: $*" >>"$log"
-    step_from=$(wc -c <"$log")
+    step_from=$(($(wc -c <"$log")))
     t0=$(date +%s)
     if [ -n "$tmo" ]; then
         timeout -k 15 "$step_timeout" "$@" >>"$log" 2>&1
@@ -107,10 +107,10 @@ done
 # at 512 (its path differs from bf16 by the loss scaling).
 want bench && {
     for tf in "" "--tf32"; do
-        bench "bench conv $tf" conv --device cuda --batch 8 --size 512 --iters 10 $tf
+        bench "bench conv${tf:+ $tf}" conv --device cuda --batch 8 --size 512 --iters 10 $tf
         for s in 256 512; do
-            bench "bench model $s $tf" model --device cuda --batch 16 --size $s --iters 10 $tf
-            bench "bench train $s $tf" train --device cuda --batch 16 --size $s --iters 10 $tf
+            bench "bench model $s${tf:+ $tf}" model --device cuda --batch 16 --size $s --iters 10 $tf
+            bench "bench train $s${tf:+ $tf}" train --device cuda --batch 16 --size $s --iters 10 $tf
         done
     done
     for s in 256 512; do

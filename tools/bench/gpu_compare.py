@@ -178,8 +178,9 @@ def parse_args(argv):
                     "the missing or skipped ones")
     ap.add_argument("--from-csv", metavar="FILE", nargs="+",
                     help="run nothing: print the report of these saved CSVs (later files win for a cell they "
-                    "measured); --sizes, --batches, --modes, --ts-modes, --phases then filter (default: "
-                    "whatever the files hold). Needs no torch and no GPU")
+                    "measured); --sizes, --batches, --modes, --ts-modes, --phases then pick the rows and columns "
+                    "shown (default: whatever the files hold; the verdicts use every mode the files hold for "
+                    "the rows shown). Needs no torch and no GPU")
     # Development only: runs the PyTorch side on the CPU at whatever sizes are
     # given, to check this script without a GPU. Its numbers are no benchmark.
     ap.add_argument("--cpu-smoke-test", action="store_true", help=argparse.SUPPRESS)
@@ -678,14 +679,23 @@ def header(a, tv, torch_side):
                    "benchmark")
     else:
         p = t.cuda.get_device_properties(torch_side.dev)
-        driver = "unknown (no nvidia-smi)"
+        driver, mode = "unknown (no nvidia-smi)", None
         if shutil.which("nvidia-smi"):
-            r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True)
+            idx = a.device.split(":")[1] if ":" in a.device else "0"
+            r = subprocess.run(["nvidia-smi", "-i", idx, "--query-gpu=driver_version,compute_mode",
+                                "--format=csv,noheader"], capture_output=True, text=True)
             if r.returncode == 0 and r.stdout.strip():
-                driver = r.stdout.strip().splitlines()[0].strip()
+                f = [x.strip() for x in r.stdout.strip().splitlines()[0].split(",")]
+                driver, mode = f[0], f[1] if len(f) > 1 else None
         out.append(f"  device:   {a.device} = {p.name}, compute capability {p.major}.{p.minor}, "
-                   f"{p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs; NVIDIA driver {driver}")
+                   f"{p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs; NVIDIA driver {driver}"
+                   + (f"; compute mode {mode}" if mode else ""))
+        if mode and "exclusive" in mode.lower():
+            # This process holds a context from here on; terraseg runs as other processes.
+            out.append("  WARNING:  the GPU is in an exclusive compute mode: terraseg's runs (other processes) "
+                       "may be refused the device while this one holds it")
+            print("gpu_compare: warning: exclusive compute mode (" + mode + "): terraseg's runs may be refused "
+                  "the device", file=sys.stderr)
     cudnn = t.backends.cudnn.version() if t.backends.cudnn.is_available() else None
     cudnn_s = f"{cudnn // 10000}.{cudnn % 10000 // 100}.{cudnn % 100}" if cudnn else "none"
     import importlib.metadata as md
@@ -1031,7 +1041,8 @@ def main(argv=None):
         out.meta(run, lines)
     out.meta(run_id, head)
     for k, c in cells.items():
-        out.row(k, c)
+        if c["status"] in DONE:  # the skipped ones run again and get their own row
+            out.row(k, c)
     interrupted = run_cells(a, side, cells, out, run_id, progress)
     out.close()
     if meta:
