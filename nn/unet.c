@@ -1608,6 +1608,20 @@ ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor
     return d->backend->memory->download(logits->data, ld.data, ts_tensor_numel(&ld) * sizeof(float));
 }
 
+ts_status ts_unet_device_forward_resident(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)
+{
+    ts_status st = check_device_ctx(d, ctx, 0, "device forward_resident");
+    if (st == TS_OK) st = check_input(&d->cfg, x, logits, "device forward_resident");
+    if (st != TS_OK) return st;
+    if (x->dtype != TS_F32) {
+        char s[TS_SHAPE_STR];
+        return ts_error(TS_ERR_INVALID_ARG, "unet device forward_resident: the input %s must be float32",
+                        ts_shape_str(x, s));
+    }
+    unet_exec e = device_exec(d);
+    return run_forward(&e, ctx, x, 0, 1, logits);
+}
+
 ts_status ts_unet_device_run(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, int train, ts_tensor *logits)
 {
     ts_status st = check_device_ctx(d, ctx, 1, "device run");

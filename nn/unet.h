@@ -158,6 +158,13 @@ ts_status ts_unet_device_init(ts_unet_device *d, const ts_unet *m, const ts_back
  * caller allocates with shape [N, classes, H, W]. Plans (and allocates) the
  * arena when (N, H, W) changes. Errors leave the copy usable. */
 ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x_host, ts_tensor *logits_host);
+/* The same forward on a batch already in the backend's memory: x_dev
+ * [N, in_channels, H, W] float32 there, and *logits_dev a float32 view
+ * [N, classes, H, W] into the copy's arena, in the backend's memory, valid
+ * until the next call. For callers that keep their data on the device, and
+ * for timing the model as frameworks time theirs (input already on the
+ * GPU); ts_unet_device_forward is this plus the two copies. */
+ts_status ts_unet_device_forward_resident(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x_dev, ts_tensor *logits_dev);
 void ts_unet_device_free(ts_unet_device *d);
 
 /* ---- training on a backend ---------------------------------------------

@@ -145,6 +145,35 @@ static void test_equal(ts_ctx *cpu, ts_ctx *dev, const ts_unet_config *cfg, cons
         bits_equal(l2.data, ref2, ts_tensor_numel(&l2), "33x65");
     tu_expect(tu_fake.allocs == 1 && tu_fake.frees == 1 && tu_fake.uploads == 1 && tu_fake.foreign_ptrs == 0,
               "%s: a new shape replans the arena only (%ld allocs, %ld frees)", name, tu_fake.allocs, tu_fake.frees);
+    /* The resident forward: the same bits from a batch already in the
+     * backend's memory, no copy either way. */
+    {
+        void *xd = NULL;
+        ts_tensor ld;
+        if (tu_expect_ok(dev->backend->memory->alloc(&xd, in_bytes), "resident input") &&
+            tu_expect_ok(dev->backend->memory->upload(xd, x.data, in_bytes), "resident upload")) {
+            tu_fake_reset_counts();
+            ts_tensor xv = ts_tensor_view(xd, N, C, H, W);
+            if (tu_expect_ok(ts_unet_device_forward_resident(&d, dev, &xv, &ld), "resident forward")) {
+                tu_expect(tu_fake.uploads == 0 && tu_fake.downloads == 0 && tu_fake.foreign_ptrs == 0 &&
+                              ld.n == N && ld.c == K && ld.h == H && ld.w == W,
+                          "%s: the resident forward copies nothing and its logits are [N,K,H,W] (%ld uploads, %ld "
+                          "downloads, %ld foreign)",
+                          name, tu_fake.uploads, tu_fake.downloads, tu_fake.foreign_ptrs);
+                float *got = malloc(out_bytes);
+                if (got && tu_expect_ok(dev->backend->memory->download(got, ld.data, out_bytes), "download") && ref)
+                    bits_equal(got, ref, ts_tensor_numel(&l), "resident forward");
+                free(got);
+            }
+            ts_tensor bad = xv;
+            bad.dtype = TS_BF16;
+            tu_expect_error(ts_unet_device_forward_resident(&d, dev, &bad, &ld), TS_ERR_INVALID_ARG,
+                            "resident forward of a bf16 input", "must be float32", NULL);
+            tu_expect_error(ts_unet_device_forward_resident(&d, cpu, &xv, &ld), TS_ERR_INVALID_ARG,
+                            "resident forward with the CPU's context", "is not the one", NULL);
+        }
+        dev->backend->memory->free(xd);
+    }
     ts_unet_device_free(&d);
     tu_expect(tu_fake.live == 0 && tu_fake.live_bytes == 0, "%s: free releases everything (%ld live)", name,
               tu_fake.live);

@@ -40,9 +40,12 @@ terraseg modes (--ts-modes; `terraseg bench model|train --device DEV` with):
 
 Phases:
   infer  PyTorch: model.eval(), torch.inference_mode(), forward to logits (no
-         softmax). terraseg: `bench model`'s "eval fwd": the inference copy's
-         forward with BN folded, as predict runs it, INCLUDING the float32 batch
-         upload and logits download (PyTorch's input is already on the GPU)
+         softmax). terraseg: `bench model`'s "resident" column: the inference
+         copy's forward with BN folded on a batch already on the GPU, logits
+         left there, then a sync, as PyTorch's input is already on the GPU.
+         (Builds before that column: its "eval fwd" column, the forward as
+         predict runs it, which ADDS the float32 batch upload and logits
+         download.)
   train  PyTorch: model.train(); zero_grad(set_to_none); forward; loss = 0.5
          CE + 0.5 Dice in float32 (per-image soft Dice over softmax, eps 1e-7,
          the default loss of `terraseg bench train`); backward; AdamW step (lr
@@ -301,7 +304,9 @@ class CsvOut:
 
 # ---- terraseg --------------------------------------------------------------------------
 
-MODEL_ROW = re.compile(r"^(\d+)\s+(\d+)x(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$")
+# bench model's rows; the last column (the resident forward) is absent in
+# builds before it was added.
+MODEL_ROW = re.compile(r"^(\d+)\s+(\d+)x(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)(?:\s+([\d.]+))?$")
 TRAIN_ROW = re.compile(r"^(\d+)\s+(\d+)x(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$")
 
 
@@ -331,10 +336,14 @@ def parse_terraseg(phase, size, stdout):
         if phase == "infer":
             m = MODEL_ROW.match(line)
             if m and int(m.group(2)) == size and int(m.group(3)) == size:
-                b, ms = int(m.group(1)), float(m.group(4))
+                b = int(m.group(1))
+                # Like for like: PyTorch's input is already on the GPU, so the
+                # resident forward (3 decimals: +-0.0005 ms) when the build
+                # prints it, else the predict-like one with both copies (one
+                # decimal: +-0.05 ms).
+                ms, half_unit = (float(m.group(8)), 0.0005) if m.group(8) else (float(m.group(4)), 0.05)
                 if ms > 0:
-                    # printed with one decimal: the true time is within +-0.05 ms
-                    rows[b] = (b / (ms * 1e-3), ms, 0.05 / ms)
+                    rows[b] = (b / (ms * 1e-3), ms, half_unit / ms)
         else:
             m = TRAIN_ROW.match(line)
             if m and int(m.group(2)) == size and int(m.group(3)) == size:
