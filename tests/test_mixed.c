@@ -236,8 +236,8 @@ out:
     tu_expect(tu_fake.live == 0, "%s: nothing left allocated on the device (%ld live)", pn, tu_fake.live);
     ts_loss_free(&loss);
     free(y);
-    ts_tensor_free(&x);
-    ts_tensor_free(&dl);
+    tu_tensor_free(&x, "mixed", "x");
+    tu_tensor_free(&dl, "mixed", "dl");
     ts_unet_free(&m);
 }
 
@@ -270,8 +270,8 @@ static void test_inference_copy(ts_ctx *cpu, ts_ctx *dev, ts_dtype prec)
                       "%s inference copy set back to f32 equals the host bit for bit", pn);
     }
     ts_unet_device_free(&d);
-    ts_tensor_free(&x);
-    ts_tensor_free(&l);
+    tu_tensor_free(&x, "mixed", "x");
+    tu_tensor_free(&l, "mixed", "logits");
     ts_unet_free(&m);
 }
 
