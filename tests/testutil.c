@@ -265,6 +265,29 @@ void tu_init(ts_ctx *ctx)
     ts_ctx_init(ctx, NULL); /* tests call the ts_cpu_ ops directly */
 }
 
+void tu_gpu_device_name(char *name, size_t cap)
+{
+    const char *env = getenv("TERRASEG_TEST_DEVICE");
+    snprintf(name, cap, "cuda");
+    if (env && *env) snprintf(name, cap, "%s%s", env[0] >= '0' && env[0] <= '9' ? "cuda:" : "", env);
+}
+
+int tu_gpu_backend(const char *name, const ts_backend **out)
+{
+    *out = NULL;
+    if (strncmp(name, "cuda", 4) != 0)
+        return tu_expect(0, "TERRASEG_TEST_DEVICE=%s: write cuda, cuda:N or N (the ops here get device pointers)",
+                         name);
+    if (ts_backend_get(name, out) != TS_OK || !*out)
+        return tu_expect(0,
+                         "ts_backend_get(\"%s\"): %s (the GPU suite needs a visible CUDA device; set "
+                         "TERRASEG_TEST_DEVICE to pick another)",
+                         name, ts_last_error());
+    ts_status st = ts_backend_check(*out);
+    return tu_expect(st == TS_OK, "backend \"%s\" implements every op%s%s", (*out)->name, st == TS_OK ? "" : ": ",
+                     st == TS_OK ? "" : ts_last_error());
+}
+
 /* ---- a scratch folder ---- */
 
 static char tu_dir[256];

@@ -84,4 +84,12 @@ int tu_finish(const char *suite);
 /* Sets up threads from TERRASEG_THREADS and initializes a context for direct ts_cpu_ calls. */
 void tu_init(ts_ctx *ctx);
 
+/* The GPU tests' device: TERRASEG_TEST_DEVICE ("cuda", "cuda:N" or just N;
+ * default "cuda") as a backend name in name[cap]. */
+void tu_gpu_device_name(char *name, size_t cap);
+/* That device's backend, checked to implement every op: 1, or 0 after a
+ * failed check that says why (not a CUDA name, no visible device, an op
+ * missing: calling through a NULL op would crash). */
+int tu_gpu_backend(const char *name, const ts_backend **out);
+
 #endif

@@ -40,9 +40,9 @@ static void store(ts_tensor *t, size_t i, float v)
         t->half[i] = ts_f32_to_half(t->dtype, v);
 }
 
-/* The element loop of convert, once the arguments are checked. Walks x's
- * order so the reads are sequential; y == x (one dtype) reads each element
- * before writing it. */
+/* The element loop of convert, once the arguments are checked: element
+ * (n, c, h, w) of each tensor at its own layout's place. y == x (one dtype)
+ * reads each element before writing it. */
 static void convert_elems(ts_tensor *y, const ts_tensor *x, int accumulate)
 {
     const int N = x->n, C = x->c, H = x->h, W = x->w;
@@ -52,11 +52,9 @@ static void convert_elems(ts_tensor *y, const ts_tensor *x, int accumulate)
     }
 #pragma omp parallel for collapse(2) schedule(static)
     for (int n = 0; n < N; n++)
-        for (int a = 0; a < (x->dtype == TS_F32 ? C : H); a++)
-            for (int b = 0; b < (x->dtype == TS_F32 ? H : W); b++)
-                for (int k = 0; k < (x->dtype == TS_F32 ? W : C); k++) {
-                    int c = x->dtype == TS_F32 ? a : k, h = x->dtype == TS_F32 ? b : a;
-                    int w = x->dtype == TS_F32 ? k : b;
+        for (int c = 0; c < C; c++)
+            for (int h = 0; h < H; h++)
+                for (int w = 0; w < W; w++) {
                     size_t iy = elem_index(y, n, c, h, w);
                     float v = load(x, elem_index(x, n, c, h, w));
                     store(y, iy, accumulate ? load(y, iy) + v : v);

@@ -1485,32 +1485,15 @@ static void test_errors(void)
 
 int main(void)
 {
-    /* TERRASEG_TEST_DEVICE: "cuda", "cuda:N", or just N. */
-    const char *env = getenv("TERRASEG_TEST_DEVICE");
-    char name[64] = "cuda";
-    if (env && *env) snprintf(name, sizeof name, "%s%s", env[0] >= '0' && env[0] <= '9' ? "cuda:" : "", env);
-
+    char name[64];
+    tu_gpu_device_name(name, sizeof name);
     tu_init(&cctx);
     char info[1024];
     ts_cuda_describe(info, sizeof info);
     printf("%s: backend %s; %s\n", SUITE, name, info);
     cpu = ts_backend_cpu();
     cctx.backend = cpu;
-    if (strncmp(name, "cuda", 4) != 0) {
-        tu_expect(0, "TERRASEG_TEST_DEVICE=%s: write cuda, cuda:N or N (the ops here get device pointers)", env);
-        return tu_finish(SUITE);
-    }
-    if (ts_backend_get(name, &gpu) != TS_OK || !gpu) {
-        tu_expect(0,
-                  "ts_backend_get(\"%s\"): %s (the GPU suite needs a visible CUDA device; set "
-                  "TERRASEG_TEST_DEVICE to pick another)",
-                  name, ts_last_error());
-        return tu_finish(SUITE);
-    }
-    ts_status sb = ts_backend_check(gpu);
-    if (!check(sb == TS_OK, "backend \"%s\" implements every op%s%s", gpu->name, sb == TS_OK ? "" : ": ",
-               sb == TS_OK ? "" : ts_last_error()))
-        return tu_finish(SUITE); /* calling through a NULL op would crash */
+    if (!tu_gpu_backend(name, &gpu)) return tu_finish(SUITE);
     /* The reference is plain fp32: no TF32 on the GPU side. */
     ts_cuda_set_tf32(0);
     ts_cuda_set_deterministic(0);

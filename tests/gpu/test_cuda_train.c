@@ -777,17 +777,13 @@ out:
 
 int main(void)
 {
-    const char *env = getenv("TERRASEG_TEST_DEVICE");
-    char name[64] = "cuda";
-    if (env && *env) snprintf(name, sizeof name, "%s%s", env[0] >= '0' && env[0] <= '9' ? "cuda:" : "", env);
+    char name[64];
+    tu_gpu_device_name(name, sizeof name);
     ts_ctx cpu, gpu;
     tu_init(&cpu);
     cpu.backend = ts_backend_cpu();
     const ts_backend *b = NULL;
-    if (strncmp(name, "cuda", 4) != 0 || ts_backend_get(name, &b) != TS_OK || !b) {
-        tu_expect(0, "ts_backend_get(\"%s\"): %s (the GPU suite needs a visible CUDA device)", name, ts_last_error());
-        return tu_finish(SUITE);
-    }
+    if (!tu_gpu_backend(name, &b)) return tu_finish(SUITE);
     ts_cuda_set_tf32(0);
     ts_cuda_set_deterministic(1);
     ts_ctx_init(&gpu, b);
