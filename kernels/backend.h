@@ -257,6 +257,38 @@ typedef struct ts_backend_memory {
     ts_status (*sync)(void);
 } ts_backend_memory;
 
+/* ---- graphs: record a run of ops once, replay it -------------------------
+ * Launching an op on a GPU costs a few microseconds of host time; a U-Net
+ * forward is ~100 launches, which at batch 1 is as long as the arithmetic.
+ * A backend that can record the ops it is given and replay the recording
+ * in one launch (CUDA graphs) offers these; a backend whose ops are plain
+ * function calls (the CPU) leaves `graphs` NULL, and callers run the ops
+ * directly.
+ *
+ * Between begin and end the backend's ops are RECORDED, not run: each
+ * checks its arguments and returns TS_OK (or its error) without touching
+ * memory. A recording replays the very same ops on the very same pointers
+ * and shapes, reading whatever the memory holds when it is launched; so the
+ * caller must record again whenever a buffer the ops use moves. Ops that
+ * hand a result to the host (the losses, sum_squares) and the memory
+ * interface (alloc, copies, sync) cannot be recorded: they fail with an
+ * error saying so. An op's first call for a new shape may need to allocate
+ * (cuDNN's plans and workspace): run the ops once directly before recording
+ * them. */
+typedef struct ts_backend_graphs {
+    /* Starts recording the ops called from this thread. */
+    ts_status (*begin)(void);
+    /* Ends the recording begun by begin; call it also when an op failed
+     * while recording. On TS_OK *graph is the replayable recording (free it
+     * with free); on an error *graph is NULL. */
+    ts_status (*end)(void **graph);
+    /* Replays a recording, queued like one op. *stale = 1 and nothing runs
+     * when memory the backend itself owns and the recording points into was
+     * replaced since (the conv workspace grew): free it and record again. */
+    ts_status (*launch)(void *graph, int *stale);
+    void (*free)(void *graph); /* NULL is a no-op */
+} ts_backend_graphs;
+
 /* ---- the table ------------------------------------------------------- */
 
 struct ts_backend {
@@ -264,6 +296,9 @@ struct ts_backend {
     /* The memory the ops below take pointers into (never NULL in a table
      * terraseg builds; ts_backend_check reports it missing). */
     const ts_backend_memory *memory;
+    /* Recording and replaying ops (see above), or NULL where direct calls
+     * are as cheap (the CPU backend). */
+    const ts_backend_graphs *graphs;
 
     /* y = conv(x, w) (+ bias). x [N,Cin,H,W], w [Cout,Cin,kh,kw], bias [Cout] or NULL. */
     ts_status (*conv2d_forward)(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w,
@@ -399,8 +434,10 @@ enum { TS_BACKEND_OP_COUNT = 0 TS_BACKEND_OPS(TS_BACKEND_COUNT_OP) };
 #else
 #define TS_STATIC_ASSERT _Static_assert
 #endif
-/* The name and the memory interface are the only members that are not ops. */
+/* The name, the memory interface and the graphs are the only members that
+ * are not ops. */
 TS_STATIC_ASSERT(sizeof(struct ts_backend) == sizeof(const char *) + sizeof(const ts_backend_memory *) +
+                                                  sizeof(const ts_backend_graphs *) +
                                                   TS_BACKEND_OP_COUNT * sizeof(void (*)(void)),
                  "TS_BACKEND_OPS must list every op of struct ts_backend");
 

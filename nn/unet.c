@@ -1357,9 +1357,18 @@ ts_status ts_unet_forward_folded(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, ts
  * The device copy for inference
  * ====================================================================== */
 
+/* Forgets the recorded forward and which key ran directly. */
+static void graph_drop(ts_unet_device *d)
+{
+    if (d->graph && d->backend && d->backend->graphs) d->backend->graphs->free(d->graph);
+    d->graph = NULL;
+    d->warm = 0;
+}
+
 void ts_unet_device_free(ts_unet_device *d)
 {
     if (!d) return;
+    graph_drop(d);
     /* Through the backend that allocated them (the arena remembers its own). */
     const ts_backend_memory *mem = d->backend ? d->backend->memory : NULL;
     ts_arena_reset(&d->arena);
@@ -1586,6 +1595,101 @@ static unet_exec device_exec(ts_unet_device *d)
     return e;
 }
 
+void ts_unet_device_set_graphs(ts_unet_device *d, int on)
+{
+    if (!d) return;
+    graph_drop(d);
+    d->graphs_off = !on;
+}
+
+static ts_unet_graph_key graph_key_of(const ts_unet_device *d, const ts_tensor *x)
+{
+    ts_unet_graph_key k;
+    memset(&k, 0, sizeof k);
+    k.x = x->data;
+    k.arena = d->arena.base;
+    k.weights = d->weights;
+    k.wh = d->wh;
+    k.n = x->n;
+    k.h = x->h;
+    k.w = x->w;
+    k.act = d->layers->act;
+    return k;
+}
+
+static int graph_key_equal(const ts_unet_graph_key *a, const ts_unet_graph_key *b)
+{
+    return a->x == b->x && a->arena == b->arena && a->weights == b->weights && a->wh == b->wh && a->n == b->n &&
+           a->h == b->h && a->w == b->w && a->act == b->act;
+}
+
+/* The folded forward of an inference copy on x (in the backend's memory),
+ * replayed from a recording when the backend has graphs (see
+ * ts_unet_device_set_graphs). Why a direct run comes before every
+ * recording: an op's first call for a shape may allocate (cuDNN plans, the
+ * workspace), which a recording cannot hold. */
+static ts_status device_infer(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)
+{
+    unet_exec e = device_exec(d);
+    const ts_backend_graphs *G = d->backend->graphs;
+    if (!G || d->graphs_off) return run_forward(&e, ctx, x, 0, 1, logits);
+    ts_status st = ensure_plan(&e, x->n, x->h, x->w, 0);
+    if (st != TS_OK) return st;
+    const ts_unet_graph_key key = graph_key_of(d, x);
+    if (d->graph && graph_key_equal(&d->graph_key, &key)) {
+        int stale = 0;
+        st = G->launch(d->graph, &stale);
+        if (st != TS_OK) return ts_error(st, "unet forward: replaying the recorded forward: %s", ts_last_error());
+        if (!stale) {
+            d->graph_launches++;
+            d->layers->have_train = 0;
+            *logits = d->graph_logits;
+            return TS_OK;
+        }
+        /* The backend replaced a buffer of its own since (its workspace
+         * grew for another shape): run directly, record on the next call. */
+        graph_drop(d);
+    }
+    if (!d->warm || !graph_key_equal(&d->warm_key, &key)) {
+        st = run_forward(&e, ctx, x, 0, 1, logits);
+        if (st != TS_OK) return st;
+        d->warm = 1;
+        d->warm_key = key;
+        return TS_OK;
+    }
+    /* Record this key (dropping the recording of another), then launch it. */
+    if (d->graph) G->free(d->graph);
+    d->graph = NULL;
+    st = G->begin();
+    if (st != TS_OK) return ts_error(st, "unet forward: starting a recording: %s", ts_last_error());
+    ts_tensor out;
+    const ts_status run = run_forward(&e, ctx, x, 0, 1, &out);
+    char why[1024] = "";
+    if (run != TS_OK) snprintf(why, sizeof why, "%s", ts_last_error());
+    void *graph = NULL;
+    st = G->end(&graph); /* also after a failed op: the backend must stop recording */
+    if (run != TS_OK) {
+        G->free(graph);
+        return ts_error(run, "%s (while recording the forward)", why);
+    }
+    if (st != TS_OK) return ts_error(st, "unet forward: ending the recording: %s", ts_last_error());
+    d->graph = graph;
+    d->graph_key = key;
+    d->graph_logits = out;
+    d->graph_records++;
+    int stale = 0;
+    st = G->launch(graph, &stale);
+    if (st == TS_OK && stale)
+        st = ts_error(TS_ERR_BACKEND, "unet forward: internal error: the forward recorded just now is stale");
+    if (st != TS_OK) {
+        graph_drop(d);
+        return st;
+    }
+    d->graph_launches++;
+    *logits = out;
+    return TS_OK;
+}
+
 ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)
 {
     ts_status st = check_device_ctx(d, ctx, 0, "device forward");
@@ -1603,7 +1707,7 @@ ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor
     st = ensure_plan(&e, x->n, x->h, x->w, 0);
     ts_tensor xd, ld;
     if (st == TS_OK) st = stage_input(d, x, 0, &xd);
-    if (st == TS_OK) st = run_forward(&e, ctx, &xd, 0, 1, &ld);
+    if (st == TS_OK) st = device_infer(d, ctx, &xd, &ld);
     if (st != TS_OK) return st;
     return d->backend->memory->download(logits->data, ld.data, ts_tensor_numel(&ld) * sizeof(float));
 }
@@ -1618,8 +1722,7 @@ ts_status ts_unet_device_forward_resident(ts_unet_device *d, ts_ctx *ctx, const 
         return ts_error(TS_ERR_INVALID_ARG, "unet device forward_resident: the input %s must be float32",
                         ts_shape_str(x, s));
     }
-    unet_exec e = device_exec(d);
-    return run_forward(&e, ctx, x, 0, 1, logits);
+    return device_infer(d, ctx, x, logits);
 }
 
 ts_status ts_unet_device_run(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, int train, ts_tensor *logits)
@@ -1664,6 +1767,7 @@ ts_status ts_unet_device_set_precision(ts_unet_device *d, ts_ctx *ctx, ts_dtype 
                         ctx && ctx->backend ? ctx->backend->name : "none", d->backend->name);
     const ts_backend_memory *mem = d->backend->memory;
     /* Drop the old type's plan and casts: the arena's slot sizes depend on it. */
+    graph_drop(d);
     ts_arena_reset(&d->arena);
     d->layers->planned = 0;
     d->layers->have_train = 0;

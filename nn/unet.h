@@ -125,6 +125,15 @@ ts_status ts_unet_forward_folded(ts_unet *m, ts_ctx *ctx, const ts_tensor *x, ts
  * backend it gives the same logits bit for bit. The copy does not refer to
  * the host model after init: free it, or train it, and call init again for
  * new weights. */
+/* What a recorded forward depends on: the batch shape, the activation
+ * type, and the buffers its ops read and write. Equal keys mean the same
+ * ops on the same pointers (the plan is a function of shape and type). */
+typedef struct ts_unet_graph_key {
+    const void *x, *arena, *weights, *wh;
+    int n, h, w;
+    ts_dtype act;
+} ts_unet_graph_key;
+
 typedef struct ts_unet_device {
     const ts_backend *backend;
     ts_unet_config cfg;
@@ -146,6 +155,16 @@ typedef struct ts_unet_device {
     size_t x_bytes;
     uint16_t *wh;           /* half activations: the conv weights cast (backend memory, n_weights halves) */
     uint16_t *gh;           /* half activations, training: their gradients before the float32 add */
+    /* Inference on a backend with graphs (kernels/backend.h): the forward
+     * recorded once and replayed in one launch while the batch shape and
+     * every buffer it touches stay put (see ts_unet_device_set_graphs). */
+    int graphs_off;         /* 1: run every op directly */
+    void *graph;            /* the recording, or NULL */
+    ts_unet_graph_key graph_key; /* what it was recorded for */
+    ts_tensor graph_logits; /* its output, a view into the arena */
+    int warm;               /* warm_key has run directly (plans and workspace exist) */
+    ts_unet_graph_key warm_key;
+    long graph_records, graph_launches; /* counts, for tests and benchmarks */
 } ts_unet_device;
 
 /* Folds m's BN as ts_unet_fold_bn does (from its current weights and running
@@ -166,6 +185,15 @@ ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor
  * GPU); ts_unet_device_forward is this plus the two copies. */
 ts_status ts_unet_device_forward_resident(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x_dev, ts_tensor *logits_dev);
 void ts_unet_device_free(ts_unet_device *d);
+/* Graphs (on by default; a backend without them runs the ops directly):
+ * an inference copy runs the first forward of a batch shape directly, so
+ * that every plan and buffer exists, records the second and launches the
+ * recording, and from then on replays it while the shape, the input
+ * buffer and the arena stay the same; anything else runs directly once
+ * and is recorded on its next call. Logits are the same bits either way.
+ * Off: every forward calls the ops one by one (for comparisons and
+ * debugging). Training copies always call the ops directly. */
+void ts_unet_device_set_graphs(ts_unet_device *d, int on);
 
 /* ---- training on a backend ---------------------------------------------
  * A training copy keeps the trainable weights, their gradients and the BN

@@ -1,6 +1,7 @@
 #include "tests/fake_device.h"
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 tu_fake_stats tu_fake;
@@ -21,9 +22,18 @@ static int find_live(const void *q, size_t bytes)
     return -1;
 }
 
+/* Recording state (graphs, below). */
+static int recording;
+
+static ts_status recording_error(const char *what)
+{
+    return ts_error(TS_ERR_INVALID_ARG, "fake-device: %s while a graph is being recorded", what);
+}
+
 static ts_status fake_alloc(void **p, size_t bytes)
 {
     *p = NULL;
+    if (recording) return recording_error("alloc");
     tu_fake.allocs++;
     if (tu_fake.fail_alloc_at > 0 && --tu_fake.fail_alloc_at == 0)
         return ts_error(TS_ERR_NOMEM, "fake-device: alloc of %zu bytes failed on purpose", bytes);
@@ -62,6 +72,7 @@ static void fake_free(void *p)
 
 static ts_status fake_upload(void *dst, const void *src, size_t bytes)
 {
+    if (recording) return recording_error("upload");
     tu_fake.uploads++;
     if (tu_fake.fail_upload_at > 0 && --tu_fake.fail_upload_at == 0)
         return ts_error(TS_ERR_BACKEND, "fake-device: upload of %zu bytes failed on purpose", bytes);
@@ -77,6 +88,7 @@ static ts_status fake_upload(void *dst, const void *src, size_t bytes)
 
 static ts_status fake_download(void *dst, const void *src, size_t bytes)
 {
+    if (recording) return recording_error("download");
     tu_fake.downloads++;
     if (find_live(src, bytes) < 0 || find_live(dst, 0) >= 0) {
         tu_fake.bad_memory++;
@@ -88,7 +100,7 @@ static ts_status fake_download(void *dst, const void *src, size_t bytes)
     return TS_OK;
 }
 
-static ts_status fake_sync(void) { return TS_OK; }
+static ts_status fake_sync(void) { return recording ? recording_error("sync") : TS_OK; }
 
 static const ts_backend_memory fake_memory = {
     .host = 0,
@@ -129,6 +141,62 @@ static size_t label_bytes(const ts_tensor *t)
 
 static void need_t(const ts_tensor *t) { need(t ? t->data : NULL, numel(t) * (t ? ts_dtype_size(t->dtype) : 0)); }
 
+/* ---- graphs: one recorded op, by value ---- */
+
+typedef enum rec_kind { R_CONV, R_BN_EVAL, R_RELU, R_ADD, R_MAXPOOL, R_UPSAMPLE, R_CONCAT, R_CONVERT } rec_kind;
+
+typedef struct rec_op {
+    rec_kind kind;
+    ts_ctx *ctx;          /* the caller's: replays use its scratch */
+    ts_tensor y, a, b;    /* output and inputs (w is b for a conv) */
+    const float *v[4];    /* bias, or gamma, beta, running mean, running var */
+    int32_t *index;       /* max-pool */
+    ts_conv2d_params cp;
+    ts_pool2d_params pp;
+    ts_bn_params bp;
+    int accumulate;       /* convert */
+} rec_op;
+
+typedef struct fake_graph {
+    rec_op *ops;
+    int n;
+    unsigned long generation;
+} fake_graph;
+
+static rec_op *rec_ops;
+static int rec_n, rec_cap, replaying;
+
+static ts_status record(const rec_op *op)
+{
+    /* An op that fails while recording (on CUDA: its argument checks, or a
+     * workspace that would have to grow). */
+    if (tu_fake.fail_op_at > 0 && --tu_fake.fail_op_at == 0)
+        return ts_error(TS_ERR_BACKEND, "fake-device: recording an op failed on purpose");
+    if (rec_n == rec_cap) {
+        int cap = rec_cap ? 2 * rec_cap : 64;
+        rec_op *q = realloc(rec_ops, (size_t)cap * sizeof *q);
+        if (!q) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory recording an op");
+        rec_ops = q;
+        rec_cap = cap;
+    }
+    rec_ops[rec_n++] = *op;
+    tu_fake.ops_recorded++;
+    return TS_OK;
+}
+
+/* Before a forward op runs (not while recording): the injected failure,
+ * and the count of direct calls. */
+static ts_status direct(const char *op)
+{
+    if (tu_fake.fail_op_at > 0 && --tu_fake.fail_op_at == 0)
+        return ts_error(TS_ERR_BACKEND, "fake-device: %s failed on purpose", op);
+    if (!replaying) tu_fake.ops_direct++;
+    return TS_OK;
+}
+
+#define RECORDING_REFUSES(name) \
+    if (recording) return recording_error(name " (it cannot be recorded)")
+
 static ts_status f_conv(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w, const float *bias,
                         const ts_conv2d_params *p)
 {
@@ -136,12 +204,16 @@ static ts_status f_conv(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_
     need_t(x);
     need_t(w);
     if (bias) need(bias, dims_ok(w) ? (size_t)w->n * sizeof(float) : 0);
-    return cpu->conv2d_forward(ctx, y, x, w, bias, p);
+    if (recording)
+        return record(&(rec_op){.kind = R_CONV, .ctx = ctx, .y = *y, .a = *x, .b = *w, .v = {bias}, .cp = *p});
+    ts_status st = direct("conv2d_forward");
+    return st ? st : cpu->conv2d_forward(ctx, y, x, w, bias, p);
 }
 
 static ts_status f_conv_bwd_data(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *w,
                                  const ts_conv2d_params *p)
 {
+    RECORDING_REFUSES("conv2d_backward_data");
     need_t(dx);
     need_t(dy);
     need_t(w);
@@ -151,6 +223,7 @@ static ts_status f_conv_bwd_data(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy
 static ts_status f_conv_bwd_filter(ts_ctx *ctx, ts_tensor *dw, const ts_tensor *dy, const ts_tensor *x,
                                    const ts_conv2d_params *p)
 {
+    RECORDING_REFUSES("conv2d_backward_filter");
     need_t(dw);
     need_t(dy);
     need_t(x);
@@ -159,6 +232,7 @@ static ts_status f_conv_bwd_filter(ts_ctx *ctx, ts_tensor *dw, const ts_tensor *
 
 static ts_status f_conv_bwd_bias(ts_ctx *ctx, float *dbias, const ts_tensor *dy)
 {
+    RECORDING_REFUSES("conv2d_backward_bias");
     need(dbias, chan_bytes(dy));
     need_t(dy);
     return cpu->conv2d_backward_bias(ctx, dbias, dy);
@@ -167,6 +241,7 @@ static ts_status f_conv_bwd_bias(ts_ctx *ctx, float *dbias, const ts_tensor *dy)
 static ts_status f_bn_train(ts_ctx *ctx, ts_tensor *y, float *save_mean, float *save_invstd, const ts_tensor *x,
                             const float *gamma, const float *beta, float *rm, float *rv, const ts_bn_params *p)
 {
+    RECORDING_REFUSES("batchnorm_forward_train");
     size_t c = chan_bytes(x);
     need_t(y);
     need(save_mean, c);
@@ -189,12 +264,16 @@ static ts_status f_bn_eval(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const 
     need(beta, c);
     need(rm, c);
     need(rv, c);
-    return cpu->batchnorm_forward_eval(ctx, y, x, gamma, beta, rm, rv, p);
+    if (recording)
+        return record(&(rec_op){.kind = R_BN_EVAL, .ctx = ctx, .y = *y, .a = *x, .v = {gamma, beta, rm, rv}, .bp = *p});
+    ts_status st = direct("batchnorm_forward_eval");
+    return st ? st : cpu->batchnorm_forward_eval(ctx, y, x, gamma, beta, rm, rv, p);
 }
 
 static ts_status f_bn_bwd(ts_ctx *ctx, ts_tensor *dx, float *dgamma, float *dbeta, const ts_tensor *dy,
                           const ts_tensor *x, const float *gamma, const float *save_mean, const float *save_invstd)
 {
+    RECORDING_REFUSES("batchnorm_backward");
     size_t c = chan_bytes(x);
     need_t(dx);
     need(dgamma, c);
@@ -211,11 +290,14 @@ static ts_status f_relu(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x)
 {
     need_t(y);
     need_t(x);
-    return cpu->relu_forward(ctx, y, x);
+    if (recording) return record(&(rec_op){.kind = R_RELU, .ctx = ctx, .y = *y, .a = *x});
+    ts_status st = direct("relu_forward");
+    return st ? st : cpu->relu_forward(ctx, y, x);
 }
 
 static ts_status f_relu_bwd(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *y)
 {
+    RECORDING_REFUSES("relu_backward");
     need_t(dx);
     need_t(dy);
     need_t(y);
@@ -227,12 +309,15 @@ static ts_status f_maxpool(ts_ctx *ctx, ts_tensor *y, int32_t *index, const ts_t
     need_t(y);
     need(index, numel(y) * sizeof(int32_t));
     need_t(x);
-    return cpu->maxpool2d_forward(ctx, y, index, x, p);
+    if (recording) return record(&(rec_op){.kind = R_MAXPOOL, .ctx = ctx, .y = *y, .a = *x, .index = index, .pp = *p});
+    ts_status st = direct("maxpool2d_forward");
+    return st ? st : cpu->maxpool2d_forward(ctx, y, index, x, p);
 }
 
 static ts_status f_maxpool_bwd(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const int32_t *index,
                                const ts_pool2d_params *p)
 {
+    RECORDING_REFUSES("maxpool2d_backward");
     need_t(dx);
     need_t(dy);
     need(index, numel(dy) * sizeof(int32_t));
@@ -243,11 +328,14 @@ static ts_status f_upsample(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x)
 {
     need_t(y);
     need_t(x);
-    return cpu->upsample_nearest_forward(ctx, y, x);
+    if (recording) return record(&(rec_op){.kind = R_UPSAMPLE, .ctx = ctx, .y = *y, .a = *x});
+    ts_status st = direct("upsample_nearest_forward");
+    return st ? st : cpu->upsample_nearest_forward(ctx, y, x);
 }
 
 static ts_status f_upsample_bwd(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy)
 {
+    RECORDING_REFUSES("upsample_nearest_backward");
     need_t(dx);
     need_t(dy);
     return cpu->upsample_nearest_backward(ctx, dx, dy);
@@ -258,11 +346,14 @@ static ts_status f_concat(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const t
     need_t(y);
     need_t(a);
     need_t(b);
-    return cpu->concat_forward(ctx, y, a, b);
+    if (recording) return record(&(rec_op){.kind = R_CONCAT, .ctx = ctx, .y = *y, .a = *a, .b = *b});
+    ts_status st = direct("concat_forward");
+    return st ? st : cpu->concat_forward(ctx, y, a, b);
 }
 
 static ts_status f_concat_bwd(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
 {
+    RECORDING_REFUSES("concat_backward");
     need_t(da);
     need_t(db);
     need_t(dy);
@@ -274,11 +365,14 @@ static ts_status f_add(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_t
     need_t(y);
     need_t(a);
     need_t(b);
-    return cpu->add_forward(ctx, y, a, b);
+    if (recording) return record(&(rec_op){.kind = R_ADD, .ctx = ctx, .y = *y, .a = *a, .b = *b});
+    ts_status st = direct("add_forward");
+    return st ? st : cpu->add_forward(ctx, y, a, b);
 }
 
 static ts_status f_add_bwd(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
 {
+    RECORDING_REFUSES("add_backward");
     need_t(da);
     need_t(db);
     need_t(dy);
@@ -290,6 +384,7 @@ static ts_status f_add_bwd(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_t
 static ts_status f_ce(ts_ctx *ctx, double *loss, const ts_tensor *logits, const int32_t *target,
                       const ts_ce_params *p)
 {
+    RECORDING_REFUSES("cross_entropy_forward");
     need_host(loss);
     need_t(logits);
     need(target, label_bytes(logits));
@@ -300,6 +395,7 @@ static ts_status f_ce(ts_ctx *ctx, double *loss, const ts_tensor *logits, const 
 static ts_status f_ce_bwd(ts_ctx *ctx, ts_tensor *dlogits, const ts_tensor *logits, const int32_t *target,
                           const ts_ce_params *p, float dloss)
 {
+    RECORDING_REFUSES("cross_entropy_backward");
     need_t(dlogits);
     need_t(logits);
     need(target, label_bytes(logits));
@@ -310,6 +406,7 @@ static ts_status f_ce_bwd(ts_ctx *ctx, ts_tensor *dlogits, const ts_tensor *logi
 static ts_status f_dice(ts_ctx *ctx, double *loss, const ts_tensor *logits, const int32_t *target,
                         const ts_dice_params *p)
 {
+    RECORDING_REFUSES("dice_forward");
     need_host(loss);
     need_t(logits);
     need(target, label_bytes(logits));
@@ -320,6 +417,7 @@ static ts_status f_dice(ts_ctx *ctx, double *loss, const ts_tensor *logits, cons
 static ts_status f_dice_bwd(ts_ctx *ctx, ts_tensor *dlogits, const ts_tensor *logits, const int32_t *target,
                             const ts_dice_params *p, float dloss)
 {
+    RECORDING_REFUSES("dice_backward");
     need_t(dlogits);
     need_t(logits);
     need(target, label_bytes(logits));
@@ -330,6 +428,7 @@ static ts_status f_dice_bwd(ts_ctx *ctx, ts_tensor *dlogits, const ts_tensor *lo
 static ts_status f_adamw(ts_ctx *ctx, float *param, const float *grad, float *exp_avg, float *exp_avg_sq, size_t n,
                          const ts_adamw_step *s)
 {
+    RECORDING_REFUSES("adamw_update");
     size_t bytes = n * sizeof(float);
     need(param, bytes);
     need(grad, bytes);
@@ -340,12 +439,14 @@ static ts_status f_adamw(ts_ctx *ctx, float *param, const float *grad, float *ex
 
 static ts_status f_zero(ts_ctx *ctx, float *p, size_t n)
 {
+    RECORDING_REFUSES("zero");
     need(p, n * sizeof(float));
     return cpu->zero(ctx, p, n);
 }
 
 static ts_status f_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_t n)
 {
+    RECORDING_REFUSES("sum_squares");
     need_host(sumsq);
     need(x, n * sizeof(float));
     return cpu->sum_squares(ctx, sumsq, x, n);
@@ -353,6 +454,7 @@ static ts_status f_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_
 
 static ts_status f_sum_squares_multi(ts_ctx *ctx, double *sumsq, const float *const *x, const size_t *n, int count)
 {
+    RECORDING_REFUSES("sum_squares_multi");
     need_host(sumsq);
     need_host(x);
     need_host(n);
@@ -362,6 +464,7 @@ static ts_status f_sum_squares_multi(ts_ctx *ctx, double *sumsq, const float *co
 
 static ts_status f_scale(ts_ctx *ctx, float *x, size_t n, float a)
 {
+    RECORDING_REFUSES("scale");
     need(x, n * sizeof(float));
     return cpu->scale(ctx, x, n, a);
 }
@@ -370,8 +473,89 @@ static ts_status f_convert(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, int ac
 {
     need_t(y);
     need_t(x);
-    return cpu->convert(ctx, y, x, accumulate);
+    if (recording) return record(&(rec_op){.kind = R_CONVERT, .ctx = ctx, .y = *y, .a = *x, .accumulate = accumulate});
+    ts_status st = direct("convert");
+    return st ? st : cpu->convert(ctx, y, x, accumulate);
 }
+
+/* ---- graphs ---- */
+
+static ts_status g_begin(void)
+{
+    if (recording) return recording_error("begin");
+    recording = 1;
+    rec_n = 0;
+    tu_fake.graph_begins++;
+    return TS_OK;
+}
+
+static ts_status g_end(void **out)
+{
+    *out = NULL;
+    if (!recording) return ts_error(TS_ERR_INVALID_ARG, "fake-device: end without begin");
+    recording = 0;
+    fake_graph *g = calloc(1, sizeof *g);
+    if (!g) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory ending a recording");
+    g->n = rec_n;
+    g->generation = tu_fake.graph_generation;
+    if (rec_n) {
+        g->ops = malloc((size_t)rec_n * sizeof *g->ops);
+        if (!g->ops) {
+            free(g);
+            return ts_error(TS_ERR_NOMEM, "fake-device: out of memory ending a recording");
+        }
+        memcpy(g->ops, rec_ops, (size_t)rec_n * sizeof *g->ops);
+    }
+    rec_n = 0;
+    free(rec_ops); /* one recording at a time: nothing to keep between them */
+    rec_ops = NULL;
+    rec_cap = 0;
+    tu_fake.graph_records++;
+    tu_fake.graph_live++;
+    *out = g;
+    return TS_OK;
+}
+
+static ts_status g_launch(void *graph, int *stale)
+{
+    *stale = 0;
+    if (recording) return recording_error("launch");
+    const fake_graph *g = graph;
+    if (g->generation != tu_fake.graph_generation) {
+        *stale = 1;
+        return TS_OK;
+    }
+    tu_fake.graph_launches++;
+    replaying = 1;
+    ts_status st = TS_OK;
+    for (int i = 0; i < g->n && st == TS_OK; i++) {
+        rec_op o = g->ops[i]; /* the wrappers take non-const tensors */
+        switch (o.kind) {
+        case R_CONV: st = f_conv(o.ctx, &o.y, &o.a, &o.b, o.v[0], &o.cp); break;
+        case R_BN_EVAL: st = f_bn_eval(o.ctx, &o.y, &o.a, o.v[0], o.v[1], o.v[2], o.v[3], &o.bp); break;
+        case R_RELU: st = f_relu(o.ctx, &o.y, &o.a); break;
+        case R_ADD: st = f_add(o.ctx, &o.y, &o.a, &o.b); break;
+        case R_MAXPOOL: st = f_maxpool(o.ctx, &o.y, o.index, &o.a, &o.pp); break;
+        case R_UPSAMPLE: st = f_upsample(o.ctx, &o.y, &o.a); break;
+        case R_CONCAT: st = f_concat(o.ctx, &o.y, &o.a, &o.b); break;
+        case R_CONVERT: st = f_convert(o.ctx, &o.y, &o.a, o.accumulate); break;
+        }
+    }
+    replaying = 0;
+    return st;
+}
+
+static void g_free(void *graph)
+{
+    if (!graph) return;
+    fake_graph *g = graph;
+    free(g->ops);
+    free(g);
+    tu_fake.graph_frees++;
+    tu_fake.graph_live--;
+}
+
+static const ts_backend_graphs fake_graphs = {g_begin, g_end, g_launch, g_free};
 
 static ts_backend fake_backend;
 
@@ -382,6 +566,7 @@ const ts_backend *tu_fake_device_backend(void)
         fake_backend = *cpu;
         fake_backend.name = "fake-device";
         fake_backend.memory = &fake_memory;
+        fake_backend.graphs = &fake_graphs;
         fake_backend.conv2d_forward = f_conv;
         fake_backend.conv2d_backward_data = f_conv_bwd_data;
         fake_backend.conv2d_backward_filter = f_conv_bwd_filter;
@@ -415,9 +600,12 @@ const ts_backend *tu_fake_device_backend(void)
 
 void tu_fake_reset_counts(void)
 {
-    long l = tu_fake.live;
+    long l = tu_fake.live, gl = tu_fake.graph_live;
     size_t lb = tu_fake.live_bytes;
+    unsigned long gen = tu_fake.graph_generation;
     memset(&tu_fake, 0, sizeof tu_fake);
     tu_fake.live = l;
     tu_fake.live_bytes = lb;
+    tu_fake.graph_live = gl;
+    tu_fake.graph_generation = gen;
 }

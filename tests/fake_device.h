@@ -29,6 +29,16 @@ typedef struct tu_fake_stats {
     long foreign_ptrs;             /* an op given a device pointer outside every live allocation, or a host one inside */
     long fail_alloc_at;            /* > 0: the fail_alloc_at-th alloc from now fails (1: the next) */
     long fail_upload_at;           /* same for uploads */
+    /* Graphs (kernels/backend.h): the forward ops (conv, eval BN, ReLU,
+     * add, max-pool, upsample, concat, convert) are recorded between begin
+     * and end instead of run, and a launch replays them through the same
+     * checked wrappers; any other op, and the memory interface, fail while
+     * recording, as on CUDA. */
+    long graph_begins, graph_records, graph_launches, graph_frees, graph_live;
+    long ops_recorded;             /* op calls recorded instead of run */
+    long ops_direct;               /* forward op calls run directly (not by a launch) */
+    long fail_op_at;               /* > 0: the fail_op_at-th forward op call from now fails */
+    unsigned long graph_generation; /* bump it: recordings made before are stale */
 } tu_fake_stats;
 
 extern tu_fake_stats tu_fake;

@@ -603,6 +603,169 @@ static void test_train_init_failures(ts_ctx *dev)
     ts_unet_free(&m);
 }
 
+/* ---- graphs ---- */
+
+/* Logits of a direct or replayed forward, fetched and compared with the host
+ * folded forward. */
+static void check_logits(const ts_backend *b, const ts_tensor *ld, const float *ref, const char *what)
+{
+    float *got = fetch(b, ld->data, ts_tensor_numel(ld));
+    if (tu_expect(got != NULL, "%s: logits fetched", what) && ref) bits_equal(got, ref, ts_tensor_numel(ld), what);
+    free(got);
+}
+
+/* Graphs on the fake device, which records the forward ops between begin
+ * and end without running them and replays them through its checked
+ * wrappers (tests/fake_device.h):
+ *   - the first forward of a key runs the ops directly, the second records
+ *     exactly the ops a direct forward calls (none run while recording) and
+ *     launches the recording, later ones only launch; every result equals
+ *     the host folded forward bit for bit, on new data in the same buffer
+ *     too (a replay reads memory at launch time);
+ *   - a resident input buffer, a new batch shape, a shape coming back after
+ *     another, a stale recording, a failure while recording, graphs turned
+ *     off and on, and a precision change each take the direct path first and
+ *     give the same bits; every pointer a replayed op gets is live;
+ *   - free releases the recording. */
+static void test_graphs(ts_ctx *cpu, ts_ctx *dev)
+{
+    static const char *name = "graphs";
+    static const int d3[3] = {16, 8, 8};
+    const ts_unet_config cfg = make_cfg(3, 2, 3, d3, 1);
+    const ts_backend *B = dev->backend;
+    ts_unet m;
+    if (!make_model(&m, &cfg, 23)) return;
+    tu_expect_ok(ts_unet_fold_bn(&m), "fold_bn");
+    const int N = 2, C = 3, K = 2, H = 35, W = 29;
+    tu_rng rng;
+    tu_rng_seed(&rng, 29);
+    ts_tensor x1 = tu_tensor(N, C, H, W), x2 = tu_tensor(N, C, H, W), x3 = tu_tensor(1, C, 24, 40);
+    tu_fill(&rng, x1.data, ts_tensor_numel(&x1), -1, 1);
+    tu_fill(&rng, x2.data, ts_tensor_numel(&x2), -1, 1);
+    tu_fill(&rng, x3.data, ts_tensor_numel(&x3), -1, 1);
+    float *r1 = host_logits(&m, cpu, &x1), *r2 = host_logits(&m, cpu, &x2), *r3 = host_logits(&m, cpu, &x3);
+    ts_tensor l = tu_tensor(N, K, H, W), l3 = tu_tensor(1, K, 24, 40);
+    const size_t nl = ts_tensor_numel(&l);
+    ts_unet_device d;
+    void *xd = NULL;
+    if (!tu_expect_ok(ts_unet_device_init(&d, &m, B), "init")) goto out;
+    tu_fake_reset_counts();
+
+    /* 1: direct; 2: recorded, then launched; 3: launched on other data. */
+    if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x1, &l), "forward 1")) bits_equal(l.data, r1, nl, "forward 1");
+    const long direct = tu_fake.ops_direct, allocs = tu_fake.allocs;
+    tu_expect(direct > 0 && tu_fake.graph_begins == 0 && tu_fake.graph_launches == 0,
+              "%s: the first forward of a shape calls the ops directly (%ld ops, %ld recordings, %ld launches)", name,
+              direct, tu_fake.graph_begins, tu_fake.graph_launches);
+    if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x2, &l), "forward 2")) bits_equal(l.data, r2, nl, "forward 2");
+    tu_expect(tu_fake.graph_records == 1 && tu_fake.graph_launches == 1 && tu_fake.ops_recorded == direct &&
+                  tu_fake.ops_direct == direct && d.graph_records == 1 && d.graph_launches == 1,
+              "%s: the second records the %ld ops of a direct forward without running any, and launches them (%ld "
+              "recorded, %ld more run directly, %ld recordings, %ld launches)",
+              name, direct, tu_fake.ops_recorded, tu_fake.ops_direct - direct, tu_fake.graph_records,
+              tu_fake.graph_launches);
+    if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x1, &l), "forward 3")) bits_equal(l.data, r1, nl, "replay 3");
+    tu_expect(tu_fake.graph_records == 1 && tu_fake.graph_launches == 2 && tu_fake.ops_direct == direct &&
+                  tu_fake.uploads == 3 && tu_fake.downloads == 3 && tu_fake.allocs == allocs,
+              "%s: the third only launches (%ld recordings, %ld launches, %ld direct ops; %ld uploads, %ld downloads, "
+              "%ld allocations after the first forward)",
+              name, tu_fake.graph_records, tu_fake.graph_launches, tu_fake.ops_direct - direct, tu_fake.uploads,
+              tu_fake.downloads, tu_fake.allocs - allocs);
+
+    /* A resident input: another buffer is another key. */
+    const size_t in_bytes = ts_tensor_numel(&x1) * sizeof(float);
+    if (tu_expect_ok(B->memory->alloc(&xd, in_bytes), "resident input") &&
+        tu_expect_ok(B->memory->upload(xd, x1.data, in_bytes), "resident upload")) {
+        ts_tensor xv = ts_tensor_view(xd, N, C, H, W), ld;
+        tu_fake_reset_counts();
+        if (tu_expect_ok(ts_unet_device_forward_resident(&d, dev, &xv, &ld), "resident 1"))
+            check_logits(B, &ld, r1, "resident 1 (direct)");
+        tu_expect(tu_fake.graph_begins == 0 && tu_fake.ops_direct > 0,
+                  "%s: a new input buffer runs directly first (%ld recordings)", name, tu_fake.graph_begins);
+        if (tu_expect_ok(ts_unet_device_forward_resident(&d, dev, &xv, &ld), "resident 2"))
+            check_logits(B, &ld, r1, "resident 2 (recorded)");
+        tu_expect_ok(B->memory->upload(xd, x2.data, in_bytes), "resident upload 2");
+        if (tu_expect_ok(ts_unet_device_forward_resident(&d, dev, &xv, &ld), "resident 3"))
+            check_logits(B, &ld, r2, "resident 3 (replayed on new data)");
+        tu_expect(tu_fake.graph_records == 1 && tu_fake.graph_launches == 2 && tu_fake.graph_live == 1,
+                  "%s: resident: one recording, two launches, one recording kept (%ld, %ld, %ld)", name,
+                  tu_fake.graph_records, tu_fake.graph_launches, tu_fake.graph_live);
+    }
+
+    /* Another shape, then the first one back: direct, then recorded. */
+    tu_fake_reset_counts();
+    if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x3, &l3), "shape 2"))
+        bits_equal(l3.data, r3, ts_tensor_numel(&l3), "another shape");
+    for (int i = 0; i < 3; i++)
+        if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x2, &l), "shape 1 again"))
+            bits_equal(l.data, r2, nl, "the first shape again");
+    tu_expect(tu_fake.graph_records == 1 && tu_fake.graph_launches == 2,
+              "%s: after another shape: direct once, then recorded and replayed (%ld recordings, %ld launches)", name,
+              tu_fake.graph_records, tu_fake.graph_launches);
+
+    /* Stale: the backend replaced a buffer of its own. */
+    tu_fake_reset_counts();
+    tu_fake.graph_generation++;
+    if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x1, &l), "stale")) bits_equal(l.data, r1, nl, "stale");
+    tu_expect(tu_fake.graph_launches == 0 && tu_fake.ops_direct > 0 && tu_fake.graph_live == 0,
+              "%s: a stale recording is dropped and the ops run directly (%ld launches, %ld live)", name,
+              tu_fake.graph_launches, tu_fake.graph_live);
+
+    /* A failure while recording: an error, recording over, nothing kept. */
+    tu_fake.fail_op_at = 3;
+    tu_expect_error(ts_unet_device_forward(&d, dev, &x1, &l), TS_ERR_BACKEND, "an op fails while recording",
+                    "on purpose", "while recording");
+    tu_expect(tu_fake.graph_live == 0 && d.graph == NULL, "%s: a failed recording is freed (%ld live)", name,
+              tu_fake.graph_live);
+    if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x2, &l), "after a failed recording"))
+        bits_equal(l.data, r2, nl, "after a failed recording");
+    tu_expect(tu_fake.graph_live == 1, "%s: the next call records again (%ld live)", name, tu_fake.graph_live);
+
+    /* Off, then on again. */
+    ts_unet_device_set_graphs(&d, 0);
+    tu_fake_reset_counts();
+    for (int i = 0; i < 2; i++)
+        if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x1, &l), "graphs off")) bits_equal(l.data, r1, nl, "off");
+    tu_expect(tu_fake.graph_begins == 0 && tu_fake.graph_launches == 0 && tu_fake.graph_live == 0,
+              "%s: off: nothing recorded or launched, the recording freed (%ld, %ld, %ld live)", name,
+              tu_fake.graph_begins, tu_fake.graph_launches, tu_fake.graph_live);
+    ts_unet_device_set_graphs(&d, 1);
+
+    /* bf16: the recording of float32 is dropped; direct and replayed
+     * forwards give the same bits. */
+    if (tu_expect_ok(ts_unet_device_set_precision(&d, dev, TS_BF16), "bf16")) {
+        tu_expect(tu_fake.graph_live == 0, "%s: a precision change drops the recording", name);
+        float *first = malloc(nl * sizeof *first);
+        tu_fake_reset_counts();
+        for (int i = 0; first && i < 3; i++) {
+            if (!tu_expect_ok(ts_unet_device_forward(&d, dev, &x1, &l), "bf16 forward")) break;
+            if (i == 0)
+                memcpy(first, l.data, nl * sizeof *first);
+            else
+                same_bits(l.data, first, nl, i == 1 ? "bf16: recorded = direct" : "bf16: replayed = direct");
+        }
+        tu_expect(tu_fake.graph_records == 1 && tu_fake.graph_launches == 2, "%s: bf16: 1 recording, 2 launches",
+                  name);
+        free(first);
+    }
+    tu_expect(tu_fake.foreign_ptrs == 0 && tu_fake.bad_memory == 0,
+              "%s: every pointer a recorded or direct op got was live device memory (%ld foreign, %ld bad)", name,
+              tu_fake.foreign_ptrs, tu_fake.bad_memory);
+    ts_unet_device_free(&d);
+    tu_expect(tu_fake.graph_live == 0, "%s: free releases the recording (%ld live)", name, tu_fake.graph_live);
+out:
+    B->memory->free(xd);
+    free(r1);
+    free(r2);
+    free(r3);
+    tu_tensor_free(&l, "unet_device", "l");
+    tu_tensor_free(&l3, "unet_device", "l3");
+    tu_tensor_free(&x1, "unet_device", "x1");
+    tu_tensor_free(&x2, "unet_device", "x2");
+    tu_tensor_free(&x3, "unet_device", "x3");
+    ts_unet_free(&m);
+}
+
 int main(void)
 {
     ts_ctx cpu, dev;
@@ -618,6 +781,7 @@ int main(void)
     test_train_copy(&cpu, &dev, &bn, "training copy, depth 5, decoder BN");
     test_train_copy(&cpu, &dev, &nobn, "training copy, depth 3, no decoder BN");
     test_train_init_failures(&dev);
+    test_graphs(&cpu, &dev);
     ts_ctx_free(&dev);
     ts_ctx_free(&cpu);
     return tu_finish("unet_device");

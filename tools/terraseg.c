@@ -83,6 +83,9 @@ static cli_option bench_options[] = {
      0, 0},
     {"precision", 0, CLI_STRING, &bench_precision, "P",
      "model and train: fp32, or bf16 / fp16 mixed precision (half activations; emulated and slow on the CPU)", 0, 0},
+    {"no-graphs", 0, CLI_FLAG, &bench_opts.no_graphs, NULL,
+     "model: call every op of the eval forward directly instead of replaying a recorded CUDA graph (to compare)", 0,
+     0},
     {0},
 };
 

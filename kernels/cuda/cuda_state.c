@@ -12,6 +12,7 @@
 #include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cuda_internal.h"
@@ -70,10 +71,23 @@ static const ts_backend_memory cuda_memory = {
     .sync = ts_cuda_synchronize,
 };
 
+/* CUDA graphs (stream capture): see the end of this file. */
+static ts_status graph_begin(void);
+static ts_status graph_end(void **graph);
+static ts_status graph_launch(void *graph, int *stale);
+static void graph_free(void *graph);
+static const ts_backend_graphs cuda_graphs = {
+    .begin = graph_begin,
+    .end = graph_end,
+    .launch = graph_launch,
+    .free = graph_free,
+};
+
 #define TS_CUDA_ENTRY(op) .op = ts_cuda_##op,
 static const ts_backend cuda_backend = {
     .name = "cuda",
     .memory = &cuda_memory,
+    .graphs = &cuda_graphs,
     TS_BACKEND_OPS(TS_CUDA_ENTRY)
 };
 #undef TS_CUDA_ENTRY
@@ -268,10 +282,22 @@ void ts_cuda_free(void *p)
     (void)cudaFree(p);
 }
 
+/* The error of a call that waits for the device while ops are being
+ * recorded: a wait cannot be part of a graph, and CUDA would invalidate the
+ * whole recording with a less helpful message. */
+static ts_status capture_error(const char *fn)
+{
+    return ts_error(TS_ERR_INVALID_ARG,
+                    "%s: called while a CUDA graph is being recorded; copies and waits cannot be recorded (end the "
+                    "recording first)",
+                    fn);
+}
+
 static ts_status copy(const char *fn, void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind)
 {
     ts_status st = need_init(fn);
     if (st != TS_OK) return st;
+    if (g_state.capturing) return capture_error(fn);
     if (bytes == 0) return TS_OK;
     if (!dst || !src)
         return ts_error(TS_ERR_INVALID_ARG, "%s: %zu bytes with a NULL %s pointer", fn, bytes,
@@ -312,6 +338,7 @@ ts_status ts_cuda_synchronize(void)
 {
     /* Nothing can have been queued before the state exists. */
     if (!g_state.initialized) return TS_OK;
+    if (g_state.capturing) return capture_error("ts_cuda_synchronize");
     TS_CUDA_CHECK(cudaStreamSynchronize(g_state.stream));
     return TS_OK;
 }
@@ -328,6 +355,7 @@ static ts_status workspace_release(ts_cuda_state *s)
     void *old = s->workspace;
     s->workspace = NULL;
     s->workspace_bytes = 0;
+    s->workspace_generation++; /* graphs recorded with the old buffer are stale */
     TS_CUDA_CHECK(cudaFree(old));
     return TS_OK;
 }
@@ -344,8 +372,9 @@ ts_status ts_cuda_workspace(size_t bytes, void **out)
                         "CUDA workspace: %zu bytes (%.1f MiB) requested, above the workspace limit of %zu bytes "
                         "(%.1f MiB); raise it with ts_cuda_set_workspace_limit",
                         bytes, (double)bytes / (1 << 20), s->workspace_limit, (double)s->workspace_limit / (1 << 20));
-    /* A limit lowered since the buffer grew is honoured at the next request. */
-    if (s->workspace_bytes > s->workspace_limit && (st = workspace_release(s)) != TS_OK) return st;
+    /* A limit lowered since the buffer grew is honoured at the next request
+     * (not while recording: the release waits for the device). */
+    if (!s->capturing && s->workspace_bytes > s->workspace_limit && (st = workspace_release(s)) != TS_OK) return st;
     if (bytes == 0 || bytes <= s->workspace_bytes) {
         *out = s->workspace;
         return TS_OK;
@@ -354,6 +383,14 @@ ts_status ts_cuda_workspace(size_t bytes, void **out)
     if (grow <= SIZE_MAX - (WORKSPACE_GRANULE - 1))
         grow = (grow + WORKSPACE_GRANULE - 1) / WORKSPACE_GRANULE * WORKSPACE_GRANULE;
     if (grow > s->workspace_limit) grow = bytes; /* rounding never goes past the limit */
+    /* Growing needs a wait and an allocation, neither of which a graph can
+     * hold; a forward that is recorded after a direct run of the same
+     * shapes never gets here. */
+    if (s->capturing)
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "CUDA workspace: %zu bytes needed while a CUDA graph is being recorded, above the %zu bytes "
+                        "allocated; run the ops once without recording first",
+                        bytes, s->workspace_bytes);
     if ((st = workspace_release(s)) != TS_OK) return st;
     void *p = NULL;
     cudaError_t e = cudaMalloc(&p, grow);
@@ -367,4 +404,97 @@ ts_status ts_cuda_workspace(size_t bytes, void **out)
     s->workspace_bytes = grow;
     *out = p;
     return TS_OK;
+}
+
+/* ---- CUDA graphs (kernels/backend.h, ts_backend_graphs) ---------------------------
+ * Stream capture: between begin and end, everything the ops queue on the
+ * backend's stream (cuDNN's kernels, our own, cuBLAS's) is recorded into a
+ * cudaGraph_t instead of being run; end instantiates it, and launch replays
+ * the whole forward in one cudaGraphLaunch. What a recording holds are the
+ * kernels with their arguments, pointers included: the caller keys its
+ * recordings on its own buffers, and the one buffer the backend owns and
+ * may replace (the conv workspace) is checked here by its generation. */
+
+typedef struct cuda_graph {
+    cudaGraphExec_t exec;
+    unsigned long workspace_generation; /* g_state's when recorded */
+} cuda_graph;
+
+static ts_status graph_begin(void)
+{
+    ts_status st = need_init("CUDA graph begin");
+    if (st != TS_OK) return st;
+    if (g_state.capturing)
+        return ts_error(TS_ERR_INVALID_ARG, "CUDA graph begin: a recording is already under way; end it first");
+    /* Thread-local mode: a call that cannot be part of a capture made from
+     * this thread (an allocation, a synchronous copy) fails instead of
+     * quietly running; other threads (GDAL readers, the writer) are free to
+     * use the runtime meanwhile. */
+    TS_CUDA_CHECK(cudaStreamBeginCapture(g_state.stream, cudaStreamCaptureModeThreadLocal));
+    g_state.capturing = 1;
+    return TS_OK;
+}
+
+static ts_status graph_end(void **out)
+{
+    if (!out) return ts_error(TS_ERR_INVALID_ARG, "CUDA graph end: out is NULL");
+    *out = NULL;
+    if (!g_state.capturing) return ts_error(TS_ERR_INVALID_ARG, "CUDA graph end: no recording is under way");
+    g_state.capturing = 0;
+    /* Ending is needed even after a failed op, or the stream stays in
+     * capture mode; a capture that CUDA invalidated (an illegal call while
+     * recording) fails here. */
+    cudaGraph_t graph = NULL;
+    TS_CUDA_CHECK(cudaStreamEndCapture(g_state.stream, &graph));
+    cuda_graph *g = calloc(1, sizeof *g);
+    if (!g) {
+        (void)cudaGraphDestroy(graph); /* the out-of-memory error is the one to report */
+        return ts_error(TS_ERR_NOMEM, "CUDA graph end: out of memory");
+    }
+    cudaError_t e = cudaGraphInstantiate(&g->exec, graph, 0);
+    /* The executable graph is independent of the template it was made from. */
+    cudaError_t d = cudaGraphDestroy(graph);
+    if (e != cudaSuccess) {
+        free(g);
+        return ts_cuda_error(e, "cudaGraphInstantiate", __FILE__, __LINE__);
+    }
+    if (d != cudaSuccess) {
+        (void)cudaGraphExecDestroy(g->exec);
+        free(g);
+        return ts_cuda_error(d, "cudaGraphDestroy", __FILE__, __LINE__);
+    }
+    /* Growing the workspace is refused while recording, so the generation
+     * now is the one the recorded convolutions used. */
+    g->workspace_generation = g_state.workspace_generation;
+    *out = g;
+    return TS_OK;
+}
+
+static ts_status graph_launch(void *graph, int *stale)
+{
+    if (!graph || !stale) return ts_error(TS_ERR_INVALID_ARG, "CUDA graph launch: graph or stale is NULL");
+    *stale = 0;
+    ts_status st = need_init("CUDA graph launch");
+    if (st != TS_OK) return st;
+    if (g_state.capturing)
+        return ts_error(TS_ERR_INVALID_ARG, "CUDA graph launch: called while another graph is being recorded");
+    const cuda_graph *g = graph;
+    if (g->workspace_generation != g_state.workspace_generation) {
+        *stale = 1;
+        return TS_OK;
+    }
+    TS_CUDA_CHECK(cudaGraphLaunch(g->exec, g_state.stream));
+    return TS_OK;
+}
+
+static void graph_free(void *graph)
+{
+    if (!graph) return;
+    cuda_graph *g = graph;
+    /* A launch still in flight completes first (CUDA frees the executable
+     * graph when it is done). The call fails only for an invalid handle;
+     * there is no status to return it through, and the caller is usually
+     * cleaning up after another error whose message must stay. */
+    (void)cudaGraphExecDestroy(g->exec);
+    free(g);
 }

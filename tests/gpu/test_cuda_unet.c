@@ -11,6 +11,9 @@
  * reference every CUDA half op is held to by test_cuda_half.c) and (b) the
  * float32 folded forward, as tests/test_mixed.c holds the CPU half copy;
  * then the same copy set back to float32 meets the float32 bound again.
+ *
+ * CUDA graphs: the forward recorded and replayed gives the bits of the same
+ * forward with every op called directly, in float32 and bf16.
  * These shapes use no SMP fixture (random weights and statistics).
  *
  * Device: TERRASEG_TEST_DEVICE (cuda, cuda:N or N; cuda:0 by default). Fails,
@@ -172,6 +175,51 @@ static void half_case(ts_unet *m, ts_ctx *cpu, ts_ctx *gpu, ts_unet_device *d, t
     ts_unet_device_free(&dc);
 }
 
+/* ---- CUDA graphs ------------------------------------------------------------ */
+
+/* The forward replayed from a CUDA graph against the same forward with every
+ * op called directly (ts_unet_device_set_graphs), at the copy's precision:
+ * the same kernels on the same data, so the same bits (deterministic
+ * algorithms, so both pick the same ones). Direct first, then recorded and
+ * launched, then launched on new data in the same input buffer; and the
+ * copy reports one recording and two launches. */
+static void graph_case(ts_unet *m, ts_ctx *gpu, ts_unet_device *d, const char *name)
+{
+    char what[128];
+    snprintf(what, sizeof what, "%s, %s, CUDA graph", name, ts_dtype_name(ts_unet_device_precision(d)));
+    const int n = 2, h = 45, w = 37, K = m->cfg.classes;
+    tu_rng rng;
+    tu_rng_seed(&rng, 77);
+    ts_tensor x[2] = {tu_tensor(n, m->cfg.in_channels, h, w), tu_tensor(n, m->cfg.in_channels, h, w)};
+    ts_tensor ref[2] = {tu_tensor(n, K, h, w), tu_tensor(n, K, h, w)}, l = tu_tensor(n, K, h, w);
+    const size_t nl = ts_tensor_numel(&l);
+    for (int i = 0; i < 2; i++) tu_fill(&rng, x[i].data, ts_tensor_numel(&x[i]), -1, 1);
+    const long records = d->graph_records, launches = d->graph_launches;
+    ts_cuda_set_deterministic(1);
+    ts_unet_device_set_graphs(d, 0);
+    int ok = tu_expect_ok(ts_unet_device_forward(d, gpu, &x[0], &ref[0]), "direct forward 1") &&
+             tu_expect_ok(ts_unet_device_forward(d, gpu, &x[1], &ref[1]), "direct forward 2");
+    ts_unet_device_set_graphs(d, 1);
+    static const int order[4] = {0, 0, 1, 0}; /* direct, recorded, replayed twice */
+    for (int i = 0; ok && i < 4; i++) {
+        const int k = order[i];
+        if (!tu_expect_ok(ts_unet_device_forward(d, gpu, &x[k], &l), what)) break;
+        size_t bad = 0;
+        for (size_t j = 0; j < nl; j++) bad += memcmp(&l.data[j], &ref[k].data[j], sizeof(float)) != 0;
+        tu_expect(bad == 0, "%s: call %d (%s) equals the direct forward bit for bit (%zu of %zu differ)", what, i + 1,
+                  i == 0 ? "direct" : i == 1 ? "recorded" : "replayed", bad, nl);
+    }
+    tu_expect(d->graph_records - records == 1 && d->graph_launches - launches == 3,
+              "%s: 1 recording and 3 launches (%ld, %ld)", what, d->graph_records - records,
+              d->graph_launches - launches);
+    ts_cuda_set_deterministic(0);
+    for (int i = 0; i < 2; i++) {
+        tu_tensor_free(&x[i], SUITE, "x");
+        tu_tensor_free(&ref[i], SUITE, "ref");
+    }
+    tu_tensor_free(&l, SUITE, "l");
+}
+
 static void run_case(ts_ctx *cpu, ts_ctx *gpu, const ts_unet_config *cfg, const char *name)
 {
     ts_unet m;
@@ -197,7 +245,9 @@ static void run_case(ts_ctx *cpu, ts_ctx *gpu, const ts_unet_config *cfg, const 
         compare(&m, cpu, gpu, &d, 2, 45, 37, name);
         compare(&m, cpu, gpu, &d, 1, 33, 65, name);
         compare(&m, cpu, gpu, &d, 2, 45, 37, name);
+        graph_case(&m, gpu, &d, name);
         half_case(&m, cpu, gpu, &d, TS_BF16, name);
+        graph_case(&m, gpu, &d, name);
         half_case(&m, cpu, gpu, &d, TS_F16, name);
         /* The plan and the half weights are dropped: float32 bits again. */
         if (tu_expect_ok(ts_unet_device_set_precision(&d, gpu, TS_F32), "set_precision f32"))

@@ -19,6 +19,7 @@ typedef struct ts_bench_opts {
     const char *device; /* "cpu" (or NULL), "cuda" or "cuda:N" */
     int tf32;           /* CUDA only: TF32 tensor-core math for fp32 convs and GEMMs (ts_cuda_set_tf32) */
     ts_dtype precision; /* model and train: the activations (TS_F32, or TS_BF16 / TS_F16 mixed precision) */
+    int no_graphs;      /* model: every op called directly, no recorded forward (ts_unet_device_set_graphs) */
 } ts_bench_opts;
 
 /* Checks o->device and o->tf32 for benchmark `what` ("conv", "model",

@@ -79,13 +79,15 @@ static void close_model(bench_model *bm)
     ts_ctx_free(&bm->ctx);
 }
 
-/* Median of iters timed runs after one warm-up. mode 0: the inference copy's
+/* Median of iters timed runs after two warm-ups. mode 0: the inference copy's
  * forward (host batch in, host logits out, as predict). mode 1: the training
  * copy's train forward + backward (dlogits constant, in backend memory).
  * mode 2: the inference copy's forward on a batch already in the backend's
  * memory, logits left there, then a sync (as PyTorch benchmarks time it). */
-static int time_model(bench_model *bm, const ts_tensor *x, int mode, int iters, ts_dtype precision, double *median_s)
+static int time_model(bench_model *bm, const ts_tensor *x, int mode, const ts_bench_opts *o, double *median_s)
 {
+    const int iters = o->iters;
+    const ts_dtype precision = o->precision;
     const ts_backend *B = bm->b;
     double *t = malloc(sizeof(double) * (size_t)iters);
     ts_unet_device d;
@@ -99,6 +101,7 @@ static int time_model(bench_model *bm, const ts_tensor *x, int mode, int iters, 
         if (ts_unet_device_init(&d, &bm->m, B) != TS_OK || ts_tensor_alloc(&logits, x->n, K, x->h, x->w) != TS_OK ||
             (precision != TS_F32 && ts_unet_device_set_precision(&d, &bm->ctx, precision) != TS_OK))
             goto out;
+        ts_unet_device_set_graphs(&d, !o->no_graphs);
         if (mode == 2) {
             void *p = NULL;
             if (B->memory->alloc(&p, ts_tensor_numel(x) * sizeof(float)) != TS_OK) goto out;
@@ -115,7 +118,9 @@ static int time_model(bench_model *bm, const ts_tensor *x, int mode, int iters, 
         for (size_t i = 0; i < ts_tensor_numel(&dl); i++) dl.data[i] = 1e-4f;
         if (B->memory->upload(dl_dev, dl.data, ts_tensor_numel(&dl) * sizeof(float)) != TS_OK) goto out;
     }
-    for (int it = -1; it < iters; it++) {
+    /* Two untimed runs: the first plans (and on CUDA chooses algorithms and
+     * grows the workspace), the second records the eval forward's graph. */
+    for (int it = -2; it < iters; it++) {
         double t0 = now_s();
         if (mode == 0) {
             if (ts_unet_device_forward(&d, &bm->ctx, x, &logits) != TS_OK) goto out;
@@ -153,7 +158,11 @@ int ts_bench_model(const ts_bench_opts *o)
            cfg.classes, ts_unet_count_trainable(&bm.m), bm.b->name);
     printf("eval fwd = the inference copy (BN folded, as predict: batch upload, forward, logits download); "
            "train = the training copy's forward + backward; resident = the eval forward on a batch already in the "
-           "device's memory, logits left there (as PyTorch benchmarks time it)\n\n");
+           "device's memory, logits left there (as PyTorch benchmarks time it)\n");
+    printf("eval forwards: %s\n\n",
+           !bm.b->graphs ? "every op called directly (this backend has no graphs)"
+           : o->no_graphs ? "every op called directly (--no-graphs)"
+                          : "recorded once as a graph per batch shape, then replayed in one launch");
     printf("%-6s %-10s %14s %14s %18s %14s %14s\n", "batch", "tile", "eval fwd ms", "ms/tile", "train fwd+bwd ms",
            "ms/tile", "resident ms");
     int batches[2] = {o->batch, 4};
@@ -166,9 +175,9 @@ int ts_bench_model(const ts_bench_opts *o)
             break;
         }
         double fwd = 0, train = 0, resident = 0;
-        rc = time_model(&bm, &x, 0, o->iters, o->precision, &fwd);
-        if (rc == 0) rc = time_model(&bm, &x, 1, o->iters, o->precision, &train);
-        if (rc == 0) rc = time_model(&bm, &x, 2, o->iters, o->precision, &resident);
+        rc = time_model(&bm, &x, 0, o, &fwd);
+        if (rc == 0) rc = time_model(&bm, &x, 1, o, &train);
+        if (rc == 0) rc = time_model(&bm, &x, 2, o, &resident);
         if (rc == 0) {
             char tile[32];
             snprintf(tile, sizeof tile, "%dx%d", o->size, o->size);
