@@ -29,7 +29,9 @@
  *    BN statistics, losses, AdamW and the gradient-clipping ops stay float32.
  *    A half op computes what the float32 op computes on the widened inputs
  *    (accumulating in float32) and rounds each output element once to the
- *    half type, an accumulating op once after its add. The CPU backend does
+ *    half type, an accumulating op once after its add. A half conv2d_forward
+ *    adds its float32 bias rounded to the half type (as autocast casts a
+ *    conv's bias), on every backend and path. The CPU backend does
  *    exactly that (kernels/cpu/half.c): it is the reference the GPU's
  *    tensor-core kernels are compared with. */
 #ifndef TS_BACKEND_H

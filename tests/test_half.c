@@ -7,7 +7,8 @@
  * (ref_widen, ref_narrow: round to nearest, ties to even), element (n,c,h,w)
  * of a half tensor is read at ((n*H + h)*W + w)*C + c by hand, and each op's
  * result is computed naively in double on the widened inputs and rounded
- * once. Ops whose float32 arithmetic is exact on the inputs used here (relu,
+ * once (a conv's bias rounded to the half type first, as autocast casts
+ * it). Ops whose float32 arithmetic is exact on the inputs used here (relu,
  * add, concat, pooling, upsampling, convert) must match bit for bit; conv and
  * batch norm accumulate in float32, so their half result must be the correct
  * rounding of some value within a small multiple of float32 epsilon (times
@@ -834,6 +835,43 @@ typedef struct conv_case {
     int N, Cin, H, W, Cout, KH, KW, sh, sw, ph, pw, relu;
 } conv_case;
 
+/* The half bias rule, targeted: a bias b = 1 + 0.4 ulp (ulp = the spacing
+ * of the half type at 1) rounds to 1, and the conv adds 0.25 ulp (x = 1,
+ * w = ulp / 4, both exact). With the bias rounded first the sum is
+ * 1 + 0.25 ulp, which rounds to 1; with the float32 bias it would be
+ * 1 + 0.65 ulp, which rounds to 1 + ulp. With and without the ReLU, and a
+ * negative twin without it (-1 - 0.4 ulp and -0.25 ulp: -1). */
+static void test_conv_half_bias(ts_ctx *ctx, ts_dtype d)
+{
+    const ts_backend *B = ts_backend_cpu();
+    char op[96];
+    snprintf(op, sizeof op, "%s conv half bias", ts_dtype_name(d));
+    const double ulp = d == TS_BF16 ? 0x1p-7 : 0x1p-10;
+    for (int k = 0; k < 3; k++) {
+        const int relu = k == 1, neg = k == 2;
+        const double sign = neg ? -1.0 : 1.0;
+        ts_tensor x = half_tensor(d, 1, 1, 1, 1), w = half_tensor(d, 1, 1, 1, 1), y = half_tensor(d, 1, 1, 1, 1);
+        x.half[0] = ref_narrow(d, 1.0);
+        w.half[0] = ref_narrow(d, sign * 0.25 * ulp);
+        float *bias = tu_alloc_f(1);
+        bias[0] = (float)(sign * (1.0 + 0.4 * ulp));
+        tu_expect(ref_narrow(d, bias[0]) == ref_narrow(d, sign) && ref_widen(d, w.half[0]) == sign * 0.25 * ulp,
+                  "%s: the inputs are what the test means (bias rounds to %g, w exact)", op, sign);
+        ts_conv2d_params p = {1, 1, 0, 0, relu};
+        tu_expect_ok(B->conv2d_forward(ctx, &y, &x, &w, bias, &p), op);
+        const uint16_t want = ref_narrow(d, sign), unrounded = ref_narrow(d, sign * (1.0 + ulp));
+        tu_expect(y.half[0] == want,
+                  "%s%s%s: y = 0x%04x (%.9g), want 0x%04x (%.9g: the bias rounded to %s first); 0x%04x would be "
+                  "the float32 bias",
+                  op, relu ? " relu" : "", neg ? " negative" : "", y.half[0], ref_widen(d, y.half[0]), want,
+                  ref_widen(d, want), ts_dtype_name(d), unrounded);
+        tu_free(bias, op, "bias");
+        half_free(&x, op, "x");
+        half_free(&w, op, "w");
+        half_free(&y, op, "y");
+    }
+}
+
 static void test_conv(ts_ctx *ctx, tu_rng *r, ts_dtype d, const conv_case *cc)
 {
     const ts_backend *B = ts_backend_cpu();
@@ -852,11 +890,13 @@ static void test_conv(ts_ctx *ctx, tu_rng *r, ts_dtype d, const conv_case *cc)
     double *wx = widen_all(&x), *ww = widen_all(&w);
     const size_t ny = ts_tensor_numel(&y), nx = ts_tensor_numel(&x), nw = ts_tensor_numel(&w);
 
-    /* Forward: the sum in double, its absolute terms for the slack. */
+    /* Forward: the sum in double, its absolute terms for the slack. The
+     * bias enters rounded to the half type (autocast's half bias). */
     double *s = dalloc(ny), *mag = dalloc(ny), *lo = dalloc(ny), *hi = dalloc(ny);
     FOR_NCHW(&y, n, o, oh, ow)
     {
-        double acc = bias[o], m = fabs(bias[o]);
+        const double hb = ref_widen(d, ref_narrow(d, bias[o]));
+        double acc = hb, m = fabs(hb);
         for (int c = 0; c < cc->Cin; c++)
             for (int i = 0; i < cc->KH; i++)
                 for (int j = 0; j < cc->KW; j++) {
@@ -1274,6 +1314,7 @@ int main(void)
         test_upsample(&ctx, &rng, d, 2, 5, 5, 7, 8, 11);
         test_upsample(&ctx, &rng, d, 1, 3, 5, 7, 5, 7);
         for (size_t i = 0; i < sizeof convs / sizeof convs[0]; i++) test_conv(&ctx, &rng, d, &convs[i]);
+        test_conv_half_bias(&ctx, d);
         test_batchnorm(&ctx, &rng, d, 2, 5, 5, 7);
         test_batchnorm(&ctx, &rng, d, 3, 3, 1, 1);
     }

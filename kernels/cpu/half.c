@@ -112,19 +112,32 @@ static void narrow(ts_tensor *h, const ts_tensor *f) { convert_elems(h, f, 0); }
 
 /* ---- conv2d ------------------------------------------------------------------- */
 
+/* The bias is float32 in the op table, but a half conv adds it rounded to
+ * y's half type (to nearest even) and widened back: torch.autocast casts a
+ * conv's bias to the half type like its weight, and cuDNN's half
+ * configurations (the CUDA backend's fused conv + bias + ReLU) take it in
+ * y's type. The sum, the ReLU and the one rounding of y are the float32
+ * op's, as for every half op. */
 ts_status ts_cpu_half_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w,
                                      const float *bias, const ts_conv2d_params *p)
 {
     ts_status st = ts_conv2d_check("conv2d_forward", x, "x", w, "w", y, "y", p);
     if (st != TS_OK) return st;
+    float *hbias = NULL;
+    if (bias) {
+        hbias = malloc((size_t)w->n * sizeof *hbias);
+        if (!hbias) return ts_error(TS_ERR_NOMEM, "conv2d_forward: out of memory for the %d-channel half bias", w->n);
+        for (int o = 0; o < w->n; o++) hbias[o] = ts_half_to_f32(y->dtype, ts_f32_to_half(y->dtype, bias[o]));
+    }
     wide v = {0};
-    ts_tensor *fy, *fx, *fw;
-    WIDEN(v, y, 0, &fy);
-    WIDEN(v, x, 1, &fx);
-    WIDEN(v, w, 1, &fw);
-    st = ts_cpu_conv2d_forward(ctx, fy, fx, fw, bias, p);
+    ts_tensor *fy = NULL, *fx = NULL, *fw = NULL;
+    st = widen(&v, y, 0, &fy);
+    if (st == TS_OK) st = widen(&v, x, 1, &fx);
+    if (st == TS_OK) st = widen(&v, w, 1, &fw);
+    if (st == TS_OK) st = ts_cpu_conv2d_forward(ctx, fy, fx, fw, hbias, p);
     if (st == TS_OK) narrow(y, fy);
     wide_free(&v);
+    free(hbias);
     return st;
 }
 

@@ -8,8 +8,37 @@
  *     backward data    dx += conv_transpose(dy, w)    (beta = 1)
  *     backward filter  dw += dy (*) x                  (beta = 1)
  *     backward bias    dbias[c] += sum of dy[:, c]    (own kernel, double)
- * The forward's bias and ReLU and the bias gradient are small kernels in
- * conv_epilogue.cu; see there for why they are not cuDNN's.
+ * The bias gradient is a small kernel in conv_epilogue.cu; see there for
+ * why it is not cuDNN's.
+ *
+ * The forward with a bias and the ReLU (inference: BN folded into the conv,
+ * then ReLU, most convs of the model) is one call,
+ * cudnnConvolutionBiasActivationForward: y = relu(conv(x, w) + bias) with
+ * alpha1 = 1 and alpha2 = 0 (z is y itself with y's descriptor, the usual
+ * way to say "no z": with alpha2 = 0 what y held does not enter the result;
+ * the GPU tests prefill y with NaN to hold cuDNN to that), the plan's
+ * algorithm, math type and workspace (the fused call takes what
+ * cudnnGetConvolutionForwardWorkspaceSize gives for the algorithm), and a
+ * RELU activation that does not propagate NaN (our ReLU, v > 0 ? v : 0,
+ * maps NaN to 0). That saves the second pass over y.
+ * Everything else (a bias without ReLU, a ReLU without bias) stays two
+ * passes, cudnnConvolutionForward then our epilogue kernel
+ * (conv_epilogue.cu): cuDNN's fused call takes an IDENTITY activation with
+ * one algorithm only, and always needs a bias. If cuDNN answers
+ * CUDNN_STATUS_NOT_SUPPORTED (or one of its sub-codes) for a plan (it
+ * checks before it launches anything), the plan remembers it and runs the two passes from then on:
+ * a choice between two GPU paths, never a CPU fallback.
+ * ts_cuda_conv_fusion_stats counts both.
+ *
+ * Half bias. Per-channel vectors stay float32 in the op table, but cuDNN's
+ * half configurations take the bias in y's type, and autocast casts a
+ * conv's bias to the half type with its weight. So every half forward with
+ * a bias, on both paths (and on the CPU, kernels/cpu/half.c), adds the bias
+ * rounded to y's type (to nearest even). On the fused path a small kernel
+ * rounds it into the front of the workspace; the half result is rounded
+ * once, as the CPU reference rounds it. On the two-pass path cuDNN has
+ * already rounded the convolution to the half type before the epilogue adds
+ * the bias, so y is rounded twice (compared with a tolerance anyway).
  *
  * Two element types (kernels/tensor.h): float32 NCHW, and the half types
  * (bf16, fp16) channels-last, which is the layout cuDNN's tensor-core
@@ -23,7 +52,7 @@
  * old + contribution rounded once, as kernels/backend.h asks. Half results
  * are compared with the CPU reference with a tolerance, not bit for bit.
  *
- * Plans. Everything cuDNN needs for one convolution (the four descriptors,
+ * Plans. Everything cuDNN needs for one convolution (the descriptors,
  * the algorithm, its workspace size) is made once per key and cached: the
  * key is the op, the dtype, every shape and parameter, TF32 on/off (float32
  * only: it does not apply to half data, so a half key always has it off and
@@ -110,8 +139,15 @@ typedef struct conv_plan {
     cudnnTensorDescriptor_t x, y; /* x [n,cin,h,w], y [n,cout,ho,wo]: NCHW, or NHWC for half */
     cudnnFilterDescriptor_t w;    /* [cout,cin,kh,kw]: KCRS, or KRSC for half */
     cudnnConvolutionDescriptor_t conv;
+    /* Forward plans only: the bias [1,cout,1,1] of the fused call, of y's
+     * data type and format (cuDNN's FLOAT / PSEUDO_HALF / PSEUDO_BFLOAT16
+     * configurations take the bias in y's type). */
+    cudnnTensorDescriptor_t bias;
     int algo;         /* a cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t, by key.kind */
     size_t workspace; /* bytes that algorithm needs */
+    /* cudnnConvolutionBiasActivationForward answered NOT_SUPPORTED for this
+     * plan: its bias + ReLU forwards run the two passes, without asking again. */
+    int fused_unsupported;
 } conv_plan;
 
 /* One model has a few dozen distinct conv shapes per input shape and op, so
@@ -145,6 +181,8 @@ static ts_status plan_clear(conv_plan *pl)
         first = e, call = "cudnnDestroyTensorDescriptor(y)";
     if (pl->w && (e = cudnnDestroyFilterDescriptor(pl->w)) != CUDNN_STATUS_SUCCESS && !call[0])
         first = e, call = "cudnnDestroyFilterDescriptor";
+    if (pl->bias && (e = cudnnDestroyTensorDescriptor(pl->bias)) != CUDNN_STATUS_SUCCESS && !call[0])
+        first = e, call = "cudnnDestroyTensorDescriptor(bias)";
     if (pl->conv && (e = cudnnDestroyConvolutionDescriptor(pl->conv)) != CUDNN_STATUS_SUCCESS && !call[0])
         first = e, call = "cudnnDestroyConvolutionDescriptor";
     memset(pl, 0, sizeof *pl);
@@ -187,6 +225,11 @@ static ts_status plan_descriptors(conv_plan *pl)
     TS_CUDNN_CHECK(cudnnSetTensor4dDescriptor(pl->x, format, type, g->n, g->cin, g->h, g->w));
     TS_CUDNN_CHECK(cudnnSetTensor4dDescriptor(pl->y, format, type, g->n, g->cout, g->ho, g->wo));
     TS_CUDNN_CHECK(cudnnSetFilter4dDescriptor(pl->w, type, format, g->cout, g->cin, g->kh, g->kw));
+    if (pl->key.kind == CONV_FWD) {
+        /* [1,cout,1,1] is contiguous in either format; y's keeps it simple. */
+        TS_CUDNN_CHECK(cudnnCreateTensorDescriptor(&pl->bias));
+        TS_CUDNN_CHECK(cudnnSetTensor4dDescriptor(pl->bias, format, type, 1, g->cout, 1, 1));
+    }
     /* Cross-correlation is what torch.nn.Conv2d computes; float accumulation,
      * for half data too (cuDNN's PSEUDO_* configurations: half storage,
      * float arithmetic, as autocast). */
@@ -405,10 +448,13 @@ static ts_status get_plan(conv_kind kind, ts_dtype dtype, const conv_geom *g, co
     return TS_OK;
 }
 
-/* The shared workspace for a plan, with the op named in a failure. */
-static ts_status plan_workspace(const conv_plan *pl, void **ws)
+/* The shared workspace for a plan: `extra` bytes of our own (a multiple of
+ * 256, so cuDNN's part keeps the buffer's alignment), then the plan's
+ * workspace; *ws is the start of the whole buffer. The op is named in a
+ * failure. */
+static ts_status plan_workspace(const conv_plan *pl, size_t extra, void **ws)
 {
-    ts_status st = ts_cuda_workspace(pl->workspace, ws);
+    ts_status st = ts_cuda_workspace(extra + pl->workspace, ws);
     if (st != TS_OK) {
         char msg[1024];
         snprintf(msg, sizeof msg, "%s", ts_last_error());
@@ -423,6 +469,86 @@ static ts_status plan_workspace(const conv_plan *pl, void **ws)
  * pointer (kernels/tensor.h), the descriptors say what it holds. */
 static void *dev(const ts_tensor *t) { return t->dtype == TS_F32 ? (void *)t->data : (void *)t->half; }
 
+/* The fused call's activation: ReLU without NaN propagation (NaN gives 0, as
+ * the CPU's v > 0 ? v : 0), coef unused. Made once, on first use, and kept
+ * for the life of the process like the plans (a few bytes of host memory;
+ * nothing on the device). */
+static cudnnActivationDescriptor_t g_relu;
+
+static ts_status relu_descriptor(cudnnActivationDescriptor_t *out)
+{
+    if (!g_relu) {
+        cudnnActivationDescriptor_t d = NULL;
+        TS_CUDNN_CHECK(cudnnCreateActivationDescriptor(&d));
+        cudnnStatus_t e = cudnnSetActivationDescriptor(d, CUDNN_ACTIVATION_RELU, CUDNN_NOT_PROPAGATE_NAN, 0.0);
+        if (e != CUDNN_STATUS_SUCCESS) {
+            (void)cudnnDestroyActivationDescriptor(d); /* keep the message of the failure */
+            return ts_cudnn_error(e, "cudnnSetActivationDescriptor(RELU)", __FILE__, __LINE__);
+        }
+        g_relu = d;
+    }
+    *out = g_relu;
+    return TS_OK;
+}
+
+/* Forward calls that ran as one fused cuDNN call, and forward calls with a
+ * bias or a ReLU that ran as two passes. Ops run from one thread at a time
+ * (one stream, the plan cache), so plain counters do. */
+static long g_fused_calls, g_unfused_calls;
+
+void ts_cuda_conv_fusion_stats(long *fused, long *unfused)
+{
+    if (fused) *fused = g_fused_calls;
+    if (unfused) *unfused = g_unfused_calls;
+}
+
+/* "conv2d_forward: x [..], w [..] dtype, stride (..), pad (..): " + the
+ * pending message, for a failure of the fused call. */
+static ts_status forward_error(ts_status st, const conv_plan *pl)
+{
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", ts_last_error());
+    const conv_geom *g = &pl->key.g;
+    return ts_error(st, "conv2d_forward: x [%d,%d,%d,%d], w [%d,%d,%d,%d] %s, stride (%d,%d), pad (%d,%d), bias and "
+                        "ReLU fused: %s",
+                    g->n, g->cin, g->h, g->w, g->cout, g->cin, g->kh, g->kw, layout_name(pl->key.dtype), g->sh, g->sw,
+                    g->ph, g->pw, msg);
+}
+
+/* y = relu(conv(x, w) + bias) in one cuDNN call. *done = 1 when it ran;
+ * *done = 0 (and TS_OK) when cuDNN does not support it for this plan, which
+ * the plan then remembers. bias16 is the bias in y's half type for a half
+ * call, NULL for float32 (bias is used then). */
+static ts_status forward_fused(conv_plan *pl, ts_tensor *y, const ts_tensor *x, const ts_tensor *w, const float *bias,
+                               const void *bias16, void *ws, int *done)
+{
+    *done = 0;
+    cudnnActivationDescriptor_t relu = NULL;
+    ts_status st = relu_descriptor(&relu);
+    if (st != TS_OK) return forward_error(st, pl);
+    /* alpha1 = 1, alpha2 = 0: z is y with y's descriptor, and what it held
+     * does not enter the result. Both are float, as for
+     * cudnnConvolutionForward (the compute type). */
+    const float one = 1.0f, zero = 0.0f;
+    cudnnStatus_t e = cudnnConvolutionBiasActivationForward(
+        ts_cuda_state_get()->cudnn, &one, pl->x, dev(x), pl->w, dev(w), pl->conv, (cudnnConvolutionFwdAlgo_t)pl->algo,
+        ws, pl->workspace, &zero, pl->y, dev(y), pl->bias, bias16 ? bias16 : (const void *)bias, relu, pl->y, dev(y));
+    /* cuDNN 9's statuses carry a sub-code (NOT_SUPPORTED_SHAPE, _DATA_TYPE,
+     * _LAYOUT, ...): the whole category means "not this call for this plan". */
+    if (CUDNN_STATUS_CATEGORY(e) == CUDNN_STATUS_NOT_SUPPORTED) {
+        pl->fused_unsupported = 1;
+        return TS_OK;
+    }
+    if (e != CUDNN_STATUS_SUCCESS)
+        return forward_error(ts_cudnn_error(e, "cudnnConvolutionBiasActivationForward", __FILE__, __LINE__), pl);
+    *done = 1;
+    return TS_OK;
+}
+
+/* The bytes in front of cuDNN's workspace that hold a half call's bias in
+ * y's type: 2 per channel, rounded up to 256 so cuDNN's part stays aligned. */
+static size_t half_bias_bytes(int cout) { return ((size_t)cout * 2 + 255) / 256 * 256; }
+
 ts_status ts_cuda_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w, const float *bias,
                                  const ts_conv2d_params *p)
 {
@@ -432,16 +558,45 @@ ts_status ts_cuda_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, 
     void *ws = NULL;
     ts_status st = conv_check("conv2d_forward", &g, x, "x", w, "w", y, "y", p);
     if (st == TS_OK) st = get_plan(CONV_FWD, x->dtype, &g, &pl);
-    if (st == TS_OK) st = plan_workspace(pl, &ws);
     if (st != TS_OK) return st;
+    const int half = ts_dtype_is_half(y->dtype);
+    int fuse = bias && p->relu && !pl->fused_unsupported;
+    /* A fused half call converts the bias into the front of the workspace;
+     * cuDNN gets the rest. The buffer only grows, so after the first call
+     * of a shape nothing here allocates or waits (CUDA graphs record it).
+     * An algorithm that needs nearly the whole workspace limit leaves no
+     * room for the bias: that plan runs the two passes. */
+    if (fuse && half && half_bias_bytes(g.cout) > ts_cuda_state_get()->workspace_limit - pl->workspace) fuse = 0;
+    const size_t front = fuse && half ? half_bias_bytes(g.cout) : 0;
+    st = plan_workspace(pl, front, &ws);
+    if (st != TS_OK) return st;
+    void *conv_ws = front ? (void *)((char *)ws + front) : ws;
+
+    if (fuse) {
+        if (half) {
+            st = ts_cuda_conv_bias_to_half((uint16_t *)ws, y->dtype, bias, g.cout);
+            if (st != TS_OK) return st;
+        }
+        int done = 0;
+        st = forward_fused(pl, y, x, w, bias, half ? ws : NULL, conv_ws, &done);
+        if (st != TS_OK) return st;
+        if (done) {
+            g_fused_calls++;
+            return TS_OK;
+        }
+        /* Not supported for this plan: the two passes below, now and from
+         * now on (the converted bias is simply not used). */
+    }
+
     /* beta = 0: y is overwritten and never read, whatever it held. alpha
      * and beta are float for every data type (cuDNN's scaling parameters
      * follow the compute type, float here). */
     const float one = 1.0f, zero = 0.0f;
     TS_CUDNN_CHECK(cudnnConvolutionForward(ts_cuda_state_get()->cudnn, &one, pl->x, dev(x), pl->w, dev(w), pl->conv,
-                                           (cudnnConvolutionFwdAlgo_t)pl->algo, ws, pl->workspace, &zero, pl->y,
+                                           (cudnnConvolutionFwdAlgo_t)pl->algo, conv_ws, pl->workspace, &zero, pl->y,
                                            dev(y)));
-    if (ts_dtype_is_half(y->dtype))
+    if (bias || p->relu) g_unfused_calls++;
+    if (half)
         return ts_cuda_conv_epilogue_half(y->half, y->dtype, bias, (size_t)g.n * g.ho * g.wo, g.cout, p->relu);
     return ts_cuda_conv_epilogue(y->data, bias, g.n, g.cout, (size_t)g.ho * g.wo, p->relu);
 }
@@ -455,7 +610,7 @@ ts_status ts_cuda_conv2d_backward_data(ts_ctx *ctx, ts_tensor *dx, const ts_tens
     void *ws = NULL;
     ts_status st = conv_check("conv2d_backward_data", &g, dx, "dx", w, "w", dy, "dy", p);
     if (st == TS_OK) st = get_plan(CONV_BWD_DATA, dx->dtype, &g, &pl);
-    if (st == TS_OK) st = plan_workspace(pl, &ws);
+    if (st == TS_OK) st = plan_workspace(pl, 0, &ws);
     if (st != TS_OK) return st;
     /* beta = 1: dx += ..., the accumulate convention of every backward op. */
     const float one = 1.0f;
@@ -474,7 +629,7 @@ ts_status ts_cuda_conv2d_backward_filter(ts_ctx *ctx, ts_tensor *dw, const ts_te
     void *ws = NULL;
     ts_status st = conv_check("conv2d_backward_filter", &g, x, "x", dw, "dw", dy, "dy", p);
     if (st == TS_OK) st = get_plan(CONV_BWD_FILTER, x->dtype, &g, &pl);
-    if (st == TS_OK) st = plan_workspace(pl, &ws);
+    if (st == TS_OK) st = plan_workspace(pl, 0, &ws);
     if (st != TS_OK) return st;
     const float one = 1.0f; /* alpha 1, beta 1: dw += dy (*) x */
     TS_CUDNN_CHECK(cudnnConvolutionBackwardFilter(ts_cuda_state_get()->cudnn, &one, pl->x, dev(x), pl->y, dev(dy),

@@ -1,21 +1,29 @@
 /* The pieces of the conv ops that cuDNN does not do the CPU's way:
  *
- * - The forward epilogue, y = y + bias (then max(., 0) with the fused ReLU),
- *   as a pass after cudnnConvolutionForward rather than through
- *   cudnnConvolutionBiasActivationForward: the fused call only supports some
- *   algorithms, needs a bias even for a plain ReLU, and its ReLU and rounding
- *   are cuDNN's; this pass computes exactly the CPU's float expression.
+ * - The forward epilogue of the two-pass path, y = y + bias (then max(., 0)
+ *   with the fused ReLU), as a pass after cudnnConvolutionForward. A forward
+ *   with a bias AND the ReLU (inference's conv + folded BN + ReLU) runs as
+ *   one cudnnConvolutionBiasActivationForward instead (kernels/cuda/conv.c);
+ *   this pass serves the rest: a bias without ReLU (cuDNN's fused call takes
+ *   its IDENTITY activation with one algorithm only), a ReLU without bias
+ *   (the fused call always adds one), and plans the fused call does not
+ *   support. It computes exactly the CPU's float expression.
+ * - For the fused half call, the float32 bias rounded to y's half type
+ *   (cuDNN's half configurations take the bias in y's type).
  * - The bias gradient, summed in double in a fixed order as the CPU does
  *   (cudnnConvolutionBackwardBias accumulates in float and promises no order).
  *
- * Both come in two layouts: float32 NCHW and half (bf16, fp16) NHWC, the
+ * They come in two layouts: float32 NCHW and half (bf16, fp16) NHWC, the
  * layouts of kernels/tensor.h. A half element is widened to float32 (exact),
  * the arithmetic is the float path's, and an output is rounded once to the
  * half type (round to nearest even, __float2bfloat16_rn / __float2half_rn).
- * One caveat of the half forward: cuDNN has already rounded the convolution
- * to the half type, so with a bias y is rounded twice where the CPU
- * reference (float conv + bias, one rounding) rounds once; convolutions are
- * compared with a tolerance anyway. Without a bias the ReLU is exact.
+ * A half forward adds the bias rounded to the half type and widened (as
+ * autocast casts a conv's bias; the CPU reference and the fused call do the
+ * same). One caveat of the two-pass half forward: cuDNN has already rounded
+ * the convolution to the half type, so with a bias y is rounded twice where
+ * the CPU reference (float conv + half bias, one rounding) and the fused
+ * call round once; convolutions are compared with a tolerance anyway.
+ * Without a bias the ReLU is exact.
  *
  * Reduction layout, NCHW. The sum for channel c runs over N planes of
  * `plane` contiguous floats, count = N * plane values. It is cut into S
@@ -241,7 +249,8 @@ __global__ static void epilogue_nhwc_kernel(uint16_t *y, const float *bias, int 
 {
     const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (c >= C) return;
-    const float b = bias ? bias[c] : 0.0f;
+    /* The bias in the half type, widened: what the fused call and the CPU add. */
+    const float b = bias ? H::load(H::store(bias[c])) : 0.0f;
     const size_t step = (size_t)gridDim.y * blockDim.y;
     for (size_t r = (size_t)blockIdx.y * blockDim.y + threadIdx.y; r < pixels; r += step) {
         const size_t k = r * (size_t)C + (size_t)c;
@@ -267,6 +276,30 @@ extern "C" ts_status ts_cuda_conv_epilogue_half(uint16_t *y, ts_dtype dtype, con
         epilogue_nhwc_kernel<bf16_io><<<grid, block, 0, stream>>>(y, bias, c, pixels, relu);
     else
         epilogue_nhwc_kernel<f16_io><<<grid, block, 0, stream>>>(y, bias, c, pixels, relu);
+    TS_CUDA_LAUNCH_CHECK();
+    return TS_OK;
+}
+
+/* out[c] = bias[c] rounded once to the half type. */
+template <typename H>
+__global__ static void bias_to_half_kernel(uint16_t *out, const float *bias, int C)
+{
+    const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (c < C) out[c] = H::store(bias[c]);
+}
+
+extern "C" ts_status ts_cuda_conv_bias_to_half(uint16_t *out, ts_dtype dtype, const float *bias, int c)
+{
+    if (!out || !bias || c < 1 || (dtype != TS_BF16 && dtype != TS_F16))
+        return ts_error(TS_ERR_INVALID_ARG, "conv2d_forward: bad half bias: %d channels, dtype %s, out %p, bias %p", c,
+                        ts_dtype_name(dtype), (void *)out, (const void *)bias);
+    const unsigned threads = 256;
+    const unsigned blocks = (unsigned)((c + (int)threads - 1) / (int)threads);
+    cudaStream_t stream = ts_cuda_state_get()->stream;
+    if (dtype == TS_BF16)
+        bias_to_half_kernel<bf16_io><<<blocks, threads, 0, stream>>>(out, bias, c);
+    else
+        bias_to_half_kernel<f16_io><<<blocks, threads, 0, stream>>>(out, bias, c);
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }

@@ -45,4 +45,15 @@ void ts_cuda_set_tf32(int on);
  * needing more are not chosen. */
 void ts_cuda_set_workspace_limit(size_t bytes);
 
+/* How conv2d_forward calls ran since the process started (for benchmarks and
+ * the GPU tests): *fused counts the calls with a bias and the ReLU that ran
+ * as one cudnnConvolutionBiasActivationForward, *unfused the calls with a
+ * bias or a ReLU that ran cuDNN's convolution and then the epilogue kernel
+ * (a bias without ReLU, a ReLU without bias, a shape the fused call does
+ * not support, or a half call whose algorithm leaves no room under the
+ * workspace limit for the half bias). A forward with neither is in neither count. A call recorded
+ * into a CUDA graph counts once, however often the graph is replayed.
+ * Either pointer may be NULL. */
+void ts_cuda_conv_fusion_stats(long *fused, long *unfused);
+
 #endif

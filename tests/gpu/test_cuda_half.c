@@ -9,7 +9,9 @@
  * float32 / bf16 / fp16, overwrite and accumulate, in place), ReLU, add,
  * concat, max-pool, nearest upsampling, conv2d (forward with and without
  * bias and fused ReLU, backward data, filter and bias) and batch norm
- * (train, eval, backward). Shapes are the model's and odd ones: batch 2,
+ * (train, eval, backward). For conv2d forward also: the fusion counters
+ * (bias + ReLU calls ran as cuDNN's fused call) and the half bias rule on
+ * both forward paths. Shapes are the model's and odd ones: batch 2,
  * 3/5/17/33/65 channels (either side of the 32-channel chunks of the NHWC
  * kernels), 7x9, 13x11 and 1x1 planes, and one 2x64x32x32.
  *
@@ -73,11 +75,16 @@
  * compute, as kernels/cuda/conv.c sets up). So the float32 results differ
  * only by summation order, test_cuda_ops.c's sum_rtol(K) (K the length of the
  * reduction; the sqrt(K) growth lives there, at float32 level). Each output
- * is then rounded to the half type: one rounding each side, <= 1 ulp apart;
- * the forward with a bias rounds twice on the GPU (cuDNN's output, then the
- * bias epilogue, kernels/cuda/conv_epilogue.cu), and cuDNN's beta = 1 blend
- * of the backward ops may round its contribution before the add: <= 1 more
- * ulp. One ulp of a value v is at most 2^-7 |v| for bf16 (8 significant
+ * is then rounded to the half type: one rounding each side, <= 1 ulp apart.
+ * Both sides add the bias rounded to the half type (autocast's half bias,
+ * kernels/backend.h), so the bias itself adds no difference. The forward
+ * with a bias and the ReLU is one cuDNN call (cudnnConvolutionBiasActivation
+ * Forward, kernels/cuda/conv.c) that rounds once, as the CPU; a bias without
+ * the ReLU (and a shape the fused call does not support) takes two passes
+ * and rounds twice (cuDNN's output, then the bias epilogue,
+ * kernels/cuda/conv_epilogue.cu): <= 1 more ulp. cuDNN's beta = 1 blend of
+ * the backward ops may round its contribution before the add: <= 1 more
+ * ulp too. One ulp of a value v is at most 2^-7 |v| for bf16 (8 significant
  * bits) and 2^-10 |v| for fp16 (11), so 2 ulps of the largest output are
  * 2 * 2^-7 (2 * 2^-10) of max |cpu|; the bound takes 4 for margin. A half
  * rounding error does not grow with K as long as the accumulation is float32,
@@ -1000,6 +1007,58 @@ static void test_conv(ts_dtype dt, const conv_case *cc)
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) pair_free(all[i], op, "conv buffer");
 }
 
+/* The half bias rule on the GPU, on both forward paths: a bias of 1 + 0.4
+ * ulp (ulp = the half type's spacing at 1) rounds to 1, the conv adds 0.25
+ * ulp (x = 1, w = ulp / 4, exact). With the bias rounded first, as the CPU
+ * and cuDNN's fused call take it, y = round(1 + 0.25 ulp) = 1 on either
+ * path (the two-pass path's first rounding leaves 0.25 ulp exact); the
+ * float32 bias would give round(1 + 0.65 ulp) = 1 + ulp. Eight channels of
+ * the same, so the shape is not a degenerate 1-channel one. */
+static void test_conv_half_bias(ts_dtype dt)
+{
+    const int C = 8;
+    const double ulp = dt == TS_BF16 ? 0x1p-7 : 0x1p-10;
+    char op[96];
+    snprintf(op, sizeof op, "conv2d %s half bias [1,%d,3,3] 1x1", ts_dtype_name(dt), C);
+    pair x = pair_new(dt, 1, C, 3, 3), w = pair_new(dt, C, C, 1, 1), bias = vec_new((size_t)C);
+    pair y = pair_new(dt, 1, C, 3, 3);
+    float *xv = tu_alloc_f(numel(&x)), *wv = tu_alloc_f(numel(&w));
+    /* Channel 0 of x is 1, the rest 0; every output channel takes ulp / 4 of it. */
+    for (size_t i = 0; i < numel(&x); i++) xv[i] = i < 9 ? 1.0f : 0.0f;
+    for (int o = 0; o < C; o++)
+        for (int c = 0; c < C; c++) wv[o * C + c] = c == 0 ? (float)(0.25 * ulp) : 0.0f;
+    pair_load(&x, xv);
+    pair_load(&w, wv);
+    for (int o = 0; o < C; o++) bias.h.data[o] = (float)(1.0 + 0.4 * ulp);
+    pair_sync(&bias);
+    const uint16_t one = ts_f32_to_half(dt, 1.0f);
+    for (int relu = 0; relu <= 1; relu++) {
+        char lab[256];
+        snprintf(lab, sizeof lab, "%s forward +bias%s (%s path)", op, relu ? " +relu" : "",
+                 relu ? "fused unless cuDNN does not support it" : "two passes");
+        const ts_conv2d_params p = {1, 1, 0, 0, relu};
+        pair_fill_const(&y, NAN);
+        if (cpu_ok(cpu->conv2d_forward(&cctx, &y.h, &x.h, &w.h, bias.h.data, &p), lab) &&
+            gpu_ok(gpu->conv2d_forward(&gctx, &y.d, &x.d, &w.d, bias.d.data, &p), lab)) {
+            uint16_t *g = pair_get(&y);
+            size_t bad_cpu = 0, bad_gpu = 0;
+            for (size_t i = 0; i < numel(&y); i++) {
+                bad_cpu += y.h.half[i] != one;
+                bad_gpu += g[i] != one;
+            }
+            check(bad_cpu == 0 && bad_gpu == 0,
+                  "%s: y = 1 (0x%04x) everywhere, the bias rounded to %s before the add: %zu cpu and %zu cuda values "
+                  "differ (cuda y[0] = 0x%04x, cpu 0x%04x)",
+                  lab, one, ts_dtype_name(dt), bad_cpu, bad_gpu, g[0], y.h.half[0]);
+            tu_free(g, lab, "download");
+        }
+    }
+    tu_free(xv, op, "x values");
+    tu_free(wv, op, "w values");
+    pair *all[] = {&x, &w, &bias, &y};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) pair_free(all[i], op, "buffer");
+}
+
 /* ---- batch norm ----------------------------------------------------------------- */
 
 /* Per-channel offsets and scales, as real activations have them. */
@@ -1455,7 +1514,19 @@ int main(void)
                                  pool_shapes[s][2], pool_shapes[s][3], (enum pool_fill)f);
         for (size_t i = 0; i < sizeof up / sizeof up[0]; i++)
             test_upsample(dt, up[i][0], up[i][1], up[i][2], up[i][3], up[i][4], up[i][5]);
+        long fused0, unfused0, fused1, unfused1;
+        ts_cuda_conv_fusion_stats(&fused0, &unfused0);
         for (size_t i = 0; i < sizeof conv_cases / sizeof conv_cases[0]; i++) test_conv(dt, &conv_cases[i]);
+        ts_cuda_conv_fusion_stats(&fused1, &unfused1);
+        /* Each case runs one forward with a bias alone (two passes) and one
+         * with bias + ReLU (fused, or two passes where cuDNN does not
+         * support the fused call for the shape). */
+        const long ncases = (long)(sizeof conv_cases / sizeof conv_cases[0]);
+        check(fused1 - fused0 > 0 && (fused1 - fused0) + (unfused1 - unfused0) == 2 * ncases,
+              "%s conv2d forward: %ld of %ld bias + ReLU calls ran as cuDNN's fused conv + bias + ReLU, %ld calls ran "
+              "two passes (%ld with a bias alone); process totals: %ld fused, %ld two-pass",
+              ts_dtype_name(dt), fused1 - fused0, ncases, unfused1 - unfused0, ncases, fused1, unfused1);
+        test_conv_half_bias(dt);
         for (size_t i = 0; i < sizeof bn_shapes / sizeof bn_shapes[0]; i++)
             test_batchnorm(dt, bn_shapes[i][0], bn_shapes[i][1], bn_shapes[i][2], bn_shapes[i][3]);
         test_determinism(dt);

@@ -420,7 +420,8 @@ static void test_conv(const conv_case *cc)
     const double l_bwd_data = (double)cc->cout * cc->kh * cc->kw, l_bwd_filter = (double)cc->n * ho * wo;
     char lab[300];
 
-    /* Forward: with bias, without bias, and with the fused ReLU. */
+    /* Forward: with bias, without bias, and with bias + ReLU (one fused
+     * cuDNN call, kernels/cuda/conv.c; the others take two passes). */
     for (int variant = 0; variant < 3; variant++) {
         ts_conv2d_params pv = p;
         pv.relu = variant == 2;
@@ -1500,7 +1501,18 @@ int main(void)
     ts_ctx_init(&gctx, gpu);
     tu_rng_seed(&rng, 0xC0DA2024u);
 
+    long fused0, unfused0, fused1, unfused1;
+    ts_cuda_conv_fusion_stats(&fused0, &unfused0);
     for (size_t i = 0; i < sizeof conv_cases / sizeof conv_cases[0]; i++) test_conv(&conv_cases[i]);
+    ts_cuda_conv_fusion_stats(&fused1, &unfused1);
+    /* Each case runs one forward with a bias alone (two passes) and one with
+     * bias + ReLU (cuDNN's fused call, or two passes where cuDNN does not
+     * support it for the shape). */
+    const long ncases = (long)(sizeof conv_cases / sizeof conv_cases[0]);
+    check(fused1 - fused0 > 0 && (fused1 - fused0) + (unfused1 - unfused0) == 2 * ncases,
+          "conv2d forward float32: %ld of %ld bias + ReLU calls ran as cuDNN's fused conv + bias + ReLU, %ld calls "
+          "ran two passes (%ld with a bias alone); process totals: %ld fused, %ld two-pass",
+          fused1 - fused0, ncases, unfused1 - unfused0, ncases, fused1, unfused1);
 
     static const int bn_shapes[][4] = {{3, 7, 13, 11}, {3, 64, 1, 1}, {2, 3, 67, 71}, {1, 7, 5, 3}, {2, 64, 16, 16}};
     for (size_t i = 0; i < sizeof bn_shapes / sizeof bn_shapes[0]; i++)

@@ -11,6 +11,9 @@
 #include <time.h>
 
 #include "kernels/threads.h"
+#ifdef TERRASEG_HAVE_CUDA
+#include "kernels/cuda/cuda_backend.h"
+#endif
 #include "nn/unet.h"
 #include "tools/bench/bench.h"
 #include "train/loss.h"
@@ -186,6 +189,17 @@ int ts_bench_model(const ts_bench_opts *o)
         }
         ts_tensor_free(&x);
     }
+#ifdef TERRASEG_HAVE_CUDA
+    if (rc == 0 && ts_bench_is_cuda(o)) {
+        /* Whether cuDNN took the fused conv + bias + ReLU (kernels/cuda/conv.c)
+         * for the eval forwards, or some plans run two passes. */
+        long fused = 0, unfused = 0;
+        ts_cuda_conv_fusion_stats(&fused, &unfused);
+        printf("\nconv forwards with a bias or ReLU (direct calls and recordings): %ld as one cuDNN call "
+               "(conv + bias + ReLU), %ld as two passes\n",
+               fused, unfused);
+    }
+#endif
     close_model(&bm);
     return rc;
 }
