@@ -120,6 +120,14 @@ static ts_status bn_scratch(int C, int S, double **part, float **coef)
     const size_t bytes = part_bytes + 2 * (size_t)C * sizeof(float);
     if (bytes > g_scratch_bytes) {
         ts_cuda_state *s = ts_cuda_state_get();
+        /* Growing waits and allocates, which a CUDA graph cannot hold; a
+         * graph recorded with the old buffer is stale from now on. */
+        if (s->capturing)
+            return ts_error(TS_ERR_INVALID_ARG,
+                            "batch norm scratch: %zu bytes needed while a CUDA graph is being recorded; run the ops "
+                            "once without recording first",
+                            bytes);
+        s->workspace_generation++;
         if (g_scratch) {
             /* Kernels queued earlier may still use the old buffer. */
             TS_CUDA_CHECK(cudaStreamSynchronize(s->stream));

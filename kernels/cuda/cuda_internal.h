@@ -33,8 +33,8 @@ typedef struct ts_cuda_state {
     int tf32;
     int sm_count; /* multiprocessors: sizes grid-stride launches */
     int capturing; /* between graphs->begin and ->end: ops are recorded, not run */
-    /* Bumped whenever the workspace buffer is replaced: a graph recorded
-     * under an older generation points into freed memory. */
+    /* Bumped whenever the workspace or an op's scratch buffer is replaced:
+     * a graph recorded under an older generation points into freed memory. */
     unsigned long workspace_generation;
 } ts_cuda_state;
 

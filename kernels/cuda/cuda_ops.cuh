@@ -59,9 +59,18 @@ static inline ts_status ts_ops_scratch_get(ts_ops_scratch *s, size_t bytes, void
 {
     *out = NULL;
     if (bytes > s->bytes) {
+        ts_cuda_state *cs = ts_cuda_state_get();
+        /* Growing waits and allocates, which a CUDA graph cannot hold. */
+        if (cs->capturing)
+            return ts_error(TS_ERR_INVALID_ARG,
+                            "CUDA op scratch: %zu bytes needed while a CUDA graph is being recorded; run the ops once "
+                            "without recording first",
+                            bytes);
         /* A kernel of an earlier call may still read the old buffer: wait for
          * the device before freeing it (cudaFree would too, implicitly; this
-         * does not rely on it). Growth is rare: the sizes settle at once. */
+         * does not rely on it). Growth is rare: the sizes settle at once. A
+         * graph recorded with the old buffer is stale from now on. */
+        cs->workspace_generation++;
         if (s->p) {
             TS_CUDA_CHECK(cudaDeviceSynchronize());
             TS_CUDA_CHECK(cudaFree(s->p));
