@@ -63,8 +63,8 @@ static ts_status bn_check_launch(const char *op, const ts_tensor *x)
     if (!s->initialized)
         return ts_error(TS_ERR_INVALID_ARG, "%s: the CUDA backend is not initialized; call ts_cuda_backend first", op);
     /* The current device is per host thread, and an op may run on another
-     * thread than the one that chose it (cheap when already current). */
-    TS_CUDA_CHECK(cudaSetDevice(s->device));
+     * thread than the one that chose it. */
+    TS_CUDA_USE_DEVICE(s->device);
     if ((size_t)x->n * (size_t)x->c > INT_MAX) {
         char shape[TS_SHAPE_STR];
         return ts_error(TS_ERR_UNSUPPORTED, "%s: x %s has 2^31 or more (n, c) planes; use a smaller batch", op,

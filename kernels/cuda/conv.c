@@ -409,9 +409,8 @@ static ts_status get_plan(conv_kind kind, ts_dtype dtype, const conv_geom *g, co
         return ts_error(TS_ERR_INVALID_ARG, "%s: the CUDA backend is not initialized; call ts_cuda_backend first",
                         kind_name[kind]);
     /* The current device is per host thread; an op may be called from
-     * another thread than the one that chose the device (cheap when it is
-     * already current). */
-    TS_CUDA_CHECK(cudaSetDevice(s->device));
+     * another thread than the one that chose the device. */
+    TS_CUDA_USE_DEVICE(s->device);
     conv_key key;
     memset(&key, 0, sizeof key);
     key.kind = kind;
@@ -652,7 +651,7 @@ ts_status ts_cuda_conv2d_backward_bias(ts_ctx *ctx, float *dbias, const ts_tenso
     if (!s->initialized)
         return ts_error(TS_ERR_INVALID_ARG,
                         "conv2d_backward_bias: the CUDA backend is not initialized; call ts_cuda_backend first");
-    TS_CUDA_CHECK(cudaSetDevice(s->device)); /* per host thread, as in get_plan */
+    TS_CUDA_USE_DEVICE(s->device); /* per host thread, as in get_plan */
     if (ts_dtype_is_half(dy->dtype))
         return ts_cuda_conv_bias_grad_half(dbias, dy->half, dy->dtype, (size_t)dy->n * dy->h * dy->w, dy->c);
     return ts_cuda_conv_bias_grad(dbias, dy->data, dy->n, dy->c, (size_t)dy->h * dy->w);

@@ -63,6 +63,24 @@ ts_status ts_cublas_error(cublasStatus_t e, const char *call, const char *file, 
         cublasStatus_t ts_e_ = (call);                                                              \
         if (ts_e_ != CUBLAS_STATUS_SUCCESS) return ts_cublas_error(ts_e_, #call, __FILE__, __LINE__); \
     } while (0)
+/* Makes `device` current on the calling thread (the current device is per
+ * host thread, and an op may run on another thread than the one that chose
+ * it), calling cudaSetDevice only when another device is current: cheaper,
+ * and nothing but stream work happens while a CUDA graph is recorded. */
+static inline ts_status ts_cuda_use_device(int device)
+{
+    int current = -1;
+    TS_CUDA_CHECK(cudaGetDevice(&current));
+    if (current != device) TS_CUDA_CHECK(cudaSetDevice(device));
+    return TS_OK;
+}
+/* The same inside a function returning ts_status. */
+#define TS_CUDA_USE_DEVICE(device)                         \
+    do {                                                   \
+        ts_status ts_ud_ = ts_cuda_use_device(device);     \
+        if (ts_ud_ != TS_OK) return ts_ud_;                \
+    } while (0)
+
 /* After a kernel launch: reports a bad launch configuration at once. */
 #define TS_CUDA_LAUNCH_CHECK() TS_CUDA_CHECK(cudaGetLastError())
 

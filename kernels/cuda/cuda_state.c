@@ -245,7 +245,7 @@ static ts_status need_init(const char *fn)
                         "%s: the CUDA backend is not initialized; call ts_cuda_backend (or ts_backend_get(\"cuda\")) "
                         "first, so that memory lands on the device the ops run on",
                         fn);
-    TS_CUDA_CHECK(cudaSetDevice(g_state.device));
+    TS_CUDA_USE_DEVICE(g_state.device);
     return TS_OK;
 }
 
