@@ -714,7 +714,7 @@ static void test_graphs(ts_ctx *cpu, ts_ctx *dev)
     /* A failure while recording: an error, recording over, nothing kept. */
     tu_fake.fail_op_at = 3;
     tu_expect_error(ts_unet_device_forward(&d, dev, &x1, &l), TS_ERR_BACKEND, "an op fails while recording",
-                    "on purpose", "while recording");
+                    "on purpose", "while recording", NULL);
     tu_expect(tu_fake.graph_live == 0 && d.graph == NULL, "%s: a failed recording is freed (%ld live)", name,
               tu_fake.graph_live);
     if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x2, &l), "after a failed recording"))
