@@ -72,6 +72,16 @@ __device__ static double block_sum(double v)
     return total;
 }
 
+/* How many slices a reduction over `count` values is cut into: about
+ * `per_slice` values each, between 1 and max. A function of the shape only,
+ * so a shape sums in the same order on any GPU. */
+static size_t slice_count(size_t count, size_t per_slice, size_t max)
+{
+    size_t S = (count + per_slice - 1) / per_slice;
+    if (S > max) S = max;
+    return S < 1 ? 1 : S;
+}
+
 /* ---- forward epilogue ---------------------------------------------------------- */
 
 /* One block row per (n, c) plane (blockIdx.x), blockIdx.y strides the plane. */
@@ -172,9 +182,7 @@ extern "C" ts_status ts_cuda_conv_bias_grad(float *dbias, const float *dy, int n
     if (n < 1 || c < 1 || plane < 1)
         return ts_error(TS_ERR_INVALID_ARG, "conv2d_backward_bias: bad shape n %d, c %d, plane %zu", n, c, plane);
     const size_t count = (size_t)n * plane;
-    size_t S = (count + RED_SLICE_TARGET - 1) / RED_SLICE_TARGET;
-    if (S > RED_MAX_SLICES) S = RED_MAX_SLICES;
-    if (S < 1) S = 1;
+    const size_t S = slice_count(count, RED_SLICE_TARGET, RED_MAX_SLICES);
     const size_t len = (count + S - 1) / S;
     double *part = NULL;
     ts_status st = part_buffer((size_t)c * S * sizeof(double), &part);
@@ -331,9 +339,7 @@ extern "C" ts_status ts_cuda_conv_bias_grad_half(float *dbias, const uint16_t *d
     /* Slices of about RED_SLICE_TARGET values per block (cw channels times
      * rows), at most NHWC_MAX_SLICES: a function of (pixels, c) only. */
     const size_t rows_target = RED_SLICE_TARGET / b.cw;
-    size_t S = (pixels + rows_target - 1) / rows_target;
-    if (S > NHWC_MAX_SLICES) S = NHWC_MAX_SLICES;
-    if (S < 1) S = 1;
+    const size_t S = slice_count(pixels, rows_target, NHWC_MAX_SLICES);
     const size_t len = (pixels + S - 1) / S;
     double *part = NULL;
     ts_status st = part_buffer((size_t)c * S * sizeof(double), &part);
