@@ -109,6 +109,12 @@ typedef struct predictor {
     ts_unet_device dev;
     int on_device;
     float *logits; /* [batch][model_k][T][T], device path only */
+    /* Pipelined device path (model_tile_start/_finish): batch b's logits
+     * arrive in pinned[b % 2], fenced by fence[b % 2]. */
+    const ts_backend_memory *mem; /* the device's, when pipelined; else NULL */
+    float *pinned[2];             /* [batch][model_k][T][T], host_alloc memory */
+    void *fence[2];
+    int64_t started, finished;    /* batches */
     /* outputs */
     GDALDatasetH cls, probs, conf;
     uint8_t *row_bytes; /* grows to nrows * W */
@@ -170,6 +176,37 @@ static void softmax_into(const float *logits, int K, size_t plane, float *prob_a
     }
 }
 
+/* p->prob[b] += softmax of batch tile b's logits, mapped back through src. */
+static void softmax_batch(predictor *p, int n, const float *logits, const int *src)
+{
+    const int MK = p->model_k;
+    const size_t plane = (size_t)p->T * p->T;
+    /* The model saw pixel src[i] at position i: its answer there belongs back at src[i]. */
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < n; b++)
+        softmax_into(logits + (size_t)b * MK * plane, MK, plane, p->prob + (size_t)b * MK * plane, src);
+}
+
+/* The stitcher's output from p->prob, the sum over `count` transforms. */
+static void prob_to_out(const predictor *p, int n, int count, float *out)
+{
+    const int MK = p->model_k;
+    const size_t plane = (size_t)p->T * p->T;
+    const float inv = 1.0f / (float)count;
+    for (int b = 0; b < n; b++) {
+        const float *pr = p->prob + (size_t)b * MK * plane;
+        float *o = out + (size_t)b * p->K * plane;
+        if (MK == 1) {
+            for (size_t i = 0; i < plane; i++) {
+                o[plane + i] = pr[i] * inv;
+                o[i] = 1.0f - o[plane + i];
+            }
+        } else {
+            for (size_t i = 0; i < (size_t)MK * plane; i++) o[i] = pr[i] * inv;
+        }
+    }
+}
+
 static ts_status model_tile_fn(void *vp, int n, const ts_window *wins, const float *in, float *out)
 {
     (void)wins;
@@ -202,28 +239,73 @@ static ts_status model_tile_fn(void *vp, int n, const ts_window *wins, const flo
             st = ts_unet_forward_folded(p->m, p->ctx, &xin, &logits);
         }
         if (st) return st;
-        /* The model saw pixel src[i] at position i: its answer there belongs back at src[i]. */
-#pragma omp parallel for schedule(static)
-        for (int b = 0; b < n; b++)
-            softmax_into(logits.data + (size_t)b * MK * plane, MK, plane, p->prob + (size_t)b * MK * plane, src);
+        softmax_batch(p, n, logits.data, src);
         count++;
     }
-    const float inv = 1.0f / (float)count;
-    for (int b = 0; b < n; b++) {
-        const float *pr = p->prob + (size_t)b * MK * plane;
-        float *o = out + (size_t)b * p->K * plane;
-        if (MK == 1) {
-            for (size_t i = 0; i < plane; i++) {
-                o[plane + i] = pr[i] * inv;
-                o[i] = 1.0f - o[plane + i];
-            }
-        } else {
-            for (size_t i = 0; i < (size_t)MK * plane; i++) o[i] = pr[i] * inv;
-        }
-    }
+    prob_to_out(p, n, count, out);
     return TS_OK;
 }
 
+/* The pipelined device path (ts_stitch_fns.tile_start/tile_finish): the
+ * device runs batch b while the host turns batch b - 1's logits into
+ * probabilities and the stitcher blends them. The stitcher keeps at most two
+ * batches started and unfinished, hence two pinned buffers and fences. */
+static ts_status model_tile_start(void *vp, int n, const ts_window *wins, const float *in)
+{
+    (void)wins;
+    predictor *p = vp;
+    if (p->started - p->finished >= 2)
+        return ts_error(TS_ERR_INVALID_ARG, "predict: internal error: a third batch started before the first finished");
+    const int i = (int)(p->started % 2);
+    ts_tensor xin = ts_tensor_view((float *)in, n, p->C, p->T, p->T);
+    ts_tensor logits = ts_tensor_view(p->pinned[i], n, p->model_k, p->T, p->T);
+    ts_status st = ts_unet_device_forward_start(&p->dev, p->ctx, &xin, &logits, p->fence[i]);
+    if (st) return st;
+    p->started++;
+    return TS_OK;
+}
+
+static ts_status model_tile_finish(void *vp, int n, const ts_window *wins, float *out)
+{
+    (void)wins;
+    predictor *p = vp;
+    if (p->finished >= p->started)
+        return ts_error(TS_ERR_INVALID_ARG, "predict: internal error: finishing a batch that was not started");
+    const int i = (int)(p->finished % 2);
+    ts_status st = p->mem->fence_wait(p->fence[i]);
+    if (st) return st;
+    p->finished++;
+    memset(p->prob, 0, (size_t)n * p->model_k * p->T * p->T * sizeof *p->prob);
+    softmax_batch(p, n, p->pinned[i], NULL);
+    prob_to_out(p, n, 1, out);
+    return TS_OK;
+}
+
+/* Sets up the pipelined path when it applies: a device copy on a backend
+ * with asynchronous downloads and fences, and no test-time augmentation
+ * beyond the identity (with TTA every batch runs several forwards that are
+ * averaged on the host; it keeps the synchronous model_tile_fn, where the
+ * GPU then waits for the host between batches). */
+static ts_status pipeline_init(predictor *p, int batch)
+{
+    const ts_backend_memory *mem = p->ctx->backend->memory;
+    const unsigned tta = p->o->tta ? p->o->tta : TS_TTA_IDENTITY;
+    if (!p->on_device || tta != TS_TTA_IDENTITY || !ts_backend_memory_async(mem)) return TS_OK;
+    p->mem = mem; /* from here on predictor_free releases what there is */
+    const size_t bytes = (size_t)batch * p->model_k * p->T * p->T * sizeof(float);
+    for (int i = 0; i < 2; i++) {
+        void *q = NULL;
+        ts_status st = mem->host_alloc(&q, bytes);
+        p->pinned[i] = q;
+        if (!st) st = mem->fence_new(&p->fence[i]);
+        if (st)
+            return ts_error(st,
+                            "predict: two %.1f MiB pinned host buffers and fences for the logits on backend \"%s\": "
+                            "%s",
+                            (double)bytes / (1 << 20), p->ctx->backend->name, ts_last_error());
+    }
+    return TS_OK;
+}
 static ts_status tile_fn(void *vp, int n, const ts_window *wins, const float *in, float *out)
 {
     predictor *p = vp;
@@ -581,6 +663,16 @@ static void predictor_free(predictor *p)
     free(p->prob);
     free(p->srcidx);
     free(p->row_bytes);
+    if (p->mem) {
+        /* After an error the stitcher may leave a batch started: its copy
+         * into a pinned buffer must be done before the buffer goes. The
+         * error that stopped the run is the one to report. */
+        (void)p->mem->sync();
+        for (int i = 0; i < 2; i++) {
+            p->mem->host_free(p->pinned[i]);
+            p->mem->fence_free(p->fence[i]);
+        }
+    }
     ts_unet_device_free(&p->dev);
     free(p->logits);
 }
@@ -719,8 +811,10 @@ ts_status ts_predict_run(ts_unet *m, ts_ctx *ctx, const ts_predict_opts *o, ts_p
             st = ts_unet_device_init(&p.dev, m, ctx->backend);
             p.on_device = st == TS_OK;
             if (!st && o->precision != TS_F32) st = ts_unet_device_set_precision(&p.dev, ctx, o->precision);
-            p.logits = malloc((size_t)batch * p.model_k * plane * sizeof *p.logits);
-            if (!st && !p.logits) st = ts_error(TS_ERR_NOMEM, "predict: out of memory");
+            if (!st) st = pipeline_init(&p, batch);
+            /* The synchronous path's logits (the pipelined one has its pinned pair). */
+            if (!p.mem) p.logits = malloc((size_t)batch * p.model_k * plane * sizeof *p.logits);
+            if (!st && !p.mem && !p.logits) st = ts_error(TS_ERR_NOMEM, "predict: out of memory");
         }
         p.xt = malloc((size_t)batch * p.C * plane * sizeof *p.xt);
         p.prob = malloc((size_t)batch * p.model_k * plane * sizeof *p.prob);
@@ -762,11 +856,16 @@ ts_status ts_predict_run(ts_unet *m, ts_ctx *ctx, const ts_predict_opts *o, ts_p
         sp.readers = report->readers = reader_count(o, ctx, (report->tiles + batch - 1) / batch);
         unsigned tta = o->tta ? o->tta : TS_TTA_IDENTITY;
         report->augmentations = o->tile_fn ? 1 : __builtin_popcount(tta);
-        st = ts_stitch_memory(&sp, &report->stitch_bytes);
+        st = ts_stitch_memory(&sp, p.mem != NULL, &report->stitch_bytes);
         if (!st) st = open_readers(&p, sp.readers);
     }
     if (!st) {
-        ts_stitch_fns fns = {&p, read_fn, tile_fn, write_fn, o->progress ? progress_fn : NULL, p.reader_ctx};
+        ts_stitch_fns fns = {&p, read_fn, tile_fn, write_fn, o->progress ? progress_fn : NULL, p.reader_ctx, NULL, NULL};
+        if (p.mem) {
+            fns.tile = NULL;
+            fns.tile_start = model_tile_start;
+            fns.tile_finish = model_tile_finish;
+        }
         st = ts_stitch_run(&sp, &fns);
     }
     st = close_ds(&p.cls, o->out, st);

@@ -10,9 +10,10 @@
 /* Final rows go to the writer in chunks of at most this many rows, so the
  * two write buffers stay small next to the accumulator ring. */
 #define EMIT_ROWS 64
-/* Reader threads at most (check_params); a queue holds every read slot. */
+/* Reader threads at most (check_params); a queue holds every read slot
+ * (N + 2 with a pipelined tile function). */
 #define MAX_READERS 64
-#define QCAP (MAX_READERS + 1)
+#define QCAP (MAX_READERS + 2)
 
 int ts_blend_parse(const char *name)
 {
@@ -102,16 +103,24 @@ static ts_status check_params(const ts_stitch_params *p)
 
 static int64_t ring_rows(const ts_stitch_params *p) { return p->height < p->tile ? p->height : p->tile; }
 static int n_readers(const ts_stitch_params *p) { return p->readers > 0 ? p->readers : 1; }
+/* One slot per reader being filled and one for the batch compute works on;
+ * a pipelined tile function also holds the batch it started before (see
+ * PIPELINING in stitch.h). With N + 1 slots it would not deadlock (compute
+ * waits only for a batch a reader has claimed with a slot of its own), but
+ * while it holds two, one reader would sit idle: with one reader, reading
+ * would no longer overlap compute at all. */
+static int n_slots(const ts_stitch_params *p, int pipelined) { return n_readers(p) + (pipelined ? 2 : 1); }
 
-ts_status ts_stitch_memory(const ts_stitch_params *p, size_t *bytes)
+ts_status ts_stitch_memory(const ts_stitch_params *p, int pipelined, size_t *bytes)
 {
     ts_status st = check_params(p);
     if (st) return st;
     const double K = p->classes, C = p->channels, T = p->tile, W = (double)p->width, N = n_readers(p);
-    /* ring, write buffers, N + 1 read slots and a scratch tile per reader,
+    const double S = n_slots(p, pipelined);
+    /* ring, write buffers, S read slots and a scratch tile per reader,
      * the tile function's output, the weights (see MEMORY in stitch.h) */
     const double b = (8 * K + 9) * (double)ring_rows(p) * W + 2 * (4 * K + 1) * EMIT_ROWS * W +
-                     ((N + 1) * p->batch + N) * T * T * (4 * C + 1) + 4 * K * p->batch * T * T + 8 * T * T;
+                     (S * p->batch + N) * T * T * (4 * C + 1) + 4 * K * p->batch * T * T + 8 * T * T;
     if (b > (double)SIZE_MAX / 2) return ts_error(TS_ERR_NOMEM, "stitch: a %.0f-pixel-wide scene needs too much memory", W);
     *bytes = (size_t)b;
     return TS_OK;
@@ -120,7 +129,7 @@ ts_status ts_stitch_memory(const ts_stitch_params *p, size_t *bytes)
 /* ---- a small blocking queue of pointers; NULL is the end-of-stream item ---- */
 
 typedef struct queue {
-    void *items[QCAP]; /* room for every read slot (N + 1 <= QCAP) or write buffer */
+    void *items[QCAP]; /* room for every read slot (N + 2 <= QCAP) or write buffer */
     int head, count;
 } queue;
 
@@ -166,7 +175,8 @@ typedef struct stitch {
      * waits for batch b itself. Batches in flight (claimed, not yet taken by
      * compute) each hold a slot and are consecutive, so there are at most
      * nslots of them and ready[] never holds two at one index. */
-    int nreaders, nslots; /* N, N + 1 */
+    int nreaders, nslots; /* N, n_slots */
+    int pipelined;        /* f has tile_start and tile_finish */
     reader *readers;      /* [N] */
     read_slot *slots;     /* [nslots] */
     read_slot **ready;    /* [nslots] */
@@ -383,32 +393,57 @@ static read_slot *take_batch(stitch *s, int64_t b)
     return slot;
 }
 
-static ts_status compute(stitch *s)
+/* Blends a batch whose tile output is in s->out into the ring (emitting
+ * the rows it makes final), then gives its slot back to the readers. */
+static ts_status blend_batch(stitch *s, read_slot *slot, int64_t *emitted, int64_t *done)
 {
     const ts_stitch_params *p = s->p;
     const size_t tout = (size_t)p->classes * p->tile * p->tile, tpx = (size_t)p->tile * p->tile;
-    const int64_t total = s->nx * s->ny;
+    ts_status st;
+    for (int i = 0; i < slot->n; i++) {
+        /* A tile of a new tile row: every row above it is final. */
+        if (slot->wins[i].row_off > *emitted && (st = emit(s, *emitted, slot->wins[i].row_off))) return st;
+        if (slot->wins[i].row_off > *emitted) *emitted = slot->wins[i].row_off;
+        accumulate(s, &slot->wins[i], s->out + i * tout, slot->valid + i * tpx);
+    }
+    *done += slot->n;
+    slot->n = 0;
+    push(s, &s->read_free, slot);
+    if (s->f->progress) s->f->progress(s->f->ctx, *done, s->nx * s->ny);
+    return TS_OK;
+}
+
+/* A pipelined batch: the tile output of the oldest started one, blended. */
+static ts_status finish_batch(stitch *s, read_slot *slot, int64_t *emitted, int64_t *done)
+{
+    ts_status st = s->f->tile_finish(s->f->ctx, slot->n, slot->wins, s->out);
+    return st ? st : blend_batch(s, slot, emitted, done);
+}
+
+static ts_status compute(stitch *s)
+{
     int64_t done = 0, emitted = 0;
+    read_slot *started = NULL; /* pipelined: the batch started and not yet finished */
     /* Batches strictly in order, whatever order the readers finish them in:
      * the tile function's batches and the accumulation order, hence every
-     * output bit, do not depend on the number of readers. */
+     * output bit, do not depend on the number of readers, nor on pipelining
+     * (batch b - 1 is finished and blended after b is started, before b). */
     for (int64_t b = 0; b < s->nbatches; b++) {
         read_slot *slot = take_batch(s, b);
         if (!slot) return TS_ERR_IO; /* another thread failed; its error wins */
-        ts_status st = s->f->tile(s->f->ctx, slot->n, slot->wins, slot->in, s->out);
-        if (st) return st;
-        for (int i = 0; i < slot->n; i++) {
-            /* A tile of a new tile row: every row above it is final. */
-            if (slot->wins[i].row_off > emitted && (st = emit(s, emitted, slot->wins[i].row_off))) return st;
-            if (slot->wins[i].row_off > emitted) emitted = slot->wins[i].row_off;
-            accumulate(s, &slot->wins[i], s->out + i * tout, slot->valid + i * tpx);
+        ts_status st;
+        if (!s->pipelined) {
+            st = s->f->tile(s->f->ctx, slot->n, slot->wins, slot->in, s->out);
+            if (!st) st = blend_batch(s, slot, &emitted, &done);
+        } else {
+            st = s->f->tile_start(s->f->ctx, slot->n, slot->wins, slot->in);
+            if (!st && started) st = finish_batch(s, started, &emitted, &done);
+            started = slot;
         }
-        done += slot->n;
-        slot->n = 0;
-        push(s, &s->read_free, slot);
-        if (s->f->progress) s->f->progress(s->f->ctx, done, total);
+        if (st) return st;
     }
-    return emit(s, emitted, p->height);
+    ts_status st = started ? finish_batch(s, started, &emitted, &done) : TS_OK;
+    return st ? st : emit(s, emitted, s->p->height);
 }
 
 static void free_stitch(stitch *s)
@@ -479,7 +514,7 @@ static ts_status alloc_stitch(stitch *s)
     }
     if (!ok) {
         size_t bytes = 0;
-        ts_stitch_memory(p, &bytes);
+        ts_stitch_memory(p, s->pipelined, &bytes);
         return ts_error(TS_ERR_NOMEM, "stitch: out of memory (a %lld-pixel-wide scene with %d classes and %d px tiles "
                         "needs about %.0f MiB)", (long long)p->width, p->classes, p->tile, bytes / 1048576.0);
     }
@@ -498,17 +533,20 @@ ts_status ts_stitch_run(const ts_stitch_params *p, const ts_stitch_fns *f)
 {
     ts_status st = check_params(p);
     if (st) return st;
-    if (!f || !f->read || !f->tile || !f->write)
-        return ts_error(TS_ERR_INVALID_ARG, "stitch: the read, tile and write functions are required");
+    if (!f || !f->read || !f->write || (!f->tile && !(f->tile_start && f->tile_finish)))
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "stitch: the read, tile (or tile_start and tile_finish) and write functions are required");
+    if (!f->tile_start != !f->tile_finish)
+        return ts_error(TS_ERR_INVALID_ARG, "stitch: tile_start and tile_finish go together (%s is NULL)",
+                        f->tile_start ? "tile_finish" : "tile_start");
     stitch s;
     memset(&s, 0, sizeof s);
     s.p = p;
     s.f = f;
     s.R = ring_rows(p);
     s.nreaders = n_readers(p);
-    /* One slot per reader being filled and one for compute: with one reader,
-     * the double buffering of before. */
-    s.nslots = s.nreaders + 1;
+    s.pipelined = f->tile_start != NULL;
+    s.nslots = n_slots(p, s.pipelined);
     if ((st = alloc_stitch(&s))) {
         free_stitch(&s);
         return st;

@@ -29,10 +29,12 @@
  * MEMORY. Rows are final once no later tile covers them. The accumulator is
  * a ring of R = min(T, height) rows (K double sums + one double weight + one
  * valid byte per pixel), final rows go out in chunks of at most 64 rows
- * through two write buffers, N + 1 read slots of `batch` tiles feed the tile
- * function (N = readers), each reader has a tile of padding scratch, and the
- * tile function writes into one output batch. Peak memory is therefore about
- *     (8 K + 9) R W + 2 (4 K + 1) 64 W + ((N + 1) batch + N) T^2 (4 C + 1)
+ * through two write buffers, S read slots of `batch` tiles feed the tile
+ * function (N = readers; S = N + 1, or N + 2 with a pipelined tile function,
+ * which holds a started batch's slot besides the one it is given: see
+ * THREADS), each reader has a tile of padding scratch, and the tile function
+ * writes into one output batch. Peak memory is therefore about
+ *     (8 K + 9) R W + 2 (4 K + 1) 64 W + (S batch + N) T^2 (4 C + 1)
  *       + 4 K batch T^2 + 8 T^2  bytes
  * whatever the scene's height (ts_stitch_memory reports it).
  *
@@ -50,7 +52,20 @@
  * thread-safe (a GDAL handle) is fine with one handle per reader; the tile,
  * write and progress functions are called from one thread only and in order
  * (rows top to bottom). The first error of any of them stops every thread
- * and is returned with its message. */
+ * and is returned with its message.
+ *
+ * PIPELINING. A tile function that runs on a device can instead be given as
+ * a pair: tile_start queues batch b and returns; tile_finish completes the
+ * oldest batch started and not yet finished. The stitcher starts batch b,
+ * then finishes and blends batch b - 1 while b runs on the device, and
+ * finishes the last batch after the loop: at most two batches are started
+ * and unfinished. A started batch keeps its read slot (its `in` and `wins`
+ * stay valid and unchanged) until it is finished, so the readers get one
+ * more slot (N + 2) to keep all N busy meanwhile. The batches, the order of
+ * the tile_finish calls and of the blending are those of the synchronous
+ * path, so the output is the same bit for bit. After an error the run
+ * stops without finishing a batch still started: the caller's cleanup must
+ * wait for (or discard) the work it queued. */
 #ifndef TS_IO_STITCH_H
 #define TS_IO_STITCH_H
 
@@ -87,7 +102,8 @@ typedef struct ts_stitch_fns {
      * Reader threads: ctx is read_ctx[i] on reader i. */
     ts_status (*read)(void *ctx, const ts_window *w, float *data, uint8_t *valid);
     /* n tiles in[n][C][T][T] -> out[n][K][T][T]; wins[i] is tile i's
-     * window on the scene (before padding). Calling thread. */
+     * window on the scene (before padding). Calling thread. NULL when the
+     * pipelined pair below is given (then tile is never called). */
     ts_status (*tile)(void *ctx, int n, const ts_window *wins, const float *in, float *out);
     /* Final rows [row0, row0 + nrows): K planes of nrows x width blended
      * values, and nrows x width valid bytes. Writer thread. */
@@ -98,6 +114,13 @@ typedef struct ts_stitch_fns {
      * file handle. NULL: every reader passes ctx, and with N > 1 read must
      * then be safe to call from several threads at once. */
     void *const *read_ctx;
+    /* Optional, both or neither (see PIPELINING), calling thread: tile in
+     * two halves. tile_start queues n tiles in[n][C][T][T] (in and wins
+     * stay valid until the batch is finished); tile_finish writes the
+     * OLDEST started, unfinished batch into out[n][K][T][T] (n and wins
+     * are that batch's). When set, tile is not used. */
+    ts_status (*tile_start)(void *ctx, int n, const ts_window *wins, const float *in);
+    ts_status (*tile_finish)(void *ctx, int n, const ts_window *wins, float *out);
 } ts_stitch_fns;
 
 /* Tile origins along an axis of `size` pixels (see TILES): fills up to
@@ -105,8 +128,9 @@ typedef struct ts_stitch_fns {
  * count). The tile at origin o covers [o, min(o + T, size)). */
 int64_t ts_stitch_origins(int64_t size, int tile, int overlap, int64_t *origins, int64_t max_n);
 /* Checks p (names the bad field) and gives the peak bytes the stitcher
- * allocates for it (the MEMORY formula). */
-ts_status ts_stitch_memory(const ts_stitch_params *p, size_t *bytes);
+ * allocates for it (the MEMORY formula); pipelined = 1 for a run with
+ * tile_start and tile_finish (one more read slot). */
+ts_status ts_stitch_memory(const ts_stitch_params *p, int pipelined, size_t *bytes);
 /* Runs the whole scene. */
 ts_status ts_stitch_run(const ts_stitch_params *p, const ts_stitch_fns *f);
 

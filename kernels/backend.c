@@ -111,3 +111,9 @@ ts_status ts_backend_check(const ts_backend *b)
 }
 
 int ts_backend_is_host(const ts_backend *b) { return b && b->memory && b->memory->host; }
+
+int ts_backend_memory_async(const ts_backend_memory *m)
+{
+    return m && m->host_alloc && m->host_free && m->download_async && m->fence_new && m->fence_record &&
+           m->fence_wait && m->fence_free;
+}

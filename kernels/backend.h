@@ -257,7 +257,38 @@ typedef struct ts_backend_memory {
     ts_status (*download)(void *dst_host, const void *src_backend, size_t bytes);
     /* Waits for every op queued so far and reports an asynchronous error. */
     ts_status (*sync)(void);
+
+    /* Optional (NULL where the backend does not offer them; the CPU, whose
+     * ops are plain calls, has nothing to overlap): asynchronous downloads
+     * and fences, so that the host can work on one batch's results while
+     * the device computes the next. Like the copies above they cannot be
+     * recorded in a graph (an error while recording).
+     *
+     * Page-locked host memory: a device copies it by DMA, at full speed and
+     * without a staging copy, which is what lets download_async return at
+     * once. *p = bytes of it (contents undefined), or NULL and an error;
+     * pinning is a scarce resource: a few buffers, allocated once. */
+    ts_status (*host_alloc)(void **p, size_t bytes);
+    void (*host_free)(void *p); /* NULL is a no-op; the caller has waited for the copies into p */
+    /* Queues a copy after every op called so far and returns at once;
+     * dst_host must lie in host_alloc memory. Its contents are undefined
+     * until a fence recorded after this call has been waited for (an error
+     * of the copy, too, surfaces at that wait). */
+    ts_status (*download_async)(void *dst_host, const void *src_backend, size_t bytes);
+    /* A fence is a point in the backend's queue. fence_record moves it to
+     * after everything queued so far (may be called again: the latest
+     * point counts); fence_wait returns when everything before that point
+     * is done and reports an asynchronous error; a fence never recorded is
+     * passed at once. */
+    ts_status (*fence_new)(void **f);
+    ts_status (*fence_record)(void *f);
+    ts_status (*fence_wait)(void *f);
+    void (*fence_free)(void *f); /* NULL is a no-op */
 } ts_backend_memory;
+
+/* 1 when the memory offers every asynchronous member above (host_alloc,
+ * host_free, download_async and the four fence calls). */
+int ts_backend_memory_async(const ts_backend_memory *m);
 
 /* ---- graphs: record a run of ops once, replay it -------------------------
  * Launching an op on a GPU costs a few microseconds of host time; a U-Net

@@ -1690,26 +1690,54 @@ static ts_status device_infer(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x
     return TS_OK;
 }
 
-ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)
+/* The part of ts_unet_device_forward and _start before the logits leave
+ * the device: checks, plan, upload, forward; *ld is the logits in the arena. */
+static ts_status device_forward_host(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, const ts_tensor *logits,
+                                    const char *what, ts_tensor *ld)
 {
-    ts_status st = check_device_ctx(d, ctx, 0, "device forward");
-    if (st == TS_OK) st = check_input(&d->cfg, x, logits, "device forward");
+    ts_status st = check_device_ctx(d, ctx, 0, what);
+    if (st == TS_OK) st = check_input(&d->cfg, x, logits, what);
     if (st != TS_OK) return st;
     const int K = d->cfg.classes;
     if (!logits->data || logits->n != x->n || logits->c != K || logits->h != x->h || logits->w != x->w) {
         char s[TS_SHAPE_STR] = "no data";
         if (logits->data) ts_shape_str(logits, s);
-        return ts_error(TS_ERR_INVALID_ARG, "unet device forward: logits %s must be a host tensor [%d,%d,%d,%d]", s,
-                        x->n, K, x->h, x->w);
+        return ts_error(TS_ERR_INVALID_ARG, "unet %s: logits %s must be a host tensor [%d,%d,%d,%d]", what, s, x->n,
+                        K, x->h, x->w);
     }
     unet_exec e = device_exec(d);
     /* Planned before the input is staged, so a shape the plan refuses costs no copy. */
     st = ensure_plan(&e, x->n, x->h, x->w, 0);
-    ts_tensor xd, ld;
+    ts_tensor xd;
     if (st == TS_OK) st = stage_input(d, x, 0, &xd);
-    if (st == TS_OK) st = device_infer(d, ctx, &xd, &ld);
+    if (st == TS_OK) st = device_infer(d, ctx, &xd, ld);
+    return st;
+}
+
+ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)
+{
+    ts_tensor ld;
+    ts_status st = device_forward_host(d, ctx, x, logits, "device forward", &ld);
     if (st != TS_OK) return st;
     return d->backend->memory->download(logits->data, ld.data, ts_tensor_numel(&ld) * sizeof(float));
+}
+
+ts_status ts_unet_device_forward_start(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits,
+                                       void *fence)
+{
+    static const char what[] = "device forward_start";
+    const ts_backend_memory *mem = d && d->backend ? d->backend->memory : NULL;
+    if (mem && !ts_backend_memory_async(mem))
+        return ts_error(TS_ERR_UNSUPPORTED,
+                        "unet %s: backend \"%s\" has no asynchronous downloads and fences (host_alloc, "
+                        "download_async, fence_*); use ts_unet_device_forward",
+                        what, d->backend->name);
+    if (!fence) return ts_error(TS_ERR_INVALID_ARG, "unet %s: NULL fence (make one with the backend's fence_new)", what);
+    ts_tensor ld;
+    ts_status st = device_forward_host(d, ctx, x, logits, what, &ld);
+    if (st == TS_OK) st = mem->download_async(logits->data, ld.data, ts_tensor_numel(&ld) * sizeof(float));
+    if (st == TS_OK) st = mem->fence_record(fence);
+    return st;
 }
 
 ts_status ts_unet_device_forward_resident(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)

@@ -100,9 +100,192 @@ static ts_status fake_download(void *dst, const void *src, size_t bytes)
     return TS_OK;
 }
 
-static ts_status fake_sync(void) { return recording ? recording_error("sync") : TS_OK; }
+/* ---- pinned host memory, asynchronous downloads, fences ---- */
+
+#define MAX_PINNED 16
+static struct {
+    unsigned char *p;
+    size_t n;
+} pinned[MAX_PINNED];
+
+static int find_pinned(const void *q, size_t bytes)
+{
+    const unsigned char *c = q;
+    for (int i = 0; i < MAX_PINNED; i++)
+        if (pinned[i].p && c >= pinned[i].p && c <= pinned[i].p + pinned[i].n &&
+            bytes <= (size_t)(pinned[i].p + pinned[i].n - c))
+            return i;
+    return -1;
+}
+
+/* Copies queued and not yet published: the data as it was when queued,
+ * and the number of the copy (copies are numbered in queue order). */
+typedef struct pending_copy {
+    unsigned char *dst, *shadow;
+    size_t n;
+    unsigned long seq;
+} pending_copy;
+static pending_copy *pending;
+static int n_pending, cap_pending;
+static unsigned long copy_seq; /* the last copy queued */
+
+typedef struct fake_fence {
+    unsigned long seq; /* copies up to this one are before the fence; 0: never recorded */
+} fake_fence;
+
+/* Publishes (into dst) or drops the pending copies with seq <= upto whose
+ * destination lies in [lo, hi) (lo NULL: anywhere), in queue order; returns
+ * how many. */
+static int settle(unsigned long upto, const unsigned char *lo, const unsigned char *hi, int publish)
+{
+    int kept = 0, done = 0;
+    for (int i = 0; i < n_pending; i++) {
+        pending_copy *c = &pending[i];
+        if (c->seq <= upto && (!lo || (c->dst >= lo && c->dst < hi))) {
+            if (publish) memcpy(c->dst, c->shadow, c->n);
+            free(c->shadow);
+            done++;
+        } else {
+            pending[kept++] = *c;
+        }
+    }
+    n_pending = kept;
+    if (!n_pending) {
+        free(pending);
+        pending = NULL;
+        cap_pending = 0;
+    }
+    return done;
+}
+
+static ts_status fake_sync(void)
+{
+    if (recording) return recording_error("sync");
+    settle(copy_seq, NULL, NULL, 1); /* everything queued is done */
+    return TS_OK;
+}
+
+static ts_status fake_host_alloc(void **p, size_t bytes)
+{
+    *p = NULL;
+    if (recording) return recording_error("host_alloc");
+    tu_fake.host_allocs++;
+    int slot = -1;
+    for (int i = 0; i < MAX_PINNED && slot < 0; i++)
+        if (!pinned[i].p) slot = i;
+    if (slot < 0) return ts_error(TS_ERR_NOMEM, "fake-device: more than %d pinned buffers", MAX_PINNED);
+    unsigned char *q = malloc(bytes ? bytes : 1);
+    if (!q) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory for %zu pinned bytes", bytes);
+    memset(q, 0xff, bytes ? bytes : 1);
+    pinned[slot].p = q;
+    pinned[slot].n = bytes;
+    tu_fake.host_live++;
+    *p = q;
+    return TS_OK;
+}
+
+static void fake_host_free(void *p)
+{
+    if (!p) return;
+    tu_fake.host_frees++;
+    int i = find_pinned(p, 0);
+    if (i < 0 || pinned[i].p != p) {
+        tu_fake.bad_memory++; /* not a host_alloc buffer */
+        return;
+    }
+    /* A copy into it not waited for: its data would land in freed memory. */
+    if (settle(copy_seq, pinned[i].p, pinned[i].p + pinned[i].n + 1, 0)) tu_fake.bad_memory++;
+    free(pinned[i].p);
+    pinned[i].p = NULL;
+    pinned[i].n = 0;
+    tu_fake.host_live--;
+}
+
+static ts_status fake_download_async(void *dst, const void *src, size_t bytes)
+{
+    if (recording) return recording_error("download_async");
+    tu_fake.async_downloads++;
+    if (find_live(src, bytes) < 0 || find_pinned(dst, bytes) < 0) {
+        tu_fake.bad_memory++;
+        return ts_error(TS_ERR_INVALID_ARG, "fake-device: download_async of %zu bytes: source is not device memory or "
+                                            "destination is not host_alloc memory", bytes);
+    }
+    if (n_pending == cap_pending) {
+        int cap = cap_pending ? 2 * cap_pending : 8;
+        pending_copy *q = realloc(pending, (size_t)cap * sizeof *q);
+        if (!q) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory queueing a copy");
+        pending = q;
+        cap_pending = cap;
+    }
+    unsigned char *shadow = malloc(bytes ? bytes : 1);
+    if (!shadow) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory queueing a copy");
+    memcpy(shadow, src, bytes);
+    memset(dst, 0xff, bytes); /* until a fence after it is waited for */
+    pending[n_pending++] = (pending_copy){dst, shadow, bytes, ++copy_seq};
+    tu_fake.async_download_bytes += bytes;
+    return TS_OK;
+}
+
+static ts_status fake_fence_new(void **f)
+{
+    *f = NULL;
+    if (recording) return recording_error("fence_new");
+    fake_fence *q = calloc(1, sizeof *q);
+    if (!q) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory for a fence");
+    tu_fake.fence_news++;
+    tu_fake.fences_live++;
+    *f = q;
+    return TS_OK;
+}
+
+static ts_status fake_fence_record(void *f)
+{
+    if (recording) return recording_error("fence_record");
+    if (!f) return ts_error(TS_ERR_INVALID_ARG, "fake-device: fence_record of a NULL fence");
+    tu_fake.fence_records++;
+    ((fake_fence *)f)->seq = copy_seq;
+    return TS_OK;
+}
+
+static ts_status fake_fence_wait(void *f)
+{
+    if (recording) return recording_error("fence_wait");
+    if (!f) return ts_error(TS_ERR_INVALID_ARG, "fake-device: fence_wait on a NULL fence");
+    tu_fake.fence_waits++;
+    if (tu_fake.fail_fence_wait_at > 0 && --tu_fake.fail_fence_wait_at == 0)
+        return ts_error(TS_ERR_BACKEND, "fake-device: fence_wait failed on purpose");
+    const int done = settle(((fake_fence *)f)->seq, NULL, NULL, 1);
+    if (done == 0) tu_fake.fence_waits_idle++;
+    if (done > 1) tu_fake.fence_waits_multi++;
+    return TS_OK;
+}
+
+static void fake_fence_free(void *f)
+{
+    if (!f) return;
+    tu_fake.fence_frees++;
+    tu_fake.fences_live--;
+    free(f);
+}
 
 static const ts_backend_memory fake_memory = {
+    .host = 0,
+    .alloc = fake_alloc,
+    .free = fake_free,
+    .upload = fake_upload,
+    .download = fake_download,
+    .sync = fake_sync,
+    .host_alloc = fake_host_alloc,
+    .host_free = fake_host_free,
+    .download_async = fake_download_async,
+    .fence_new = fake_fence_new,
+    .fence_record = fake_fence_record,
+    .fence_wait = fake_fence_wait,
+    .fence_free = fake_fence_free,
+};
+
+/* The same without the asynchronous members. */
+static const ts_backend_memory fake_memory_sync = {
     .host = 0,
     .alloc = fake_alloc,
     .free = fake_free,
@@ -598,9 +781,15 @@ const ts_backend *tu_fake_device_backend(void)
     return &fake_backend;
 }
 
+void tu_fake_device_set_async(int on)
+{
+    tu_fake_device_backend();
+    fake_backend.memory = on ? &fake_memory : &fake_memory_sync;
+}
+
 void tu_fake_reset_counts(void)
 {
-    long l = tu_fake.live, gl = tu_fake.graph_live;
+    long l = tu_fake.live, gl = tu_fake.graph_live, hl = tu_fake.host_live, fl = tu_fake.fences_live;
     size_t lb = tu_fake.live_bytes;
     unsigned long gen = tu_fake.graph_generation;
     memset(&tu_fake, 0, sizeof tu_fake);
@@ -608,4 +797,6 @@ void tu_fake_reset_counts(void)
     tu_fake.live_bytes = lb;
     tu_fake.graph_live = gl;
     tu_fake.graph_generation = gen;
+    tu_fake.host_live = hl;
+    tu_fake.fences_live = fl;
 }

@@ -12,7 +12,18 @@
  * table keeps on the host (a loss or sum-of-squares result, the class
  * weights) do not: either mistake is counted in foreign_ptrs. Allocations and
  * uploads can be made to fail on purpose. The state is process-wide, as
- * the memory interface has no context argument. */
+ * the memory interface has no context argument.
+ *
+ * The asynchronous members (host_alloc, download_async, fences) behave as a
+ * GPU's would as far as the host can tell: host_alloc memory is tracked as
+ * pinned HOST memory (a valid host side of any copy, never a device
+ * pointer); download_async must go from device memory into it, takes the
+ * data at once (the ops here have all run by then, as they would have in
+ * stream order) into a private shadow and fills the destination with
+ * all-ones bytes (NaN), and only a fence_wait on a fence recorded after it
+ * (or sync) puts the data there. Reading before waiting, or waiting on the
+ * wrong fence, reads NaNs. host_free of a buffer with a copy not yet waited
+ * for counts in bad_memory. */
 #ifndef TS_TEST_FAKE_DEVICE_H
 #define TS_TEST_FAKE_DEVICE_H
 
@@ -39,6 +50,17 @@ typedef struct tu_fake_stats {
     long ops_direct;               /* forward op calls run directly (not by a launch) */
     long fail_op_at;               /* > 0: the fail_op_at-th forward op call from now fails */
     unsigned long graph_generation; /* bump it: recordings made before are stale */
+    /* Asynchronous members: calls, and pinned buffers / fences not yet freed. */
+    long host_allocs, host_frees, host_live;
+    long async_downloads;
+    size_t async_download_bytes;
+    long fence_news, fence_records, fence_waits, fence_frees, fences_live;
+    /* Waits that put no copy in place (the copy they were for was already
+     * there, or is not before the fence), and waits that put several
+     * (waiting on a later fence than needed: correct, but on a GPU the
+     * host then waits for the next batch's compute too). */
+    long fence_waits_idle, fence_waits_multi;
+    long fail_fence_wait_at;       /* > 0: the fail_fence_wait_at-th fence_wait from now fails */
 } tu_fake_stats;
 
 extern tu_fake_stats tu_fake;
@@ -47,5 +69,8 @@ extern tu_fake_stats tu_fake;
 const ts_backend *tu_fake_device_backend(void);
 /* Zeroes the counters and the failure triggers (not the live allocations). */
 void tu_fake_reset_counts(void);
+/* 1 (the default, as CUDA): the memory offers the asynchronous members;
+ * 0: it leaves them NULL, as a backend without them would. */
+void tu_fake_device_set_async(int on);
 
 #endif

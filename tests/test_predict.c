@@ -13,6 +13,12 @@
  *   - On a backend with its own memory (the separate-memory CPU backend of
  *     tests/fake_device.h), the device copy's results equal the CPU's byte
  *     for byte, with one weight upload and one copy each way per batch.
+ *     Without TTA on a device with asynchronous downloads and fences,
+ *     predict pipelines (batch b computes while b - 1 is blended): the same
+ *     bytes as the synchronous device path and the CPU, one asynchronous
+ *     download and one fence wait per batch, two pinned buffers and two
+ *     fences, all freed (also when a fence wait fails mid-scene); with TTA
+ *     the synchronous path runs.
  *   - Reader threads: the model's class map, probabilities and confidence
  *     with 3 GDAL readers (cloned handles) equal one reader's byte for
  *     byte; the report gives the count used (the default min(4, cores), at
@@ -438,6 +444,9 @@ static void test_device_path(ts_unet *m, ts_ctx *cpu, int T)
     tu_expect(tu_fake.uploads == 7 && tu_fake.downloads == 6,
               "device predict: weights once, then one upload and one download per forward (%ld, %ld)", tu_fake.uploads,
               tu_fake.downloads);
+    tu_expect(tu_fake.async_downloads == 0 && tu_fake.fence_waits == 0 && tu_fake.host_allocs == 0,
+              "device predict with TTA runs synchronously (%ld async downloads, %ld fence waits, %ld pinned buffers)",
+              tu_fake.async_downloads, tu_fake.fence_waits, tu_fake.host_allocs);
     tu_expect(tu_fake.live == 0 && tu_fake.foreign_ptrs == 0 && tu_fake.bad_memory == 0,
               "device predict releases its memory (%ld live, %ld foreign, %ld bad)", tu_fake.live,
               tu_fake.foreign_ptrs, tu_fake.bad_memory);
@@ -452,6 +461,103 @@ static void test_device_path(ts_unet *m, ts_ctx *cpu, int T)
     }
     tu_expect(bad == 0, "device predict equals cpu predict byte for byte (%d bands differ)", bad);
     for (int i = 0; i < 2; i++) {
+        free(c[i]);
+        free(pr[i]);
+    }
+    free(sp);
+    ts_ctx_free(&dev);
+}
+
+/* Bands 1 of the class maps and 1..3 of the probabilities of two runs
+ * that differ; 0 when every byte is the same. */
+static int bands_differ(const char *c0, const char *p0, const char *c1, const char *p1)
+{
+    int bad = 0, w, h;
+    for (int b = 0; b <= 3; b++) {
+        uint8_t *x = read_bytes(b ? p0 : c0, b ? b : 1, &w, &h), *y = read_bytes(b ? p1 : c1, b ? b : 1, &w, &h);
+        bad += !x || !y || memcmp(x, y, (size_t)w * h) != 0;
+        free(x);
+        free(y);
+    }
+    return bad;
+}
+
+/* The pipelined device path (no TTA) against the synchronous one (the fake
+ * device without asynchronous members) and the CPU's host path: 16 tiles in
+ * batches of 5, 5, 5 and 1 (an even count: the last batch's fence is not the
+ * first one's), with 1 and 3 readers; then a fence wait failing mid-scene. */
+static void test_pipelined(ts_unet *m, ts_ctx *cpu)
+{
+    ts_ctx dev;
+    if (!tu_expect_ok(ts_ctx_init(&dev, tu_fake_device_backend()), "fake device context")) return;
+    char *sp = strdup(tu_path("pipe_scene.tif"));
+    scene_for_model(sp, 150, 145);
+    enum { CPU, SYNC, PIPE, PIPE3, RUNS };
+    static const char *const names[RUNS] = {"cpu", "device, synchronous", "device, pipelined",
+                                            "device, pipelined, 3 readers"};
+    char *c[RUNS], *pr[RUNS];
+    ts_predict_report r[RUNS];
+    for (int i = 0; i < RUNS; i++) {
+        char name[40];
+        snprintf(name, sizeof name, "pipe_classes%d.tif", i);
+        c[i] = strdup(tu_path(name));
+        snprintf(name, sizeof name, "pipe_probs%d.tif", i);
+        pr[i] = strdup(tu_path(name));
+        ts_predict_opts o = {.scene = sp, .out = c[i], .probabilities = pr[i], .overlap = 13, .batch = 5,
+                             .readers = i == PIPE3 ? 3 : 1, .blend = TS_BLEND_GAUSSIAN};
+        tu_fake_device_set_async(i != SYNC);
+        tu_fake_reset_counts();
+        char what[80];
+        snprintf(what, sizeof what, "predict, %s", names[i]);
+        tu_expect_ok(ts_predict_run(m, i == CPU ? cpu : &dev, &o, &r[i]), what);
+        if (i == SYNC)
+            tu_expect(tu_fake.downloads == 4 && tu_fake.async_downloads == 0 && tu_fake.host_allocs == 0,
+                      "%s: four synchronous downloads (%ld), no asynchronous ones (%ld) or pinned buffers (%ld)",
+                      what, tu_fake.downloads, tu_fake.async_downloads, tu_fake.host_allocs);
+        if (i == PIPE || i == PIPE3) {
+            tu_expect(tu_fake.async_downloads == 4 && tu_fake.fence_records == 4 && tu_fake.fence_waits == 4 &&
+                          tu_fake.downloads == 0,
+                      "%s: one asynchronous download, fence and wait per batch of 4 (%ld, %ld, %ld; %ld synchronous)",
+                      what, tu_fake.async_downloads, tu_fake.fence_records, tu_fake.fence_waits, tu_fake.downloads);
+            /* Each wait for its own batch's copy: not an earlier fence (the
+             * logits would not be there), not a later one (the host would
+             * wait for the next batch's compute too). */
+            tu_expect(tu_fake.fence_waits_idle == 0 && tu_fake.fence_waits_multi == 0,
+                      "%s: each fence wait brings exactly its batch's logits (%ld waits brought none, %ld several)",
+                      what, tu_fake.fence_waits_idle, tu_fake.fence_waits_multi);
+            tu_expect(tu_fake.host_allocs == 2 && tu_fake.fence_news == 2 && tu_fake.host_live == 0 &&
+                          tu_fake.fences_live == 0,
+                      "%s: two pinned buffers and two fences, all freed (%ld and %ld made, %ld and %ld left)", what,
+                      tu_fake.host_allocs, tu_fake.fence_news, tu_fake.host_live, tu_fake.fences_live);
+        }
+        tu_expect(tu_fake.live == 0 && tu_fake.foreign_ptrs == 0 && tu_fake.bad_memory == 0,
+                  "%s: releases its memory (%ld live, %ld foreign, %ld bad)", what, tu_fake.live, tu_fake.foreign_ptrs,
+                  tu_fake.bad_memory);
+    }
+    tu_expect(r[CPU].tiles == 16, "pipelined: 16 tiles (%lld)", (long long)r[CPU].tiles);
+    tu_expect(r[PIPE].stitch_bytes > r[SYNC].stitch_bytes,
+              "pipelined: the report counts the extra read slot (%zu, synchronous %zu)", r[PIPE].stitch_bytes,
+              r[SYNC].stitch_bytes);
+    for (int i = SYNC; i < RUNS; i++) {
+        const int bad = bands_differ(c[CPU], pr[CPU], c[i], pr[i]);
+        tu_expect(bad == 0, "predict, %s equals predict on the cpu byte for byte (%d bands differ)", names[i], bad);
+    }
+
+    /* A fence wait failing at the second batch: the error comes back, every
+     * pinned buffer, fence and device buffer is freed, no file is left. */
+    tu_fake_device_set_async(1);
+    tu_fake_reset_counts();
+    tu_fake.fail_fence_wait_at = 2;
+    char *fc = strdup(tu_path("pipe_fail.tif"));
+    ts_predict_opts o = {.scene = sp, .out = fc, .overlap = 13, .batch = 5, .readers = 1};
+    tu_expect_error(ts_predict_run(m, &dev, &o, NULL), TS_ERR_BACKEND, "pipelined predict, a fence wait fails",
+                    "fence_wait failed on purpose", NULL);
+    tu_expect(tu_fake.host_live == 0 && tu_fake.fences_live == 0 && tu_fake.live == 0 && tu_fake.bad_memory == 0,
+              "pipelined predict after a failed fence wait frees everything (%ld pinned, %ld fences, %ld device, %ld bad)",
+              tu_fake.host_live, tu_fake.fences_live, tu_fake.live, tu_fake.bad_memory);
+    tu_expect(access(fc, F_OK) != 0, "pipelined predict after a failed fence wait leaves no class map");
+    free(fc);
+    for (int i = 0; i < RUNS; i++) {
         free(c[i]);
         free(pr[i]);
     }
@@ -693,6 +799,7 @@ int main(void)
     compare_to_reference(&m, &ctx, 40, 29, 48, "padded");
     test_tta(&m, &ctx, 48);
     test_device_path(&m, &ctx, 48);
+    test_pipelined(&m, &ctx);
     test_readers(&m, &ctx, 48);
     ts_unet_free(&m);
     test_memory_flat();

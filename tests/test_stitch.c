@@ -29,8 +29,17 @@
  *    with several readers too (a reader failing while others read or wait
  *    for a slot, or the tile or write function failing while readers wait);
  *    bad parameters name the field;
+ *  - pipelining (tile_start / tile_finish): for 1, 2, 3, 5 readers and
+ *    batches that divide the tiles or leave a partial last batch, and scenes
+ *    of a single batch, the written scene equals the synchronous tile
+ *    function's bit for bit; every finish is for the oldest started batch,
+ *    whose input and windows are unchanged since its start (its read slot
+ *    was not handed back early); batch b is started before b - 1 is
+ *    finished, never more than two at once; a start or finish failing at
+ *    its k-th call returns that status and message, with the calls before
+ *    it in that order and none after;
  *  - ts_stitch_memory: linear in the width, independent of the height, at
- *    least the buffers the header lists. */
+ *    least the buffers the header lists (one more read slot pipelined). */
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
@@ -134,7 +143,7 @@ static float blend_value(int k, const ts_window *w, int y, int x)
 }
 
 /* ---- one run with checking callbacks -------------------------------------------------------- */
-enum { FN_NONE, FN_READ, FN_TILE, FN_WRITE };
+enum { FN_NONE, FN_READ, FN_TILE, FN_WRITE, FN_START, FN_FINISH };
 enum { MODE_IDENTITY, MODE_BLEND };
 
 struct run;
@@ -179,6 +188,18 @@ typedef struct run {
     int *row_hits;   /* [H] */
     /* progress (calling thread) */
     int64_t progress_calls, last_done, last_total, bad_progress;
+    /* pipelined (tile_start / tile_finish instead of tile): the batches
+     * started and not finished, oldest first, with a hash of their input */
+    int pipelined;
+    struct {
+        int n;
+        const ts_window *wins;
+        const float *in;
+        uint64_t hash;
+    } inflight[4];
+    int n_inflight, max_inflight;
+    int64_t starts, finishes, bad_finish;
+    char note_pipe[256];
 } run;
 
 static void note(char *buf, int64_t *count, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -327,6 +348,61 @@ static ts_status cb_tile(void *ctx, int n, const ts_window *wins, const float *i
     return TS_OK;
 }
 
+/* What a started batch must still hold when it is finished: its tiles and windows. */
+static uint64_t batch_hash(const run *r, int n, const ts_window *wins, const float *in)
+{
+    const unsigned char *b[2] = {(const unsigned char *)in, (const unsigned char *)wins};
+    const size_t len[2] = {(size_t)n * r->p.channels * r->p.tile * r->p.tile * sizeof(float), (size_t)n * sizeof *wins};
+    uint64_t h = 1469598103934665603ULL;
+    for (int k = 0; k < 2; k++)
+        for (size_t i = 0; i < len[k]; i++) h = (h ^ b[k][i]) * 1099511628211ULL;
+    return h;
+}
+
+static ts_status cb_tile_start(void *ctx, int n, const ts_window *wins, const float *in)
+{
+    run *r = ctx;
+    r->starts++;
+    if (r->slow_fn == FN_START) usleep((useconds_t)r->slow_us);
+    if (r->fail_fn == FN_START && r->starts == r->fail_at)
+        return ts_error(TS_ERR_BACKEND, "boom start %lld", (long long)r->starts);
+    if (r->n_inflight == 4) {
+        note(r->note_pipe, &r->bad_finish, "start %lld: four batches already started", (long long)r->starts);
+        return TS_OK;
+    }
+    r->inflight[r->n_inflight].n = n;
+    r->inflight[r->n_inflight].wins = wins;
+    r->inflight[r->n_inflight].in = in;
+    r->inflight[r->n_inflight].hash = batch_hash(r, n, wins, in);
+    if (++r->n_inflight > r->max_inflight) r->max_inflight = r->n_inflight;
+    return TS_OK;
+}
+
+/* The oldest started batch, through the synchronous tile function. */
+static ts_status cb_tile_finish(void *ctx, int n, const ts_window *wins, float *out)
+{
+    run *r = ctx;
+    r->finishes++;
+    if (r->fail_fn == FN_FINISH && r->finishes == r->fail_at)
+        return ts_error(TS_ERR_BACKEND, "boom finish %lld", (long long)r->finishes);
+    if (r->n_inflight == 0) {
+        note(r->note_pipe, &r->bad_finish, "finish %lld: no batch started", (long long)r->finishes);
+        return TS_OK;
+    }
+    const int n0 = r->inflight[0].n;
+    const ts_window *w0 = r->inflight[0].wins;
+    const float *in = r->inflight[0].in;
+    if (n != n0 || wins != w0)
+        note(r->note_pipe, &r->bad_finish, "finish %lld: %d tiles at %p, the oldest started batch has %d at %p",
+             (long long)r->finishes, n, (const void *)wins, n0, (const void *)w0);
+    else if (batch_hash(r, n, wins, in) != r->inflight[0].hash)
+        note(r->note_pipe, &r->bad_finish, "finish %lld: the batch's input or windows changed since its start",
+             (long long)r->finishes);
+    r->n_inflight--;
+    memmove(&r->inflight[0], &r->inflight[1], (size_t)r->n_inflight * sizeof r->inflight[0]);
+    return cb_tile(r, n0, w0, in, out);
+}
+
 static ts_status cb_write(void *ctx, int64_t row0, int nrows, const float *values, const uint8_t *valid)
 {
     run *r = ctx;
@@ -399,7 +475,12 @@ static ts_status run_stitch(run *r, const char *what)
     void *rctx[MAX_TEST_READERS];
     for (int i = 0; i < MAX_TEST_READERS; i++) rctx[i] = &r->rctx[i];
     ts_stitch_fns f = {r, r->use_read_ctx ? cb_read_own : cb_read, cb_tile, cb_write, cb_progress,
-                       r->use_read_ctx ? rctx : NULL};
+                       r->use_read_ctx ? rctx : NULL, NULL, NULL};
+    if (r->pipelined) {
+        f.tile = NULL;
+        f.tile_start = cb_tile_start;
+        f.tile_finish = cb_tile_finish;
+    }
     r->main_thread = pthread_self();
     watch_what = what;
     alarm(60);
@@ -916,6 +997,112 @@ static void test_errors(void)
     identity_case(23, 19, 8, 3, 1, 2, TS_BLEND_MEAN, 3);
 }
 
+/* ---- pipelining: tile_start / tile_finish ---------------------------------------------------- */
+static int n_pipelined;
+
+/* The scene through the synchronous tile function (one reader), then
+ * pipelined with `readers` readers: the same bits, and the pair used as
+ * PIPELINING in stitch.h says. */
+static void pipelined_case(int64_t W, int64_t H, int T, int overlap, int batch, ts_blend blend, int readers, int mode)
+{
+    ts_stitch_params p = {W, H, 2, mode == MODE_IDENTITY ? 2 : 3, T, overlap, batch, blend, 1};
+    char what[220];
+    describe(what, sizeof what, "pipelined: synchronous reference", &p);
+    run one;
+    run_init(&one, &p, mode);
+    if (!tu_expect_ok(run_stitch(&one, what), what) || !check_clean_run(&one, what)) {
+        run_free(&one, what);
+        return;
+    }
+    p.readers = readers;
+    describe(what, sizeof what, mode == MODE_BLEND ? "pipelined (blend)" : "pipelined (identity)", &p);
+    run r;
+    run_init(&r, &p, mode);
+    r.pipelined = 1;
+    r.use_read_ctx = readers > 1 && readers <= MAX_TEST_READERS;
+    r.jitter_us = readers > 1 ? 100 : 0;
+    n_pipelined++;
+    if (tu_expect_ok(run_stitch(&r, what), what) && check_clean_run(&r, what)) {
+        const int64_t batches = (r.nx * r.ny + batch - 1) / batch;
+        const size_t nv = (size_t)p.classes * W * H * sizeof(float), nb = (size_t)W * H;
+        tu_expect(memcmp(r.vals, one.vals, nv) == 0 && memcmp(r.valid, one.valid, nb) == 0,
+                  "%s: the written scene equals the synchronous one's bit for bit", what);
+        tu_expect(r.bad_finish == 0, "%s: %lld bad finishes: %s", what, (long long)r.bad_finish, r.note_pipe);
+        tu_expect(r.starts == batches && r.finishes == batches && r.tile_calls == batches && r.n_inflight == 0,
+                  "%s: %lld starts, %lld finishes for %lld batches (%d left started)", what, (long long)r.starts,
+                  (long long)r.finishes, (long long)batches, r.n_inflight);
+        /* Batch b starts before b - 1 finishes: two at once, never more. */
+        tu_expect(r.max_inflight == (batches > 1 ? 2 : 1), "%s: at most %d batches started at once, expected %d",
+                  what, r.max_inflight, batches > 1 ? 2 : 1);
+    }
+    run_free(&r, what);
+    run_free(&one, "pipelined: the synchronous run");
+}
+
+/* A start or finish failing at its k-th call: that status and message, the
+ * calls before it in pipelined order, none after. */
+static void pipelined_error_case(int fn, int64_t k, int readers, int64_t batches, const ts_stitch_params *p0)
+{
+    run r;
+    run_init(&r, p0, MODE_IDENTITY);
+    r.p.readers = readers;
+    r.use_read_ctx = readers > 1;
+    r.pipelined = 1;
+    r.fail_fn = fn;
+    r.fail_at = k;
+    char what[160], msg[64];
+    const char *name = fn == FN_START ? "start" : "finish";
+    snprintf(what, sizeof what, "pipelined: tile_%s fails at call %lld of %lld, %d reader%s", name, (long long)k,
+             (long long)batches, readers, readers == 1 ? "" : "s");
+    snprintf(msg, sizeof msg, "boom %s %lld", name, (long long)k);
+    ts_status st = run_stitch(&r, what);
+    tu_expect(st == TS_ERR_BACKEND && strcmp(ts_last_error(), msg) == 0,
+              "%s: returned \"%s\" with \"%s\", expected \"%s\"", what, ts_status_name(st), ts_last_error(), msg);
+    /* Start b, finish b - 1: a failed start k leaves k - 2 finished; a
+     * failed finish k came after start k + 1 (or after the last start). */
+    const int64_t want_starts = fn == FN_START ? k : (k < batches ? k + 1 : k);
+    const int64_t want_finishes = fn == FN_START ? (k >= 2 ? k - 2 : 0) : k;
+    tu_expect(r.starts == want_starts && r.finishes == want_finishes,
+              "%s: %lld starts and %lld finishes, expected %lld and %lld", what, (long long)r.starts,
+              (long long)r.finishes, (long long)want_starts, (long long)want_finishes);
+    tu_expect(r.bad_finish == 0 && r.bad_read == 0 && r.bad_wins == 0 && r.bad_pad == 0 && r.bad_order == 0,
+              "%s: the calls before the failure were sound (%s%s%s)", what, r.note_pipe, r.note_read, r.note_tile);
+    tu_expect(tu_guard_check(r.vals, what, "values") && tu_guard_check(r.valid, what, "valid"), "%s: guards", what);
+    run_free(&r, what);
+}
+
+static void test_pipelined(void)
+{
+    static const int readers[] = {1, 2, 3, 5};
+    /* 9x6 = 54 tiles: batches of 1, 3 (divide) and 8 (a last batch of 6). */
+    static const int batches[] = {1, 3, 8};
+    for (int i = 0; i < 4; i++)
+        for (int b = 0; b < 3; b++)
+            pipelined_case(97, 61, 16, 5, batches[b], (ts_blend)((i + b) % 3), readers[i], MODE_BLEND);
+    pipelined_case(77, 59, 16, 4, 5, TS_BLEND_GAUSSIAN, 3, MODE_IDENTITY);
+    /* A single batch: 2x2 tiles in a batch of 8, one tile, a scene smaller than the tile. */
+    for (int i = 0; i < 4; i++) {
+        pipelined_case(20, 20, 16, 4, 8, TS_BLEND_COSINE, readers[i], MODE_BLEND);
+        pipelined_case(16, 16, 16, 0, 1, TS_BLEND_MEAN, readers[i], MODE_IDENTITY);
+        pipelined_case(13, 11, 16, 4, 2, TS_BLEND_GAUSSIAN, readers[i], MODE_BLEND);
+    }
+    /* Two batches, the second partial. */
+    pipelined_case(40, 20, 16, 4, 3, TS_BLEND_GAUSSIAN, 2, MODE_BLEND);
+    /* The most readers: 66 read slots, every one in the free queue at the
+     * start, and 136 batches, so that each is used more than once. */
+    pipelined_case(97, 200, 16, 4, 1, TS_BLEND_COSINE, 64, MODE_BLEND);
+
+    /* Errors: 8x17 tiles in batches of 3, 46 batches. */
+    const ts_stitch_params p = {97, 200, 2, 2, 16, 4, 3, TS_BLEND_GAUSSIAN, 1};
+    const int64_t nb = (8 * 17 + 2) / 3;
+    const int64_t ks[] = {1, 2, 3, nb / 2, nb - 1, nb};
+    for (int fn = FN_START; fn <= FN_FINISH; fn++)
+        for (int i = 0; i < 6; i++)
+            for (int rd = 1; rd <= 4; rd += 3) pipelined_error_case(fn, ks[i], rd, nb, &p);
+    /* A run after failures is a clean run again. */
+    pipelined_case(23, 19, 8, 3, 2, TS_BLEND_MEAN, 3, MODE_BLEND);
+}
+
 /* ---- 7. bad parameters --------------------------------------------------------------------- */
 static ts_status ok_read(void *ctx, const ts_window *w, float *data, uint8_t *valid)
 {
@@ -932,15 +1119,25 @@ static ts_status ok_write(void *ctx, int64_t row0, int nrows, const float *value
     (void)ctx, (void)row0, (void)nrows, (void)values, (void)valid;
     return TS_OK;
 }
+static ts_status ok_start(void *ctx, int n, const ts_window *wins, const float *in)
+{
+    (void)ctx, (void)n, (void)wins, (void)in;
+    return TS_OK;
+}
+static ts_status ok_finish(void *ctx, int n, const ts_window *wins, float *out)
+{
+    (void)ctx, (void)n, (void)wins, (void)out;
+    return TS_OK;
+}
 
 static void bad_param(ts_stitch_params p, const char *what, const char *field)
 {
-    ts_stitch_fns f = {NULL, ok_read, ok_tile, ok_write, NULL, NULL};
+    ts_stitch_fns f = {NULL, ok_read, ok_tile, ok_write, NULL, NULL, NULL, NULL};
     size_t bytes = 12345;
     watch_what = what; /* a parameter let through may loop (a zero stride) */
     alarm(60);
     tu_expect_error(ts_stitch_run(&p, &f), TS_ERR_INVALID_ARG, what, "stitch", field, NULL);
-    tu_expect_error(ts_stitch_memory(&p, &bytes), TS_ERR_INVALID_ARG, what, "stitch", field, NULL);
+    tu_expect_error(ts_stitch_memory(&p, 0, &bytes), TS_ERR_INVALID_ARG, what, "stitch", field, NULL);
     alarm(0);
 }
 
@@ -973,7 +1170,7 @@ static void test_bad_params(void)
     p = good, p.readers = 65;
     bad_param(p, "readers 65", "readers 65");
 
-    ts_stitch_fns f = {NULL, ok_read, ok_tile, ok_write, NULL, NULL};
+    ts_stitch_fns f = {NULL, ok_read, ok_tile, ok_write, NULL, NULL, NULL, NULL};
     ts_stitch_fns g = f;
     g.read = NULL;
     tu_expect_error(ts_stitch_run(&good, &g), TS_ERR_INVALID_ARG, "no read function", "read", NULL);
@@ -982,6 +1179,11 @@ static void test_bad_params(void)
     g = f, g.write = NULL;
     tu_expect_error(ts_stitch_run(&good, &g), TS_ERR_INVALID_ARG, "no write function", "write", NULL);
     tu_expect_error(ts_stitch_run(&good, NULL), TS_ERR_INVALID_ARG, "no functions", "read", NULL);
+    g = f, g.tile_start = ok_start;
+    tu_expect_error(ts_stitch_run(&good, &g), TS_ERR_INVALID_ARG, "tile_start without tile_finish", "tile_finish",
+                    NULL);
+    g = f, g.tile = NULL, g.tile_finish = ok_finish;
+    tu_expect_error(ts_stitch_run(&good, &g), TS_ERR_INVALID_ARG, "tile_finish alone", "tile", NULL);
     watch_what = "do-nothing functions";
     alarm(60);
     tu_expect_ok(ts_stitch_run(&good, &f), "good parameters with do-nothing functions");
@@ -989,16 +1191,19 @@ static void test_bad_params(void)
     tu_expect_ok(ts_stitch_run(&p, &f), "readers 0 (one reader)");
     p = good, p.readers = 64;
     tu_expect_ok(ts_stitch_run(&p, &f), "readers 64, more than the batches");
+    g = f, g.tile = NULL, g.tile_start = ok_start, g.tile_finish = ok_finish;
+    tu_expect_ok(ts_stitch_run(&p, &g), "readers 64 pipelined (66 read slots)");
     alarm(0);
 }
 
 /* ---- 8. memory ----------------------------------------------------------------------------- */
 /* The MEMORY formula of stitch.h. */
-static double listed_bytes(const ts_stitch_params *p)
+static double listed_bytes(const ts_stitch_params *p, int pipelined)
 {
     const double K = p->classes, C = p->channels, T = p->tile, W = (double)p->width;
     const double R = (double)(p->height < p->tile ? p->height : p->tile), N = p->readers > 0 ? p->readers : 1;
-    return (8 * K + 9) * R * W + 2 * (4 * K + 1) * 64 * W + ((N + 1) * p->batch + N) * T * T * (4 * C + 1) +
+    const double S = N + (pipelined ? 2 : 1);
+    return (8 * K + 9) * R * W + 2 * (4 * K + 1) * 64 * W + (S * p->batch + N) * T * T * (4 * C + 1) +
            4 * K * p->batch * T * T + 8 * T * T;
 }
 
@@ -1008,7 +1213,7 @@ static void test_memory(void)
     size_t b[5];
     for (int i = 0; i < 5; i++) {
         p.width = 1000 * (i + 1);
-        tu_expect_ok(ts_stitch_memory(&p, &b[i]), "ts_stitch_memory");
+        tu_expect_ok(ts_stitch_memory(&p, 0, &b[i]), "ts_stitch_memory");
     }
     tu_expect(b[1] > b[0] && b[1] - b[0] == b[2] - b[1] && b[2] - b[1] == b[4] - b[3],
               "ts_stitch_memory linear in the width: %zu %zu %zu %zu %zu", b[0], b[1], b[2], b[3], b[4]);
@@ -1018,7 +1223,7 @@ static void test_memory(void)
     for (int i = 0; i < 5; i++) {
         size_t bh = 0;
         p.height = heights[i];
-        tu_expect_ok(ts_stitch_memory(&p, &bh), "ts_stitch_memory");
+        tu_expect_ok(ts_stitch_memory(&p, 0, &bh), "ts_stitch_memory");
         same &= bh == b[2];
     }
     tu_expect(same, "ts_stitch_memory does not depend on the height (>= tile)");
@@ -1028,33 +1233,40 @@ static void test_memory(void)
         {3000, 5000, 4, 6, 256, 32, 8, TS_BLEND_GAUSSIAN, 64},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-        size_t bytes = 0;
-        tu_expect_ok(ts_stitch_memory(&cases[i], &bytes), "ts_stitch_memory");
-        const double want = listed_bytes(&cases[i]);
-        tu_expect((double)bytes >= want && (double)bytes <= want + 1e6,
-                  "ts_stitch_memory %lldx%lld T%d: %zu bytes, the listed buffers are %.0f", (long long)cases[i].width,
-                  (long long)cases[i].height, cases[i].tile, bytes, want);
+        for (int pl = 0; pl <= 1; pl++) {
+            size_t bytes = 0;
+            tu_expect_ok(ts_stitch_memory(&cases[i], pl, &bytes), "ts_stitch_memory");
+            const double want = listed_bytes(&cases[i], pl);
+            tu_expect((double)bytes >= want && (double)bytes <= want + 1e6,
+                      "ts_stitch_memory %lldx%lld T%d pipelined %d: %zu bytes, the listed buffers are %.0f",
+                      (long long)cases[i].width, (long long)cases[i].height, cases[i].tile, pl, bytes, want);
+        }
     }
     /* A shorter scene than the tile needs a shorter ring; more batch, more memory. */
     size_t lo = 0, hi = 0;
     p = (ts_stitch_params){3000, 100, 4, 6, 256, 32, 8, TS_BLEND_GAUSSIAN, 1};
-    ts_stitch_memory(&p, &lo);
+    ts_stitch_memory(&p, 0, &lo);
     p.height = 256;
-    ts_stitch_memory(&p, &hi);
+    ts_stitch_memory(&p, 0, &hi);
     tu_expect(lo < hi, "ts_stitch_memory: a 100-row scene (%zu) needs less than a 256-row one (%zu)", lo, hi);
     p.batch = 16;
-    ts_stitch_memory(&p, &lo);
+    ts_stitch_memory(&p, 0, &lo);
     tu_expect(lo > hi, "ts_stitch_memory grows with the batch");
     /* Readers: 0 is 1; each more adds a read slot of the batch and a scratch tile. */
     size_t r0 = 0, r1 = 0, r4 = 0;
     p.readers = 0;
-    ts_stitch_memory(&p, &r0);
+    ts_stitch_memory(&p, 0, &r0);
     p.readers = 1;
-    ts_stitch_memory(&p, &r1);
+    ts_stitch_memory(&p, 0, &r1);
     p.readers = 4;
-    ts_stitch_memory(&p, &r4);
+    ts_stitch_memory(&p, 0, &r4);
     tu_expect(r0 == r1 && (double)(r4 - r1) == 3.0 * (p.batch + 1) * 256 * 256 * (4 * 4 + 1),
               "ts_stitch_memory: readers 0 (%zu) = 1 (%zu); 4 readers add 3 slots and scratch tiles (%zu)", r0, r1, r4);
+    /* Pipelined: one more read slot of the batch. */
+    size_t p4 = 0;
+    ts_stitch_memory(&p, 1, &p4);
+    tu_expect((double)(p4 - r4) == 1.0 * p.batch * 256 * 256 * (4 * 4 + 1),
+              "ts_stitch_memory: pipelined (%zu) adds one read slot to %zu", p4, r4);
 }
 
 int main(void)
@@ -1073,9 +1285,11 @@ int main(void)
     test_streaming();
     test_readers();
     test_errors();
+    test_pipelined();
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    printf("test_stitch: %d identity runs, %lld of 54 several-reader runs read out of order, %.2f s\n", n_identity,
-           (long long)n_reordered,
+    printf("test_stitch: %d identity runs, %lld of 54 several-reader runs read out of order, %d pipelined runs, "
+           "%.2f s\n",
+           n_identity, (long long)n_reordered, n_pipelined,
            (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
     return tu_finish("test_stitch");
 }

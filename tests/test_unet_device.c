@@ -17,7 +17,14 @@
  *   - errors (wrong channels, wrong logits shape, an allocation or an upload
  *     failing in init, in planning, in the input buffer) return a status,
  *     leave nothing allocated that should not be, and leave the copy usable;
- *   - the copy outlives the host model it came from.
+ *   - the copy outlives the host model it came from;
+ *   - ts_unet_device_forward_start: the logits land in pinned memory only
+ *     once the fence is waited for (before, the fake's poison), equal the
+ *     host forward bit for bit, with a second batch started before the first
+ *     is waited for and through graph replays; a backend without
+ *     asynchronous downloads and fences, a NULL fence and logits outside
+ *     pinned memory are refused; the asynchronous calls are refused while a
+ *     graph is recorded.
  * And the training copy (ts_unet_device_init_train) with the optimizer's
  * state in the same memory (ts_optim_init_on):
  *   - two optimizer steps (CE + Dice, gradient accumulation over 2
@@ -766,6 +773,118 @@ out:
     ts_unet_free(&m);
 }
 
+static int all_poison(const float *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &p[i], sizeof u);
+        if (u != 0xffffffffu) return 0;
+    }
+    return 1;
+}
+
+static void test_forward_start(ts_ctx *cpu, ts_ctx *dev)
+{
+    static const char *name = "forward_start";
+    static const int d3[3] = {16, 8, 8};
+    const ts_unet_config cfg = make_cfg(3, 2, 3, d3, 1);
+    const ts_backend *B = dev->backend;
+    const ts_backend_memory *M = B->memory;
+    ts_unet m;
+    if (!make_model(&m, &cfg, 31)) return;
+    tu_expect_ok(ts_unet_fold_bn(&m), "fold_bn");
+    const int N = 2, C = 3, K = 2, H = 27, W = 33;
+    tu_rng rng;
+    tu_rng_seed(&rng, 37);
+    ts_tensor x[2] = {tu_tensor(N, C, H, W), tu_tensor(N, C, H, W)}, host = tu_tensor(N, K, H, W);
+    for (int i = 0; i < 2; i++) tu_fill(&rng, x[i].data, ts_tensor_numel(&x[i]), -1, 1);
+    float *ref[2] = {host_logits(&m, cpu, &x[0]), host_logits(&m, cpu, &x[1])};
+    const size_t nl = (size_t)N * K * H * W;
+    void *pin[2] = {NULL, NULL}, *fence[2] = {NULL, NULL};
+    ts_unet_device d, dc;
+    memset(&dc, 0, sizeof dc);
+    tu_expect(ts_backend_memory_async(M) && !ts_backend_memory_async(cpu->backend->memory),
+              "%s: the fake device offers asynchronous downloads and fences, the CPU does not", name);
+    if (!tu_expect_ok(ts_unet_device_init(&d, &m, B), "init")) goto out;
+    for (int i = 0; i < 2; i++) {
+        tu_expect_ok(M->host_alloc(&pin[i], nl * sizeof(float)), "host_alloc");
+        tu_expect_ok(M->fence_new(&fence[i]), "fence_new");
+    }
+    if (!pin[0] || !pin[1] || !fence[0] || !fence[1]) goto out;
+    tu_fake_reset_counts();
+    /* Three rounds of two batches in flight: direct, recorded, replayed. */
+    for (int round = 0; round < 3; round++) {
+        ts_tensor l[2];
+        for (int i = 0; i < 2; i++) {
+            l[i] = ts_tensor_view(pin[i], N, K, H, W);
+            tu_expect_ok(ts_unet_device_forward_start(&d, dev, &x[i], &l[i], fence[i]), "forward_start");
+        }
+        char what[64];
+        snprintf(what, sizeof what, "%s round %d", name, round);
+        tu_expect(all_poison(pin[0], nl) && all_poison(pin[1], nl),
+                  "%s: the logits are not there before the fences are waited for", what);
+        tu_expect_ok(M->fence_wait(fence[0]), "fence_wait 0");
+        bits_equal(pin[0], ref[0], nl, what);
+        tu_expect(all_poison(pin[1], nl), "%s: the second batch's logits wait for its own fence", what);
+        tu_expect_ok(M->fence_wait(fence[1]), "fence_wait 1");
+        bits_equal(pin[1], ref[1], nl, what);
+    }
+    tu_expect(tu_fake.async_downloads == 6 && tu_fake.downloads == 0 && tu_fake.fence_records == 6 &&
+                  tu_fake.graph_launches >= 4 && tu_fake.foreign_ptrs == 0 && tu_fake.bad_memory == 0,
+              "%s: 6 asynchronous downloads, no synchronous one, 6 fences, replays (%ld, %ld, %ld, %ld launches; %ld "
+              "foreign, %ld bad)",
+              name, tu_fake.async_downloads, tu_fake.downloads, tu_fake.fence_records, tu_fake.graph_launches,
+              tu_fake.foreign_ptrs, tu_fake.bad_memory);
+
+    /* Refusals. */
+    ts_tensor lp = ts_tensor_view(pin[0], N, K, H, W);
+    tu_expect_error(ts_unet_device_forward_start(&d, dev, &x[0], &lp, NULL), TS_ERR_INVALID_ARG, "NULL fence",
+                    "forward_start", "fence", NULL);
+    tu_fake_reset_counts();
+    tu_expect_error(ts_unet_device_forward_start(&d, dev, &x[0], &host, fence[0]), TS_ERR_INVALID_ARG,
+                    "logits outside pinned memory", "host_alloc", NULL);
+    tu_expect(tu_fake.bad_memory == 1, "%s: the copy into pageable memory is counted (%ld)", name, tu_fake.bad_memory);
+    tu_fake_reset_counts();
+    if (tu_expect_ok(ts_unet_device_init(&dc, &m, cpu->backend), "init on the cpu"))
+        tu_expect_error(ts_unet_device_forward_start(&dc, cpu, &x[0], &host, fence[0]), TS_ERR_UNSUPPORTED,
+                        "forward_start on the CPU backend", "forward_start", "cpu", "download_async",
+                        "ts_unet_device_forward", NULL);
+    tu_fake_device_set_async(0);
+    tu_expect_error(ts_unet_device_forward_start(&d, dev, &x[0], &lp, fence[0]), TS_ERR_UNSUPPORTED,
+                    "forward_start without asynchronous members", "fake-device", "download_async", NULL);
+    tu_fake_device_set_async(1);
+    /* Nothing of it can be recorded in a graph. */
+    if (tu_expect_ok(B->graphs->begin(), "graph begin")) {
+        void *q = NULL, *f = NULL, *g = NULL;
+        tu_expect_error(M->host_alloc(&q, 64), TS_ERR_INVALID_ARG, "host_alloc while recording", "recorded", NULL);
+        tu_expect_error(M->download_async(pin[0], d.weights, 64), TS_ERR_INVALID_ARG, "download_async while recording",
+                        "recorded", NULL);
+        tu_expect_error(M->fence_new(&f), TS_ERR_INVALID_ARG, "fence_new while recording", "recorded", NULL);
+        tu_expect_error(M->fence_record(fence[0]), TS_ERR_INVALID_ARG, "fence_record while recording", "recorded",
+                        NULL);
+        tu_expect_error(M->fence_wait(fence[0]), TS_ERR_INVALID_ARG, "fence_wait while recording", "recorded", NULL);
+        tu_expect_ok(B->graphs->end(&g), "graph end");
+        B->graphs->free(g);
+        tu_expect(q == NULL && f == NULL, "%s: nothing allocated while recording", name);
+    }
+out:
+    for (int i = 0; i < 2; i++) {
+        M->host_free(pin[i]);
+        M->fence_free(fence[i]);
+    }
+    ts_unet_device_free(&dc);
+    ts_unet_device_free(&d);
+    tu_expect(tu_fake.host_live == 0 && tu_fake.fences_live == 0 && tu_fake.bad_memory == 0,
+              "%s: pinned buffers and fences freed (%ld, %ld left; %ld bad)", name, tu_fake.host_live,
+              tu_fake.fences_live, tu_fake.bad_memory);
+    for (int i = 0; i < 2; i++) {
+        tu_tensor_free(&x[i], name, "x");
+        free(ref[i]);
+    }
+    tu_tensor_free(&host, name, "host logits");
+    ts_unet_free(&m);
+}
+
 int main(void)
 {
     ts_ctx cpu, dev;
@@ -782,6 +901,7 @@ int main(void)
     test_train_copy(&cpu, &dev, &nobn, "training copy, depth 3, no decoder BN");
     test_train_init_failures(&dev);
     test_graphs(&cpu, &dev);
+    test_forward_start(&cpu, &dev);
     ts_ctx_free(&dev);
     ts_ctx_free(&cpu);
     return tu_finish("unet_device");

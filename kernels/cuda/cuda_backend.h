@@ -33,6 +33,17 @@ ts_status ts_cuda_memcpy_d2h(void *dst_host, const void *src_device, size_t byte
 ts_status ts_cuda_memcpy_d2d(void *dst_device, const void *src_device, size_t bytes);
 /* Waits for every op queued so far; reports an asynchronous kernel error. */
 ts_status ts_cuda_synchronize(void);
+/* The asynchronous members of the memory interface (kernels/backend.h):
+ * page-locked host memory (cudaHostAlloc), a device-to-host copy queued on
+ * the backend's stream into it, and fences (cudaEvent_t without timing,
+ * recorded on that stream). None may be called while a graph is recorded. */
+ts_status ts_cuda_host_alloc(void **p, size_t bytes);
+void ts_cuda_host_free(void *p);
+ts_status ts_cuda_memcpy_d2h_async(void *dst_host, const void *src_device, size_t bytes);
+ts_status ts_cuda_fence_new(void **f);
+ts_status ts_cuda_fence_record(void *f);
+ts_status ts_cuda_fence_wait(void *f);
+void ts_cuda_fence_free(void *f);
 
 /* Determinism (issue 8, bit-exact resume): when on, convolutions use only
  * deterministic cuDNN algorithms and every reduction uses a fixed order (no

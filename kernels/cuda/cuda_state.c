@@ -69,6 +69,13 @@ static const ts_backend_memory cuda_memory = {
     .upload = ts_cuda_memcpy_h2d,
     .download = ts_cuda_memcpy_d2h,
     .sync = ts_cuda_synchronize,
+    .host_alloc = ts_cuda_host_alloc,
+    .host_free = ts_cuda_host_free,
+    .download_async = ts_cuda_memcpy_d2h_async,
+    .fence_new = ts_cuda_fence_new,
+    .fence_record = ts_cuda_fence_record,
+    .fence_wait = ts_cuda_fence_wait,
+    .fence_free = ts_cuda_fence_free,
 };
 
 /* CUDA graphs (stream capture): see the end of this file. */
@@ -341,6 +348,104 @@ ts_status ts_cuda_synchronize(void)
     if (g_state.capturing) return capture_error("ts_cuda_synchronize");
     TS_CUDA_CHECK(cudaStreamSynchronize(g_state.stream));
     return TS_OK;
+}
+
+/* ---- pinned host memory, asynchronous downloads, fences ------------------------------ */
+
+ts_status ts_cuda_host_alloc(void **p, size_t bytes)
+{
+    if (!p) return ts_error(TS_ERR_INVALID_ARG, "ts_cuda_host_alloc: p is NULL");
+    *p = NULL;
+    ts_status st = need_init("ts_cuda_host_alloc");
+    if (st != TS_OK) return st;
+    /* cudaHostAlloc is not a stream operation and would invalidate a
+     * recording made in thread-local mode from this thread. */
+    if (g_state.capturing) return capture_error("ts_cuda_host_alloc");
+    if (bytes == 0) return TS_OK;
+    cudaError_t e = cudaHostAlloc(p, bytes, cudaHostAllocDefault);
+    if (e != cudaSuccess) {
+        *p = NULL;
+        char call[112];
+        snprintf(call, sizeof call, "cudaHostAlloc(%zu bytes, %.1f MiB, page-locked)", bytes,
+                 (double)bytes / (1 << 20));
+        return ts_cuda_error(e, call, __FILE__, __LINE__);
+    }
+    return TS_OK;
+}
+
+void ts_cuda_host_free(void *p)
+{
+    if (!p) return;
+    /* As ts_cuda_free: the caller has no status to receive the error and is
+     * often cleaning up after another failure whose message must stay. */
+    (void)cudaFreeHost(p);
+}
+
+ts_status ts_cuda_memcpy_d2h_async(void *dst_host, const void *src_device, size_t bytes)
+{
+    static const char fn[] = "ts_cuda_memcpy_d2h_async";
+    ts_status st = need_init(fn);
+    if (st != TS_OK) return st;
+    if (g_state.capturing) return capture_error(fn);
+    if (bytes == 0) return TS_OK;
+    if (!dst_host || !src_device)
+        return ts_error(TS_ERR_INVALID_ARG, "%s: %zu bytes with a NULL %s pointer", fn, bytes,
+                        dst_host ? "source" : "destination");
+    /* On the backend's stream, after the ops that write src; into pageable
+     * memory CUDA would stage and wait, which is why dst must be pinned. */
+    cudaError_t e = cudaMemcpyAsync(dst_host, src_device, bytes, cudaMemcpyDeviceToHost, g_state.stream);
+    if (e != cudaSuccess) {
+        char call[96];
+        snprintf(call, sizeof call, "%s: cudaMemcpyAsync(%zu bytes)", fn, bytes);
+        return ts_cuda_error(e, call, __FILE__, __LINE__);
+    }
+    return TS_OK;
+}
+
+/* A fence is a cudaEvent_t: the pointer the caller holds is the event. */
+ts_status ts_cuda_fence_new(void **f)
+{
+    if (!f) return ts_error(TS_ERR_INVALID_ARG, "ts_cuda_fence_new: f is NULL");
+    *f = NULL;
+    ts_status st = need_init("ts_cuda_fence_new");
+    if (st != TS_OK) return st;
+    if (g_state.capturing) return capture_error("ts_cuda_fence_new");
+    /* No timing: a timed event costs more to record and is not needed to wait. */
+    cudaEvent_t ev = NULL;
+    TS_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    *f = ev;
+    return TS_OK;
+}
+
+ts_status ts_cuda_fence_record(void *f)
+{
+    if (!f) return ts_error(TS_ERR_INVALID_ARG, "ts_cuda_fence_record: NULL fence (make one with fence_new)");
+    ts_status st = need_init("ts_cuda_fence_record");
+    if (st != TS_OK) return st;
+    /* Recorded inside a capture, the event would become a graph node and
+     * mark nothing on the stream the caller later waits for. */
+    if (g_state.capturing) return capture_error("ts_cuda_fence_record");
+    TS_CUDA_CHECK(cudaEventRecord((cudaEvent_t)f, g_state.stream));
+    return TS_OK;
+}
+
+ts_status ts_cuda_fence_wait(void *f)
+{
+    if (!f) return ts_error(TS_ERR_INVALID_ARG, "ts_cuda_fence_wait: NULL fence (make one with fence_new)");
+    ts_status st = need_init("ts_cuda_fence_wait");
+    if (st != TS_OK) return st;
+    if (g_state.capturing) return capture_error("ts_cuda_fence_wait");
+    TS_CUDA_CHECK(cudaEventSynchronize((cudaEvent_t)f));
+    return TS_OK;
+}
+
+void ts_cuda_fence_free(void *f)
+{
+    if (!f) return;
+    /* Destroying an event whose point is still ahead is allowed (CUDA
+     * releases it once reached); the only failure is an invalid handle, with
+     * no status to return it through (as ts_cuda_free). */
+    (void)cudaEventDestroy((cudaEvent_t)f);
 }
 
 /* ---- the cuDNN workspace -------------------------------------------------------- */
