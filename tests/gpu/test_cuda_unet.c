@@ -13,7 +13,9 @@
  * then the same copy set back to float32 meets the float32 bound again.
  *
  * CUDA graphs: the forward recorded and replayed gives the bits of the same
- * forward with every op called directly, in float32 and bf16.
+ * forward with every op called directly, in float32 and bf16. The same for
+ * ts_unet_device_forward_start (asynchronous downloads into pinned memory,
+ * two batches in flight) against the synchronous forward.
  * These shapes use no SMP fixture (random weights and statistics).
  *
  * Device: TERRASEG_TEST_DEVICE (cuda, cuda:N or N; cuda:0 by default). Fails,
@@ -220,6 +222,56 @@ static void graph_case(ts_unet *m, ts_ctx *gpu, ts_unet_device *d, const char *n
     tu_tensor_free(&l, SUITE, "l");
 }
 
+/* ts_unet_device_forward_start (predict's pipelined path): two batches
+ * started before either is waited for, into page-locked buffers behind two
+ * fences (cudaHostAlloc, cudaMemcpyAsync, events), direct, recorded and
+ * replayed; after each wait the logits are the bits of the synchronous
+ * forward (deterministic algorithms). The buffers start as NaN, so a copy
+ * that has not landed shows. */
+static void start_case(ts_unet *m, ts_ctx *gpu, ts_unet_device *d, const char *name)
+{
+    char what[128];
+    snprintf(what, sizeof what, "%s, %s, forward_start", name, ts_dtype_name(ts_unet_device_precision(d)));
+    const ts_backend_memory *M = gpu->backend->memory;
+    const int n = 2, h = 41, w = 35, K = m->cfg.classes;
+    tu_rng rng;
+    tu_rng_seed(&rng, 78);
+    ts_tensor x[2] = {tu_tensor(n, m->cfg.in_channels, h, w), tu_tensor(n, m->cfg.in_channels, h, w)};
+    ts_tensor ref[2] = {tu_tensor(n, K, h, w), tu_tensor(n, K, h, w)};
+    const size_t nl = ts_tensor_numel(&ref[0]);
+    for (int i = 0; i < 2; i++) tu_fill(&rng, x[i].data, ts_tensor_numel(&x[i]), -1, 1);
+    void *pin[2] = {NULL, NULL}, *fence[2] = {NULL, NULL};
+    tu_expect(ts_backend_memory_async(M), "%s: the CUDA memory offers pinned buffers, async downloads, fences", what);
+    ts_cuda_set_deterministic(1);
+    int ok = ts_backend_memory_async(M) && tu_expect_ok(ts_unet_device_forward(d, gpu, &x[0], &ref[0]), "forward 1") &&
+             tu_expect_ok(ts_unet_device_forward(d, gpu, &x[1], &ref[1]), "forward 2");
+    for (int i = 0; ok && i < 2; i++)
+        ok = tu_expect_ok(M->host_alloc(&pin[i], nl * sizeof(float)), "host_alloc") &&
+             tu_expect_ok(M->fence_new(&fence[i]), "fence_new");
+    for (int round = 0; ok && round < 3; round++) {
+        ts_tensor l[2];
+        for (int i = 0; ok && i < 2; i++) {
+            for (size_t j = 0; j < nl; j++) ((float *)pin[i])[j] = NAN;
+            l[i] = ts_tensor_view(pin[i], n, K, h, w);
+            ok = tu_expect_ok(ts_unet_device_forward_start(d, gpu, &x[i], &l[i], fence[i]), what);
+        }
+        for (int i = 0; ok && i < 2; i++) {
+            if (!(ok = tu_expect_ok(M->fence_wait(fence[i]), "fence_wait"))) break;
+            size_t bad = 0;
+            for (size_t j = 0; j < nl; j++) bad += memcmp(&l[i].data[j], &ref[i].data[j], sizeof(float)) != 0;
+            tu_expect(bad == 0, "%s: round %d batch %d equals the synchronous forward bit for bit (%zu of %zu differ)",
+                      what, round, i, bad, nl);
+        }
+    }
+    ts_cuda_set_deterministic(0);
+    for (int i = 0; i < 2; i++) {
+        M->host_free(pin[i]);
+        M->fence_free(fence[i]);
+        tu_tensor_free(&x[i], SUITE, "x");
+        tu_tensor_free(&ref[i], SUITE, "ref");
+    }
+}
+
 static void run_case(ts_ctx *cpu, ts_ctx *gpu, const ts_unet_config *cfg, const char *name)
 {
     ts_unet m;
@@ -246,8 +298,10 @@ static void run_case(ts_ctx *cpu, ts_ctx *gpu, const ts_unet_config *cfg, const 
         compare(&m, cpu, gpu, &d, 1, 33, 65, name);
         compare(&m, cpu, gpu, &d, 2, 45, 37, name);
         graph_case(&m, gpu, &d, name);
+        start_case(&m, gpu, &d, name);
         half_case(&m, cpu, gpu, &d, TS_BF16, name);
         graph_case(&m, gpu, &d, name);
+        start_case(&m, gpu, &d, name);
         half_case(&m, cpu, gpu, &d, TS_F16, name);
         /* The plan and the half weights are dropped: float32 bits again. */
         if (tu_expect_ok(ts_unet_device_set_precision(&d, gpu, TS_F32), "set_precision f32"))
