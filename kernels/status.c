@@ -2,6 +2,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 /* One message per thread, so parallel callers do not overwrite each other. */
 static _Thread_local char last_error[1024];
@@ -23,10 +24,15 @@ const char *ts_status_name(ts_status s)
 
 ts_status ts_error(ts_status s, const char *fmt, ...)
 {
+    /* Formatted aside first: callers wrap the message of the failure they
+     * report (ts_error(st, "ctx: %s", ts_last_error())), and vsnprintf's
+     * source and destination must not overlap. */
+    char buf[sizeof last_error];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
+    memcpy(last_error, buf, sizeof buf);
     return s;
 }
 

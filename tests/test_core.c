@@ -16,6 +16,11 @@ static void test_status(void)
     ts_status st = ts_error(TS_ERR_IO, "file %s: %d", "a.tif", 3);
     tu_expect(st == TS_ERR_IO && strcmp(ts_last_error(), "file a.tif: 3") == 0, "status: message formatted, got \"%s\"",
               ts_last_error());
+    /* The idiom that puts context in front of a callee's message: the
+     * message is an argument of the call that replaces it. */
+    st = ts_error(TS_ERR_NOMEM, "%s: %s", "outer context", ts_last_error());
+    tu_expect(st == TS_ERR_NOMEM && strcmp(ts_last_error(), "outer context: file a.tif: 3") == 0,
+              "status: a message wrapping the last one, got \"%s\"", ts_last_error());
     for (int s = 0; s < TS_STATUS_COUNT; s++)
         tu_expect(ts_status_name((ts_status)s) != NULL && strlen(ts_status_name((ts_status)s)) > 0,
                   "status: name of %d", s);
