@@ -281,6 +281,38 @@ static ts_status model_tile_finish(void *vp, int n, const ts_window *wins, float
     return TS_OK;
 }
 
+/* The stitcher's read slots on the pipelined path: page-locked, so that
+ * forward_start queues their upload (the stitcher keeps a started batch's
+ * slot until it is finished, which is what upload_async asks). After an
+ * error a started batch's upload may still be queued: wait for it first
+ * (the error that stopped the run is the one to report). */
+/* Waits for everything queued before cleaning up after the work, keeping
+ * the message of the failure being reported (if the wait fails as well, the
+ * device's state is that failure's consequence). */
+static void quiet_sync(const ts_backend_memory *mem)
+{
+    char keep[512];
+    snprintf(keep, sizeof keep, "%s", ts_last_error());
+    if (mem->sync() != TS_OK) ts_error(TS_ERR_BACKEND, "%s", keep);
+}
+
+static ts_status pinned_alloc(void *vp, void **q, size_t bytes)
+{
+    const predictor *p = vp;
+    ts_status st = p->mem->host_alloc(q, bytes);
+    if (st) return ts_error(st, "predict: a pinned input batch on backend \"%s\": %s", p->ctx->backend->name,
+                            ts_last_error());
+    return TS_OK;
+}
+
+static void pinned_free(void *vp, void *q)
+{
+    const predictor *p = vp;
+    if (!q) return;
+    quiet_sync(p->mem);
+    p->mem->host_free(q);
+}
+
 /* Sets up the pipelined path when it applies: a device copy on a backend
  * with asynchronous downloads and fences, and no test-time augmentation
  * beyond the identity (with TTA every batch runs several forwards that are
@@ -667,7 +699,7 @@ static void predictor_free(predictor *p)
         /* After an error the stitcher may leave a batch started: its copy
          * into a pinned buffer must be done before the buffer goes. The
          * error that stopped the run is the one to report. */
-        (void)p->mem->sync();
+        quiet_sync(p->mem);
         for (int i = 0; i < 2; i++) {
             p->mem->host_free(p->pinned[i]);
             p->mem->fence_free(p->fence[i]);
@@ -860,11 +892,18 @@ ts_status ts_predict_run(ts_unet *m, ts_ctx *ctx, const ts_predict_opts *o, ts_p
         if (!st) st = open_readers(&p, sp.readers);
     }
     if (!st) {
-        ts_stitch_fns fns = {&p, read_fn, tile_fn, write_fn, o->progress ? progress_fn : NULL, p.reader_ctx, NULL, NULL};
+        ts_stitch_fns fns = {.ctx = &p,
+                             .read = read_fn,
+                             .tile = tile_fn,
+                             .write = write_fn,
+                             .progress = o->progress ? progress_fn : NULL,
+                             .read_ctx = p.reader_ctx};
         if (p.mem) {
             fns.tile = NULL;
             fns.tile_start = model_tile_start;
             fns.tile_finish = model_tile_finish;
+            fns.alloc_in = pinned_alloc;
+            fns.free_in = pinned_free;
         }
         st = ts_stitch_run(&sp, &fns);
     }

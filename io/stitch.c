@@ -449,7 +449,10 @@ static ts_status compute(stitch *s)
 static void free_stitch(stitch *s)
 {
     for (int i = 0; s->slots && i < s->nslots; i++) {
-        free(s->slots[i].in);
+        if (!s->f->free_in)
+            free(s->slots[i].in);
+        else if (s->slots[i].in) /* a slot not reached by a failed allocation has none */
+            s->f->free_in(s->f->ctx, s->slots[i].in);
         free(s->slots[i].valid);
         free(s->slots[i].wins);
     }
@@ -494,7 +497,19 @@ static ts_status alloc_stitch(stitch *s)
     int ok = s->ox && s->oy && s->acc && s->wsum && s->rvalid && s->weight && s->out && s->slots && s->ready &&
              s->readers;
     for (int i = 0; i < s->nslots && ok; i++) {
-        s->slots[i].in = malloc(B * C * T * T * sizeof(float));
+        const size_t in_bytes = B * C * T * T * sizeof(float);
+        if (s->f->alloc_in) {
+            void *q = NULL;
+            ts_status st = s->f->alloc_in(s->f->ctx, &q, in_bytes);
+            s->slots[i].in = q;
+            /* The caller's allocator has its own message (a device's, say). */
+            if (st) return ts_error(st, "stitch: read slot %d of %d (%.1f MiB): %s", i + 1, s->nslots,
+                                    (double)in_bytes / 1048576.0, ts_last_error());
+            if (!q) return ts_error(TS_ERR_NOMEM, "stitch: alloc_in gave no memory for read slot %d (%zu bytes)",
+                                    i + 1, in_bytes);
+        } else {
+            s->slots[i].in = malloc(in_bytes);
+        }
         s->slots[i].valid = malloc(B * T * T);
         s->slots[i].wins = malloc(B * sizeof(ts_window));
         ok = s->slots[i].in && s->slots[i].valid && s->slots[i].wins;
@@ -539,6 +554,9 @@ ts_status ts_stitch_run(const ts_stitch_params *p, const ts_stitch_fns *f)
     if (!f->tile_start != !f->tile_finish)
         return ts_error(TS_ERR_INVALID_ARG, "stitch: tile_start and tile_finish go together (%s is NULL)",
                         f->tile_start ? "tile_finish" : "tile_start");
+    if (!f->alloc_in != !f->free_in)
+        return ts_error(TS_ERR_INVALID_ARG, "stitch: alloc_in and free_in go together (%s is NULL)",
+                        f->alloc_in ? "free_in" : "alloc_in");
     stitch s;
     memset(&s, 0, sizeof s);
     s.p = p;

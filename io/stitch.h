@@ -121,6 +121,16 @@ typedef struct ts_stitch_fns {
      * are that batch's). When set, tile is not used. */
     ts_status (*tile_start)(void *ctx, int n, const ts_window *wins, const float *in);
     ts_status (*tile_finish)(void *ctx, int n, const ts_window *wins, float *out);
+    /* Optional, both or neither, calling thread: how the read slots' input
+     * batches (the `in` of tile and tile_start) are allocated and freed,
+     * e.g. in a device's page-locked memory, so that tile_start can queue
+     * their upload instead of copying them at once. Every slot's batch is
+     * allocated before any thread starts and freed when the run ends, after
+     * an error too, when a started batch may still be in the device's
+     * queue: free_in must then wait for what reads it (it is never given
+     * NULL). NULL: malloc/free. */
+    ts_status (*alloc_in)(void *ctx, void **p, size_t bytes);
+    void (*free_in)(void *ctx, void *p);
 } ts_stitch_fns;
 
 /* Tile origins along an axis of `size` pixels (see TILES): fills up to

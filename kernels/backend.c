@@ -114,6 +114,6 @@ int ts_backend_is_host(const ts_backend *b) { return b && b->memory && b->memory
 
 int ts_backend_memory_async(const ts_backend_memory *m)
 {
-    return m && m->host_alloc && m->host_free && m->download_async && m->fence_new && m->fence_record &&
+    return m && m->host_alloc && m->host_free && m->download_async && m->upload_async && m->fence_new && m->fence_record &&
            m->fence_wait && m->fence_free;
 }

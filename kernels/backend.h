@@ -269,12 +269,18 @@ typedef struct ts_backend_memory {
      * once. *p = bytes of it (contents undefined), or NULL and an error;
      * pinning is a scarce resource: a few buffers, allocated once. */
     ts_status (*host_alloc)(void **p, size_t bytes);
-    void (*host_free)(void *p); /* NULL is a no-op; the caller has waited for the copies into p */
+    void (*host_free)(void *p); /* NULL is a no-op; the caller has waited for the copies to and from p */
     /* Queues a copy after every op called so far and returns at once;
      * dst_host must lie in host_alloc memory. Its contents are undefined
      * until a fence recorded after this call has been waited for (an error
      * of the copy, too, surfaces at that wait). */
     ts_status (*download_async)(void *dst_host, const void *src_backend, size_t bytes);
+    /* The other way: queues a copy from host_alloc memory after every op
+     * called so far (so it may overwrite a buffer those ops read) and before
+     * every op called later (which see the data); returns at once. src_host
+     * must not change, nor be freed, until a fence recorded after this call
+     * has been waited for: the device reads it when the queue gets there. */
+    ts_status (*upload_async)(void *dst_backend, const void *src_host, size_t bytes);
     /* A fence is a point in the backend's queue. fence_record moves it to
      * after everything queued so far (may be called again: the latest
      * point counts); fence_wait returns when everything before that point
@@ -287,7 +293,7 @@ typedef struct ts_backend_memory {
 } ts_backend_memory;
 
 /* 1 when the memory offers every asynchronous member above (host_alloc,
- * host_free, download_async and the four fence calls). */
+ * host_free, download_async, upload_async and the four fence calls). */
 int ts_backend_memory_async(const ts_backend_memory *m);
 
 /* ---- graphs: record a run of ops once, replay it -------------------------

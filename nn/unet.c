@@ -1556,7 +1556,10 @@ static ts_status check_device_ctx(const ts_unet_device *d, const ts_ctx *ctx, in
 /* Puts a host batch where the copy's ops can read it: uploaded into the
  * input buffer (grown to the largest batch seen, then reused), or on a host
  * backend, read in place when in_place is set. */
-static ts_status stage_input(ts_unet_device *d, const ts_tensor *x, int in_place, ts_tensor *xd)
+/* x into the copy's input buffer: in place on a host backend when allowed,
+ * else uploaded, synchronously or (async, x in the backend's host_alloc
+ * memory) queued behind the ops before it, which may still read the buffer. */
+static ts_status stage_input(ts_unet_device *d, const ts_tensor *x, int in_place, int async, ts_tensor *xd)
 {
     const ts_backend_memory *mem = d->backend->memory;
     if (in_place && mem->host) {
@@ -1574,7 +1577,7 @@ static ts_status stage_input(ts_unet_device *d, const ts_tensor *x, int in_place
         d->x = p;
         d->x_bytes = in_bytes;
     }
-    ts_status st = mem->upload(d->x, x->data, in_bytes);
+    ts_status st = async ? mem->upload_async(d->x, x->data, in_bytes) : mem->upload(d->x, x->data, in_bytes);
     if (st != TS_OK) return st;
     *xd = ts_tensor_view(d->x, x->n, x->c, x->h, x->w);
     return TS_OK;
@@ -1691,9 +1694,10 @@ static ts_status device_infer(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x
 }
 
 /* The part of ts_unet_device_forward and _start before the logits leave
- * the device: checks, plan, upload, forward; *ld is the logits in the arena. */
+ * the device: checks, plan, upload (async: queued), forward; *ld is the
+ * logits in the arena. */
 static ts_status device_forward_host(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, const ts_tensor *logits,
-                                    const char *what, ts_tensor *ld)
+                                    const char *what, int async, ts_tensor *ld)
 {
     ts_status st = check_device_ctx(d, ctx, 0, what);
     if (st == TS_OK) st = check_input(&d->cfg, x, logits, what);
@@ -1709,7 +1713,7 @@ static ts_status device_forward_host(ts_unet_device *d, ts_ctx *ctx, const ts_te
     /* Planned before the input is staged, so a shape the plan refuses costs no copy. */
     st = ensure_plan(&e, x->n, x->h, x->w, 0);
     ts_tensor xd;
-    if (st == TS_OK) st = stage_input(d, x, 0, &xd);
+    if (st == TS_OK) st = stage_input(d, x, 0, async, &xd);
     if (st == TS_OK) st = device_infer(d, ctx, &xd, ld);
     return st;
 }
@@ -1717,7 +1721,7 @@ static ts_status device_forward_host(ts_unet_device *d, ts_ctx *ctx, const ts_te
 ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x, ts_tensor *logits)
 {
     ts_tensor ld;
-    ts_status st = device_forward_host(d, ctx, x, logits, "device forward", &ld);
+    ts_status st = device_forward_host(d, ctx, x, logits, "device forward", 0, &ld);
     if (st != TS_OK) return st;
     return d->backend->memory->download(logits->data, ld.data, ts_tensor_numel(&ld) * sizeof(float));
 }
@@ -1729,12 +1733,12 @@ ts_status ts_unet_device_forward_start(ts_unet_device *d, ts_ctx *ctx, const ts_
     const ts_backend_memory *mem = d && d->backend ? d->backend->memory : NULL;
     if (mem && !ts_backend_memory_async(mem))
         return ts_error(TS_ERR_UNSUPPORTED,
-                        "unet %s: backend \"%s\" has no asynchronous downloads and fences (host_alloc, "
-                        "download_async, fence_*); use ts_unet_device_forward",
+                        "unet %s: backend \"%s\" has no asynchronous copies and fences (host_alloc, "
+                        "upload_async, download_async, fence_*); use ts_unet_device_forward",
                         what, d->backend->name);
     if (!fence) return ts_error(TS_ERR_INVALID_ARG, "unet %s: NULL fence (make one with the backend's fence_new)", what);
     ts_tensor ld;
-    ts_status st = device_forward_host(d, ctx, x, logits, what, &ld);
+    ts_status st = device_forward_host(d, ctx, x, logits, what, 1, &ld);
     if (st == TS_OK) st = mem->download_async(logits->data, ld.data, ts_tensor_numel(&ld) * sizeof(float));
     if (st == TS_OK) st = mem->fence_record(fence);
     return st;
@@ -1762,7 +1766,7 @@ ts_status ts_unet_device_run(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x,
     train = train ? 1 : 0;
     st = ensure_plan(&e, x->n, x->h, x->w, train);
     ts_tensor xd;
-    if (st == TS_OK) st = stage_input(d, x, 1, &xd);
+    if (st == TS_OK) st = stage_input(d, x, 1, 0, &xd);
     if (st != TS_OK) return st;
     return run_forward(&e, ctx, &xd, train, 0, logits);
 }

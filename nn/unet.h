@@ -178,19 +178,20 @@ ts_status ts_unet_device_init(ts_unet_device *d, const ts_unet *m, const ts_back
  * arena when (N, H, W) changes. Errors leave the copy usable. */
 ts_status ts_unet_device_forward(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x_host, ts_tensor *logits_host);
 /* The same forward, returning before its logits are on the host, so that
- * the caller can work (softmax, blending the previous batch) while the
- * device computes: x_host is uploaded (that copy has returned by then, so
- * x_host may be reused at once), the forward is queued, then an
+ * the caller can work (softmax, blending the previous batch, reading the
+ * next) while the device computes: the upload of x_host, the forward, an
  * asynchronous download of the logits into logits_host and
- * fence_record(fence). logits_host must lie in the backend's host_alloc
- * memory, and its contents are undefined until the caller has waited with
- * the backend's fence_wait(fence); an error of the queued work surfaces
- * there. Needs a backend whose memory offers the asynchronous members
+ * fence_record(fence) are queued, and the call returns without waiting for
+ * any of them. x_host and logits_host must lie in the backend's host_alloc
+ * (page-locked) memory. x_host must not change until the caller has waited
+ * with the backend's fence_wait(fence), and logits_host's contents are
+ * undefined until then; an error of the queued work surfaces at that wait.
+ * Needs a backend whose memory offers the asynchronous members
  * (ts_backend_memory_async); another is refused, use ts_unet_device_forward.
  * A second start before the first is waited for is fine: the device's input
  * buffer and arena are reused in the backend's queue order, after the first
- * forward and its download; only its logits_host (and fence) must be
- * another, until the first has been waited for. */
+ * forward and its download; only its x_host, logits_host and fence must be
+ * others, until the first has been waited for. */
 ts_status ts_unet_device_forward_start(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x_host,
                                        ts_tensor *logits_host, void *fence);
 /* The same forward on a batch already in the backend's memory: x_dev

@@ -118,12 +118,17 @@ static int find_pinned(const void *q, size_t bytes)
     return -1;
 }
 
-/* Copies queued and not yet published: the data as it was when queued,
- * and the number of the copy (copies are numbered in queue order). */
+/* Asynchronous copies not yet known to be done, numbered in queue order.
+ * A download's data as it was when queued waits in shadow to be published
+ * into host; an upload has already put its data on the "device" (the ops
+ * after it run at once here), and shadow holds its source as it was then,
+ * which must still be there, unchanged, when a fence after it is waited for
+ * (a GPU would read it only when its queue got there). */
 typedef struct pending_copy {
-    unsigned char *dst, *shadow;
+    unsigned char *host, *shadow;
     size_t n;
     unsigned long seq;
+    int upload;
 } pending_copy;
 static pending_copy *pending;
 static int n_pending, cap_pending;
@@ -133,18 +138,22 @@ typedef struct fake_fence {
     unsigned long seq; /* copies up to this one are before the fence; 0: never recorded */
 } fake_fence;
 
-/* Publishes (into dst) or drops the pending copies with seq <= upto whose
- * destination lies in [lo, hi) (lo NULL: anywhere), in queue order; returns
- * how many. */
-static int settle(unsigned long upto, const unsigned char *lo, const unsigned char *hi, int publish)
+/* Settles the pending copies with seq <= upto whose host side lies in
+ * [lo, hi) (lo NULL: anywhere), in queue order: publishes a download (or
+ * drops it: publish 0), checks an upload's source. Returns how many copies
+ * it settled, and in *downloads (if not NULL) how many of them were
+ * downloads. */
+static int settle(unsigned long upto, const unsigned char *lo, const unsigned char *hi, int publish, int *downloads)
 {
-    int kept = 0, done = 0;
+    int kept = 0, done = 0, down = 0;
     for (int i = 0; i < n_pending; i++) {
         pending_copy *c = &pending[i];
-        if (c->seq <= upto && (!lo || (c->dst >= lo && c->dst < hi))) {
-            if (publish) memcpy(c->dst, c->shadow, c->n);
+        if (c->seq <= upto && (!lo || (c->host >= lo && c->host < hi))) {
+            if (c->upload && memcmp(c->host, c->shadow, c->n) != 0) tu_fake.async_src_changed++;
+            if (publish && !c->upload) memcpy(c->host, c->shadow, c->n);
             free(c->shadow);
             done++;
+            down += !c->upload;
         } else {
             pending[kept++] = *c;
         }
@@ -155,13 +164,14 @@ static int settle(unsigned long upto, const unsigned char *lo, const unsigned ch
         pending = NULL;
         cap_pending = 0;
     }
+    if (downloads) *downloads = down;
     return done;
 }
 
 static ts_status fake_sync(void)
 {
     if (recording) return recording_error("sync");
-    settle(copy_seq, NULL, NULL, 1); /* everything queued is done */
+    settle(copy_seq, NULL, NULL, 1, NULL); /* everything queued is done */
     return TS_OK;
 }
 
@@ -194,11 +204,28 @@ static void fake_host_free(void *p)
         return;
     }
     /* A copy into it not waited for: its data would land in freed memory. */
-    if (settle(copy_seq, pinned[i].p, pinned[i].p + pinned[i].n + 1, 0)) tu_fake.bad_memory++;
+    if (settle(copy_seq, pinned[i].p, pinned[i].p + pinned[i].n + 1, 0, NULL)) tu_fake.bad_memory++;
     free(pinned[i].p);
     pinned[i].p = NULL;
     pinned[i].n = 0;
     tu_fake.host_live--;
+}
+
+/* A pending copy whose host side is host, with a copy of data. */
+static ts_status queue_copy(unsigned char *host, const void *data, size_t bytes, int upload)
+{
+    if (n_pending == cap_pending) {
+        int cap = cap_pending ? 2 * cap_pending : 8;
+        pending_copy *q = realloc(pending, (size_t)cap * sizeof *q);
+        if (!q) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory queueing a copy");
+        pending = q;
+        cap_pending = cap;
+    }
+    unsigned char *shadow = malloc(bytes ? bytes : 1);
+    if (!shadow) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory queueing a copy");
+    memcpy(shadow, data, bytes);
+    pending[n_pending++] = (pending_copy){host, shadow, bytes, ++copy_seq, upload};
+    return TS_OK;
 }
 
 static ts_status fake_download_async(void *dst, const void *src, size_t bytes)
@@ -210,19 +237,28 @@ static ts_status fake_download_async(void *dst, const void *src, size_t bytes)
         return ts_error(TS_ERR_INVALID_ARG, "fake-device: download_async of %zu bytes: source is not device memory or "
                                             "destination is not host_alloc memory", bytes);
     }
-    if (n_pending == cap_pending) {
-        int cap = cap_pending ? 2 * cap_pending : 8;
-        pending_copy *q = realloc(pending, (size_t)cap * sizeof *q);
-        if (!q) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory queueing a copy");
-        pending = q;
-        cap_pending = cap;
-    }
-    unsigned char *shadow = malloc(bytes ? bytes : 1);
-    if (!shadow) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory queueing a copy");
-    memcpy(shadow, src, bytes);
+    ts_status st = queue_copy(dst, src, bytes, 0);
+    if (st) return st;
     memset(dst, 0xff, bytes); /* until a fence after it is waited for */
-    pending[n_pending++] = (pending_copy){dst, shadow, bytes, ++copy_seq};
     tu_fake.async_download_bytes += bytes;
+    return TS_OK;
+}
+
+static ts_status fake_upload_async(void *dst, const void *src, size_t bytes)
+{
+    if (recording) return recording_error("upload_async");
+    tu_fake.async_uploads++;
+    if (tu_fake.fail_upload_at > 0 && --tu_fake.fail_upload_at == 0)
+        return ts_error(TS_ERR_BACKEND, "fake-device: upload_async of %zu bytes failed on purpose", bytes);
+    if (find_live(dst, bytes) < 0 || find_pinned(src, bytes) < 0) {
+        tu_fake.bad_memory++;
+        return ts_error(TS_ERR_INVALID_ARG, "fake-device: upload_async of %zu bytes: destination is not device memory "
+                                            "or source is not host_alloc memory", bytes);
+    }
+    ts_status st = queue_copy((unsigned char *)src, src, bytes, 1);
+    if (st) return st;
+    memcpy(dst, src, bytes);
+    tu_fake.async_upload_bytes += bytes;
     return TS_OK;
 }
 
@@ -254,7 +290,8 @@ static ts_status fake_fence_wait(void *f)
     tu_fake.fence_waits++;
     if (tu_fake.fail_fence_wait_at > 0 && --tu_fake.fail_fence_wait_at == 0)
         return ts_error(TS_ERR_BACKEND, "fake-device: fence_wait failed on purpose");
-    const int done = settle(((fake_fence *)f)->seq, NULL, NULL, 1);
+    int done = 0;
+    settle(((fake_fence *)f)->seq, NULL, NULL, 1, &done);
     if (done == 0) tu_fake.fence_waits_idle++;
     if (done > 1) tu_fake.fence_waits_multi++;
     return TS_OK;
@@ -278,6 +315,7 @@ static const ts_backend_memory fake_memory = {
     .host_alloc = fake_host_alloc,
     .host_free = fake_host_free,
     .download_async = fake_download_async,
+    .upload_async = fake_upload_async,
     .fence_new = fake_fence_new,
     .fence_record = fake_fence_record,
     .fence_wait = fake_fence_wait,

@@ -22,8 +22,12 @@
  * stream order) into a private shadow and fills the destination with
  * all-ones bytes (NaN), and only a fence_wait on a fence recorded after it
  * (or sync) puts the data there. Reading before waiting, or waiting on the
- * wrong fence, reads NaNs. host_free of a buffer with a copy not yet waited
- * for counts in bad_memory. */
+ * wrong fence, reads NaNs. upload_async must go from host_alloc memory into
+ * device memory; it copies at once (later ops need the data), and the
+ * fence_wait (or sync) that settles it checks that its source still holds
+ * what it held when queued: a change in between, which on a GPU would be
+ * uploaded instead, counts in async_src_changed. host_free of a buffer
+ * with a copy not yet waited for counts in bad_memory. */
 #ifndef TS_TEST_FAKE_DEVICE_H
 #define TS_TEST_FAKE_DEVICE_H
 
@@ -39,7 +43,7 @@ typedef struct tu_fake_stats {
     long bad_memory;               /* a copy with a side in the wrong memory, or a free of a foreign pointer */
     long foreign_ptrs;             /* an op given a device pointer outside every live allocation, or a host one inside */
     long fail_alloc_at;            /* > 0: the fail_alloc_at-th alloc from now fails (1: the next) */
-    long fail_upload_at;           /* same for uploads */
+    long fail_upload_at;           /* same for uploads (upload and upload_async) */
     /* Graphs (kernels/backend.h): the forward ops (conv, eval BN, ReLU,
      * add, max-pool, upsample, concat, convert) are recorded between begin
      * and end instead of run, and a launch replays them through the same
@@ -52,13 +56,14 @@ typedef struct tu_fake_stats {
     unsigned long graph_generation; /* bump it: recordings made before are stale */
     /* Asynchronous members: calls, and pinned buffers / fences not yet freed. */
     long host_allocs, host_frees, host_live;
-    long async_downloads;
-    size_t async_download_bytes;
+    long async_downloads, async_uploads;
+    size_t async_download_bytes, async_upload_bytes;
+    long async_src_changed; /* upload_async sources changed before their fence was waited for */
     long fence_news, fence_records, fence_waits, fence_frees, fences_live;
-    /* Waits that put no copy in place (the copy they were for was already
-     * there, or is not before the fence), and waits that put several
-     * (waiting on a later fence than needed: correct, but on a GPU the
-     * host then waits for the next batch's compute too). */
+    /* Waits that put no download in place (the copy they were for was
+     * already there, or is not before the fence), and waits that put
+     * several (waiting on a later fence than needed: correct, but on a GPU
+     * the host then waits for the next batch's compute too). */
     long fence_waits_idle, fence_waits_multi;
     long fail_fence_wait_at;       /* > 0: the fail_fence_wait_at-th fence_wait from now fails */
 } tu_fake_stats;

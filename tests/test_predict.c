@@ -16,8 +16,10 @@
  *     Without TTA on a device with asynchronous downloads and fences,
  *     predict pipelines (batch b computes while b - 1 is blended): the same
  *     bytes as the synchronous device path and the CPU, one asynchronous
- *     download and one fence wait per batch, two pinned buffers and two
- *     fences, all freed (also when a fence wait fails mid-scene); with TTA
+ *     upload from the read slot (pinned too, unchanged until its fence), one
+ *     asynchronous download and one fence wait per batch, two pinned logits
+ *     buffers and two fences, all freed (also when a fence wait fails
+ *     mid-scene); with TTA
  *     the synchronous path runs.
  *   - Reader threads: the model's class map, probabilities and confidence
  *     with 3 GDAL readers (cloned handles) equal one reader's byte for
@@ -525,10 +527,18 @@ static void test_pipelined(ts_unet *m, ts_ctx *cpu)
             tu_expect(tu_fake.fence_waits_idle == 0 && tu_fake.fence_waits_multi == 0,
                       "%s: each fence wait brings exactly its batch's logits (%ld waits brought none, %ld several)",
                       what, tu_fake.fence_waits_idle, tu_fake.fence_waits_multi);
-            tu_expect(tu_fake.host_allocs == 2 && tu_fake.fence_news == 2 && tu_fake.host_live == 0 &&
+            /* Pinned: two logits buffers and the stitcher's N + 2 read slots. */
+            const long pins = 2 + (i == PIPE3 ? 3 : 1) + 2;
+            tu_expect(tu_fake.host_allocs == pins && tu_fake.fence_news == 2 && tu_fake.host_live == 0 &&
                           tu_fake.fences_live == 0,
-                      "%s: two pinned buffers and two fences, all freed (%ld and %ld made, %ld and %ld left)", what,
-                      tu_fake.host_allocs, tu_fake.fence_news, tu_fake.host_live, tu_fake.fences_live);
+                      "%s: %ld pinned buffers and two fences, all freed (%ld and %ld made, %ld and %ld left)", what,
+                      pins, tu_fake.host_allocs, tu_fake.fence_news, tu_fake.host_live, tu_fake.fences_live);
+            /* Each batch's input goes up asynchronously from its read slot,
+             * which nobody refills before the batch is finished. */
+            tu_expect(tu_fake.async_uploads == 4 && tu_fake.uploads == 1 && tu_fake.async_src_changed == 0,
+                      "%s: one asynchronous upload per batch, only the weights' synchronous, no source changed "
+                      "before its fence (%ld, %ld, %ld)",
+                      what, tu_fake.async_uploads, tu_fake.uploads, tu_fake.async_src_changed);
         }
         tu_expect(tu_fake.live == 0 && tu_fake.foreign_ptrs == 0 && tu_fake.bad_memory == 0,
                   "%s: releases its memory (%ld live, %ld foreign, %ld bad)", what, tu_fake.live, tu_fake.foreign_ptrs,

@@ -38,6 +38,12 @@
  *    finished, never more than two at once; a start or finish failing at
  *    its k-th call returns that status and message, with the calls before
  *    it in that order and none after;
+ *  - the read slots' input batches from the caller's alloc_in/free_in (as
+ *    predict's pinned ones): N + 1 slots, N + 2 pipelined, every `in` the
+ *    tile functions get lies in one, all freed once, on the caller's
+ *    thread; alloc_in failing at the first, second or last slot returns its
+ *    status with a message naming the slot and keeping the allocator's,
+ *    frees what it gave and runs nothing;
  *  - ts_stitch_memory: linear in the width, independent of the height, at
  *    least the buffers the header lists (one more read slot pipelined). */
 #include <math.h>
@@ -200,6 +206,18 @@ typedef struct run {
     int n_inflight, max_inflight;
     int64_t starts, finishes, bad_finish;
     char note_pipe[256];
+    /* own_in: the read slots' input batches come from cb_alloc_in (as
+     * predict's pinned ones), and every `in` given to tile or tile_start
+     * must lie in one that is allocated and not freed */
+    int own_in;
+    struct {
+        unsigned char *p;
+        size_t n;
+        int freed;
+    } ins[80];
+    int n_ins;
+    int64_t in_frees, bad_in, fail_in_at;
+    char note_in[256];
 } run;
 
 static void note(char *buf, int64_t *count, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -300,9 +318,68 @@ static ts_status cb_read_own(void *ctx, const ts_window *w, float *data, uint8_t
     return check_read(rc->r, w, data, valid);
 }
 
+/* own_in: `in` (n tiles) lies in an input batch from cb_alloc_in, still allocated. */
+static void check_in(run *r, int n, const float *in, const char *fn)
+{
+    if (!r->own_in) return;
+    const unsigned char *c = (const unsigned char *)in;
+    const size_t bytes = (size_t)n * r->p.channels * r->p.tile * r->p.tile * sizeof(float);
+    for (int i = 0; i < r->n_ins; i++)
+        if (!r->ins[i].freed && c >= r->ins[i].p && bytes <= r->ins[i].n && c - r->ins[i].p <= (ptrdiff_t)(r->ins[i].n - bytes))
+            return;
+    note(r->note_in, &r->bad_in, "%s: input %p is not in an input batch from alloc_in", fn, (const void *)in);
+}
+
+static ts_status cb_alloc_in(void *ctx, void **p, size_t bytes)
+{
+    run *r = ctx;
+    *p = NULL;
+    if (!pthread_equal(pthread_self(), r->main_thread))
+        note(r->note_in, &r->bad_in, "alloc_in called from a thread other than the caller's");
+    if (r->fail_in_at > 0 && r->n_ins + 1 == r->fail_in_at)
+        return ts_error(TS_ERR_NOMEM, "no pinned memory left (call %d)", r->n_ins + 1);
+    if (r->n_ins == (int)(sizeof r->ins / sizeof r->ins[0])) {
+        note(r->note_in, &r->bad_in, "more than %d input batches", r->n_ins);
+        return ts_error(TS_ERR_NOMEM, "test: too many input batches");
+    }
+    unsigned char *q = malloc(bytes);
+    if (!q) return ts_error(TS_ERR_NOMEM, "test: out of memory");
+    r->ins[r->n_ins].p = q;
+    r->ins[r->n_ins].n = bytes;
+    r->ins[r->n_ins].freed = 0;
+    r->n_ins++;
+    *p = q;
+    return TS_OK;
+}
+
+static void cb_free_in(void *ctx, void *p)
+{
+    run *r = ctx;
+    r->in_frees++;
+    if (!pthread_equal(pthread_self(), r->main_thread))
+        note(r->note_in, &r->bad_in, "free_in called from a thread other than the caller's");
+    for (int i = 0; i < r->n_ins; i++)
+        if (r->ins[i].p == p && !r->ins[i].freed) {
+            r->ins[i].freed = 1;
+            free(p);
+            return;
+        }
+    note(r->note_in, &r->bad_in, "free_in(%p): not an input batch from alloc_in, or freed twice", p);
+}
+
+/* own_in: every input batch allocated was freed once (call after the run). */
+static int check_ins_freed(run *r, const char *what)
+{
+    int left = 0;
+    for (int i = 0; i < r->n_ins; i++) left += !r->ins[i].freed;
+    return tu_expect(left == 0 && r->bad_in == 0, "%s: %d of %d input batches not freed, %lld bad: %s", what, left,
+                     r->n_ins, (long long)r->bad_in, r->note_in);
+}
+
 static ts_status cb_tile(void *ctx, int n, const ts_window *wins, const float *in, float *out)
 {
     run *r = ctx;
+    check_in(r, n, in, "tile");
     const int T = r->p.tile, C = r->p.channels, K = r->p.classes;
     const int64_t total = r->nx * r->ny;
     const size_t plane = (size_t)T * T;
@@ -363,6 +440,7 @@ static ts_status cb_tile_start(void *ctx, int n, const ts_window *wins, const fl
 {
     run *r = ctx;
     r->starts++;
+    check_in(r, n, in, "tile_start");
     if (r->slow_fn == FN_START) usleep((useconds_t)r->slow_us);
     if (r->fail_fn == FN_START && r->starts == r->fail_at)
         return ts_error(TS_ERR_BACKEND, "boom start %lld", (long long)r->starts);
@@ -474,12 +552,20 @@ static ts_status run_stitch(run *r, const char *what)
 {
     void *rctx[MAX_TEST_READERS];
     for (int i = 0; i < MAX_TEST_READERS; i++) rctx[i] = &r->rctx[i];
-    ts_stitch_fns f = {r, r->use_read_ctx ? cb_read_own : cb_read, cb_tile, cb_write, cb_progress,
-                       r->use_read_ctx ? rctx : NULL, NULL, NULL};
+    ts_stitch_fns f = {.ctx = r,
+                       .read = r->use_read_ctx ? cb_read_own : cb_read,
+                       .tile = cb_tile,
+                       .write = cb_write,
+                       .progress = cb_progress,
+                       .read_ctx = r->use_read_ctx ? rctx : NULL};
     if (r->pipelined) {
         f.tile = NULL;
         f.tile_start = cb_tile_start;
         f.tile_finish = cb_tile_finish;
+    }
+    if (r->own_in) {
+        f.alloc_in = cb_alloc_in;
+        f.free_in = cb_free_in;
     }
     r->main_thread = pthread_self();
     watch_what = what;
@@ -1010,15 +1096,19 @@ static void pipelined_case(int64_t W, int64_t H, int T, int overlap, int batch, 
     describe(what, sizeof what, "pipelined: synchronous reference", &p);
     run one;
     run_init(&one, &p, mode);
-    if (!tu_expect_ok(run_stitch(&one, what), what) || !check_clean_run(&one, what)) {
+    one.own_in = batch % 2; /* the synchronous path with the caller's input batches too */
+    if (!tu_expect_ok(run_stitch(&one, what), what) || !check_clean_run(&one, what) || !check_ins_freed(&one, what)) {
         run_free(&one, what);
         return;
     }
+    tu_expect(one.n_ins == (one.own_in ? 2 : 0), "%s: %d input batches from alloc_in, expected %d (N + 1)", what,
+              one.n_ins, one.own_in ? 2 : 0);
     p.readers = readers;
     describe(what, sizeof what, mode == MODE_BLEND ? "pipelined (blend)" : "pipelined (identity)", &p);
     run r;
     run_init(&r, &p, mode);
     r.pipelined = 1;
+    r.own_in = 1; /* as predict: the slots' batches in pinned memory */
     r.use_read_ctx = readers > 1 && readers <= MAX_TEST_READERS;
     r.jitter_us = readers > 1 ? 100 : 0;
     n_pipelined++;
@@ -1031,6 +1121,9 @@ static void pipelined_case(int64_t W, int64_t H, int T, int overlap, int batch, 
         tu_expect(r.starts == batches && r.finishes == batches && r.tile_calls == batches && r.n_inflight == 0,
                   "%s: %lld starts, %lld finishes for %lld batches (%d left started)", what, (long long)r.starts,
                   (long long)r.finishes, (long long)batches, r.n_inflight);
+        tu_expect(r.n_ins == readers + 2, "%s: %d input batches from alloc_in, expected %d (N + 2)", what, r.n_ins,
+                  readers + 2);
+        check_ins_freed(&r, what);
         /* Batch b starts before b - 1 finishes: two at once, never more. */
         tu_expect(r.max_inflight == (batches > 1 ? 2 : 1), "%s: at most %d batches started at once, expected %d",
                   what, r.max_inflight, batches > 1 ? 2 : 1);
@@ -1071,6 +1164,31 @@ static void pipelined_error_case(int fn, int64_t k, int readers, int64_t batches
     run_free(&r, what);
 }
 
+/* alloc_in failing at its k-th call: its status, and a message that names
+ * the slot and keeps the allocator's; every batch it gave is freed, and no
+ * thread ran a function. */
+static void alloc_in_error_case(int64_t k, int readers, int pipelined)
+{
+    const ts_stitch_params p = {40, 30, 2, 2, 16, 4, 2, TS_BLEND_MEAN, readers};
+    run r;
+    run_init(&r, &p, MODE_IDENTITY);
+    r.pipelined = pipelined;
+    r.own_in = 1;
+    r.fail_in_at = k;
+    char what[160], slot[64], cause[64];
+    snprintf(what, sizeof what, "alloc_in fails at call %lld, %d readers, %s", (long long)k, readers,
+             pipelined ? "pipelined" : "synchronous");
+    snprintf(slot, sizeof slot, "read slot %lld of %d", (long long)k, readers + (pipelined ? 2 : 1));
+    snprintf(cause, sizeof cause, "no pinned memory left (call %lld)", (long long)k);
+    tu_expect_error(run_stitch(&r, what), TS_ERR_NOMEM, what, "stitch", slot, cause, NULL);
+    tu_expect(r.n_ins == k - 1 && atomic_load(&r.reads) == 0 && r.tile_calls == 0 && r.starts == 0 && r.writes == 0,
+              "%s: %d batches allocated, then nothing ran (%lld reads, %lld tiles, %lld starts, %lld writes)", what,
+              r.n_ins, (long long)atomic_load(&r.reads), (long long)r.tile_calls, (long long)r.starts,
+              (long long)r.writes);
+    check_ins_freed(&r, what);
+    run_free(&r, what);
+}
+
 static void test_pipelined(void)
 {
     static const int readers[] = {1, 2, 3, 5};
@@ -1099,6 +1217,12 @@ static void test_pipelined(void)
     for (int fn = FN_START; fn <= FN_FINISH; fn++)
         for (int i = 0; i < 6; i++)
             for (int rd = 1; rd <= 4; rd += 3) pipelined_error_case(fn, ks[i], rd, nb, &p);
+    for (int pl = 0; pl <= 1; pl++)
+        for (int rd = 1; rd <= 3; rd += 2) {
+            alloc_in_error_case(1, rd, pl);
+            alloc_in_error_case(2, rd, pl);
+            alloc_in_error_case(rd + 1 + pl, rd, pl); /* the last slot */
+        }
     /* A run after failures is a clean run again. */
     pipelined_case(23, 19, 8, 3, 2, TS_BLEND_MEAN, 3, MODE_BLEND);
 }
@@ -1129,10 +1253,21 @@ static ts_status ok_finish(void *ctx, int n, const ts_window *wins, float *out)
     (void)ctx, (void)n, (void)wins, (void)out;
     return TS_OK;
 }
+static ts_status ok_alloc_in(void *ctx, void **p, size_t bytes)
+{
+    (void)ctx;
+    *p = malloc(bytes);
+    return *p ? TS_OK : TS_ERR_NOMEM;
+}
+static void ok_free_in(void *ctx, void *p)
+{
+    (void)ctx;
+    free(p);
+}
 
 static void bad_param(ts_stitch_params p, const char *what, const char *field)
 {
-    ts_stitch_fns f = {NULL, ok_read, ok_tile, ok_write, NULL, NULL, NULL, NULL};
+    ts_stitch_fns f = {.read = ok_read, .tile = ok_tile, .write = ok_write};
     size_t bytes = 12345;
     watch_what = what; /* a parameter let through may loop (a zero stride) */
     alarm(60);
@@ -1170,7 +1305,7 @@ static void test_bad_params(void)
     p = good, p.readers = 65;
     bad_param(p, "readers 65", "readers 65");
 
-    ts_stitch_fns f = {NULL, ok_read, ok_tile, ok_write, NULL, NULL, NULL, NULL};
+    ts_stitch_fns f = {.read = ok_read, .tile = ok_tile, .write = ok_write};
     ts_stitch_fns g = f;
     g.read = NULL;
     tu_expect_error(ts_stitch_run(&good, &g), TS_ERR_INVALID_ARG, "no read function", "read", NULL);
@@ -1184,6 +1319,10 @@ static void test_bad_params(void)
                     NULL);
     g = f, g.tile = NULL, g.tile_finish = ok_finish;
     tu_expect_error(ts_stitch_run(&good, &g), TS_ERR_INVALID_ARG, "tile_finish alone", "tile", NULL);
+    g = f, g.alloc_in = ok_alloc_in;
+    tu_expect_error(ts_stitch_run(&good, &g), TS_ERR_INVALID_ARG, "alloc_in without free_in", "free_in", NULL);
+    g = f, g.free_in = ok_free_in;
+    tu_expect_error(ts_stitch_run(&good, &g), TS_ERR_INVALID_ARG, "free_in alone", "alloc_in", NULL);
     watch_what = "do-nothing functions";
     alarm(60);
     tu_expect_ok(ts_stitch_run(&good, &f), "good parameters with do-nothing functions");

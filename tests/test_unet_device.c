@@ -18,12 +18,14 @@
  *     failing in init, in planning, in the input buffer) return a status,
  *     leave nothing allocated that should not be, and leave the copy usable;
  *   - the copy outlives the host model it came from;
- *   - ts_unet_device_forward_start: the logits land in pinned memory only
+ *   - ts_unet_device_forward_start: the input is uploaded asynchronously
+ *     from pinned memory (and must stay unchanged until the fence: the
+ *     fake sees a change), the logits land in pinned memory only
  *     once the fence is waited for (before, the fake's poison), equal the
  *     host forward bit for bit, with a second batch started before the first
  *     is waited for and through graph replays; a backend without
- *     asynchronous downloads and fences, a NULL fence and logits outside
- *     pinned memory are refused; the asynchronous calls are refused while a
+ *     asynchronous downloads and fences, a NULL fence, and an input or
+ *     logits outside pinned memory are refused; the asynchronous calls are refused while a
  *     graph is recorded.
  * And the training copy (ts_unet_device_init_train) with the optimizer's
  * state in the same memory (ts_optim_init_on):
@@ -800,7 +802,8 @@ static void test_forward_start(ts_ctx *cpu, ts_ctx *dev)
     for (int i = 0; i < 2; i++) tu_fill(&rng, x[i].data, ts_tensor_numel(&x[i]), -1, 1);
     float *ref[2] = {host_logits(&m, cpu, &x[0]), host_logits(&m, cpu, &x[1])};
     const size_t nl = (size_t)N * K * H * W;
-    void *pin[2] = {NULL, NULL}, *fence[2] = {NULL, NULL};
+    void *pin[2] = {NULL, NULL}, *fence[2] = {NULL, NULL}, *pin_x[2] = {NULL, NULL};
+    ts_tensor xp[2]; /* x[i] in pinned memory, as forward_start asks */
     ts_unet_device d, dc;
     memset(&dc, 0, sizeof dc);
     tu_expect(ts_backend_memory_async(M) && !ts_backend_memory_async(cpu->backend->memory),
@@ -809,15 +812,18 @@ static void test_forward_start(ts_ctx *cpu, ts_ctx *dev)
     for (int i = 0; i < 2; i++) {
         tu_expect_ok(M->host_alloc(&pin[i], nl * sizeof(float)), "host_alloc");
         tu_expect_ok(M->fence_new(&fence[i]), "fence_new");
+        tu_expect_ok(M->host_alloc(&pin_x[i], ts_tensor_numel(&x[i]) * sizeof(float)), "host_alloc");
+        if (pin_x[i]) memcpy(pin_x[i], x[i].data, ts_tensor_numel(&x[i]) * sizeof(float));
+        xp[i] = ts_tensor_view(pin_x[i], N, C, H, W);
     }
-    if (!pin[0] || !pin[1] || !fence[0] || !fence[1]) goto out;
+    if (!pin[0] || !pin[1] || !fence[0] || !fence[1] || !pin_x[0] || !pin_x[1]) goto out;
     tu_fake_reset_counts();
     /* Three rounds of two batches in flight: direct, recorded, replayed. */
     for (int round = 0; round < 3; round++) {
         ts_tensor l[2];
         for (int i = 0; i < 2; i++) {
             l[i] = ts_tensor_view(pin[i], N, K, H, W);
-            tu_expect_ok(ts_unet_device_forward_start(&d, dev, &x[i], &l[i], fence[i]), "forward_start");
+            tu_expect_ok(ts_unet_device_forward_start(&d, dev, &xp[i], &l[i], fence[i]), "forward_start");
         }
         char what[64];
         snprintf(what, sizeof what, "%s round %d", name, round);
@@ -829,6 +835,9 @@ static void test_forward_start(ts_ctx *cpu, ts_ctx *dev)
         tu_expect_ok(M->fence_wait(fence[1]), "fence_wait 1");
         bits_equal(pin[1], ref[1], nl, what);
     }
+    tu_expect(tu_fake.async_uploads == 6 && tu_fake.uploads == 0 && tu_fake.async_src_changed == 0,
+              "%s: 6 asynchronous uploads, no synchronous one, sources unchanged until their fences (%ld, %ld, %ld)",
+              name, tu_fake.async_uploads, tu_fake.uploads, tu_fake.async_src_changed);
     tu_expect(tu_fake.async_downloads == 6 && tu_fake.downloads == 0 && tu_fake.fence_records == 6 &&
                   tu_fake.graph_launches >= 4 && tu_fake.foreign_ptrs == 0 && tu_fake.bad_memory == 0,
               "%s: 6 asynchronous downloads, no synchronous one, 6 fences, replays (%ld, %ld, %ld, %ld launches; %ld "
@@ -836,21 +845,40 @@ static void test_forward_start(ts_ctx *cpu, ts_ctx *dev)
               name, tu_fake.async_downloads, tu_fake.downloads, tu_fake.fence_records, tu_fake.graph_launches,
               tu_fake.foreign_ptrs, tu_fake.bad_memory);
 
-    /* Refusals. */
+    /* The fake's own check: an input changed after its start and before its
+     * fence is waited for (a GPU could upload the new values) is counted. */
     ts_tensor lp = ts_tensor_view(pin[0], N, K, H, W);
-    tu_expect_error(ts_unet_device_forward_start(&d, dev, &x[0], &lp, NULL), TS_ERR_INVALID_ARG, "NULL fence",
+    tu_fake_reset_counts();
+    if (tu_expect_ok(ts_unet_device_forward_start(&d, dev, &xp[0], &lp, fence[0]), "forward_start")) {
+        xp[0].data[5] += 1;
+        tu_expect_ok(M->fence_wait(fence[0]), "fence_wait");
+        xp[0].data[5] -= 1;
+        tu_expect(tu_fake.async_src_changed == 1, "%s: an input changed before its fence is seen (%ld)", name,
+                  tu_fake.async_src_changed);
+    }
+
+    /* Refusals. */
+    tu_expect_error(ts_unet_device_forward_start(&d, dev, &xp[0], &lp, NULL), TS_ERR_INVALID_ARG, "NULL fence",
                     "forward_start", "fence", NULL);
     tu_fake_reset_counts();
-    tu_expect_error(ts_unet_device_forward_start(&d, dev, &x[0], &host, fence[0]), TS_ERR_INVALID_ARG,
+    tu_expect_error(ts_unet_device_forward_start(&d, dev, &xp[0], &host, fence[0]), TS_ERR_INVALID_ARG,
                     "logits outside pinned memory", "host_alloc", NULL);
     tu_expect(tu_fake.bad_memory == 1, "%s: the copy into pageable memory is counted (%ld)", name, tu_fake.bad_memory);
+    /* After an error, what was queued (the upload) is waited for before its buffer may go. */
+    tu_expect_ok(M->sync(), "sync after an error");
+    tu_fake_reset_counts();
+    tu_expect_error(ts_unet_device_forward_start(&d, dev, &x[0], &lp, fence[0]), TS_ERR_INVALID_ARG,
+                    "input outside pinned memory", "upload_async", "host_alloc", NULL);
+    tu_expect(tu_fake.bad_memory == 1 && tu_fake.async_downloads == 0,
+              "%s: the copy from pageable memory is counted and nothing follows it (%ld, %ld downloads)", name,
+              tu_fake.bad_memory, tu_fake.async_downloads);
     tu_fake_reset_counts();
     if (tu_expect_ok(ts_unet_device_init(&dc, &m, cpu->backend), "init on the cpu"))
         tu_expect_error(ts_unet_device_forward_start(&dc, cpu, &x[0], &host, fence[0]), TS_ERR_UNSUPPORTED,
                         "forward_start on the CPU backend", "forward_start", "cpu", "download_async",
                         "ts_unet_device_forward", NULL);
     tu_fake_device_set_async(0);
-    tu_expect_error(ts_unet_device_forward_start(&d, dev, &x[0], &lp, fence[0]), TS_ERR_UNSUPPORTED,
+    tu_expect_error(ts_unet_device_forward_start(&d, dev, &xp[0], &lp, fence[0]), TS_ERR_UNSUPPORTED,
                     "forward_start without asynchronous members", "fake-device", "download_async", NULL);
     tu_fake_device_set_async(1);
     /* Nothing of it can be recorded in a graph. */
@@ -858,6 +886,8 @@ static void test_forward_start(ts_ctx *cpu, ts_ctx *dev)
         void *q = NULL, *f = NULL, *g = NULL;
         tu_expect_error(M->host_alloc(&q, 64), TS_ERR_INVALID_ARG, "host_alloc while recording", "recorded", NULL);
         tu_expect_error(M->download_async(pin[0], d.weights, 64), TS_ERR_INVALID_ARG, "download_async while recording",
+                        "recorded", NULL);
+        tu_expect_error(M->upload_async(d.weights, pin[0], 64), TS_ERR_INVALID_ARG, "upload_async while recording",
                         "recorded", NULL);
         tu_expect_error(M->fence_new(&f), TS_ERR_INVALID_ARG, "fence_new while recording", "recorded", NULL);
         tu_expect_error(M->fence_record(fence[0]), TS_ERR_INVALID_ARG, "fence_record while recording", "recorded",
@@ -870,6 +900,7 @@ static void test_forward_start(ts_ctx *cpu, ts_ctx *dev)
 out:
     for (int i = 0; i < 2; i++) {
         M->host_free(pin[i]);
+        M->host_free(pin_x[i]);
         M->fence_free(fence[i]);
     }
     ts_unet_device_free(&dc);

@@ -35,11 +35,12 @@ ts_status ts_cuda_memcpy_d2d(void *dst_device, const void *src_device, size_t by
 ts_status ts_cuda_synchronize(void);
 /* The asynchronous members of the memory interface (kernels/backend.h):
  * page-locked host memory (cudaHostAlloc), a device-to-host copy queued on
- * the backend's stream into it, and fences (cudaEvent_t without timing,
+ * the backend's stream into it (and from it), and fences (cudaEvent_t without timing,
  * recorded on that stream). None may be called while a graph is recorded. */
 ts_status ts_cuda_host_alloc(void **p, size_t bytes);
 void ts_cuda_host_free(void *p);
 ts_status ts_cuda_memcpy_d2h_async(void *dst_host, const void *src_device, size_t bytes);
+ts_status ts_cuda_memcpy_h2d_async(void *dst_device, const void *src_host, size_t bytes);
 ts_status ts_cuda_fence_new(void **f);
 ts_status ts_cuda_fence_record(void *f);
 ts_status ts_cuda_fence_wait(void *f);

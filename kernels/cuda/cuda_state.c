@@ -72,6 +72,7 @@ static const ts_backend_memory cuda_memory = {
     .host_alloc = ts_cuda_host_alloc,
     .host_free = ts_cuda_host_free,
     .download_async = ts_cuda_memcpy_d2h_async,
+    .upload_async = ts_cuda_memcpy_h2d_async,
     .fence_new = ts_cuda_fence_new,
     .fence_record = ts_cuda_fence_record,
     .fence_wait = ts_cuda_fence_wait,
@@ -300,7 +301,11 @@ static ts_status capture_error(const char *fn)
                     fn);
 }
 
-static ts_status copy(const char *fn, void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind)
+/* A copy queued on the backend's stream (after the ops before it, before
+ * the ops after it), not waited for. For the asynchronous members the host
+ * side must be page-locked: from or into pageable memory CUDA stages the
+ * copy and waits, which is what those calls exist to avoid. */
+static ts_status copy_async(const char *fn, void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind)
 {
     ts_status st = need_init(fn);
     if (st != TS_OK) return st;
@@ -309,17 +314,26 @@ static ts_status copy(const char *fn, void *dst, const void *src, size_t bytes, 
     if (!dst || !src)
         return ts_error(TS_ERR_INVALID_ARG, "%s: %zu bytes with a NULL %s pointer", fn, bytes,
                         dst ? "source" : "destination");
-    char call[96];
-    /* On the backend's stream, so the copy sees everything queued before it
-     * (a d2h copy of an op's output waits for that op), then waited for: the
-     * API promises the data is there when the call returns. */
     cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, g_state.stream);
     if (e != cudaSuccess) {
+        char call[96];
         snprintf(call, sizeof call, "%s: cudaMemcpyAsync(%zu bytes)", fn, bytes);
         return ts_cuda_error(e, call, __FILE__, __LINE__);
     }
-    e = cudaStreamSynchronize(g_state.stream);
+    return TS_OK;
+}
+
+/* The synchronous copies: the same, then waited for (the API promises the
+ * data is there when the call returns). On the backend's stream, so the copy
+ * sees everything queued before it (a d2h copy of an op's output waits for
+ * that op). */
+static ts_status copy(const char *fn, void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind)
+{
+    ts_status st = copy_async(fn, dst, src, bytes, kind);
+    if (st != TS_OK || bytes == 0) return st;
+    cudaError_t e = cudaStreamSynchronize(g_state.stream);
     if (e != cudaSuccess) {
+        char call[96];
         snprintf(call, sizeof call, "%s: cudaStreamSynchronize after a %zu-byte copy", fn, bytes);
         return ts_cuda_error(e, call, __FILE__, __LINE__);
     }
@@ -383,23 +397,12 @@ void ts_cuda_host_free(void *p)
 
 ts_status ts_cuda_memcpy_d2h_async(void *dst_host, const void *src_device, size_t bytes)
 {
-    static const char fn[] = "ts_cuda_memcpy_d2h_async";
-    ts_status st = need_init(fn);
-    if (st != TS_OK) return st;
-    if (g_state.capturing) return capture_error(fn);
-    if (bytes == 0) return TS_OK;
-    if (!dst_host || !src_device)
-        return ts_error(TS_ERR_INVALID_ARG, "%s: %zu bytes with a NULL %s pointer", fn, bytes,
-                        dst_host ? "source" : "destination");
-    /* On the backend's stream, after the ops that write src; into pageable
-     * memory CUDA would stage and wait, which is why dst must be pinned. */
-    cudaError_t e = cudaMemcpyAsync(dst_host, src_device, bytes, cudaMemcpyDeviceToHost, g_state.stream);
-    if (e != cudaSuccess) {
-        char call[96];
-        snprintf(call, sizeof call, "%s: cudaMemcpyAsync(%zu bytes)", fn, bytes);
-        return ts_cuda_error(e, call, __FILE__, __LINE__);
-    }
-    return TS_OK;
+    return copy_async("ts_cuda_memcpy_d2h_async", dst_host, src_device, bytes, cudaMemcpyDeviceToHost);
+}
+
+ts_status ts_cuda_memcpy_h2d_async(void *dst_device, const void *src_host, size_t bytes)
+{
+    return copy_async("ts_cuda_memcpy_h2d_async", dst_device, src_host, bytes, cudaMemcpyHostToDevice);
 }
 
 /* A fence is a cudaEvent_t: the pointer the caller holds is the event. */
