@@ -74,6 +74,12 @@ typedef struct ts_conv2d_params {
      * fused epilogue of inference (conv + folded BN + ReLU). The backward ops
      * refuse it: training keeps ReLU as its own op, whose backward needs it. */
     int relu;
+    /* Forward only, NULL otherwise: a tensor of y's shape and dtype (not y
+     * itself), added before the ReLU: y = max(conv + bias + add, 0), or
+     * conv + bias + add without relu. A ResNet block's conv2 + bn2 +
+     * shortcut + ReLU in inference, in one pass (cuDNN's z). The sum is in
+     * float32 and a half y is rounded once, after the ReLU. */
+    const ts_tensor *add;
 } ts_conv2d_params;
 
 /* floor((in + 2 pad - k) / stride) + 1, or 0 when the kernel does not fit. */

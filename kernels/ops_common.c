@@ -212,6 +212,22 @@ ts_status ts_conv2d_check(const char *op, const ts_tensor *x, const char *xn, co
     if (y->n != x->n) CONV_FAIL("batch sizes differ (%d vs %d)", y->n, x->n);
     if (y->c != w->n) CONV_FAIL("%s has %d channels but %s has %d output channels", yn, y->c, wn, w->n);
     if (y->h != ho || y->w != wo) CONV_FAIL("%s must be %dx%d, got %dx%d", yn, ho, wo, y->h, y->w);
+    if (p->add) {
+        if (strcmp(op, "conv2d_forward") != 0)
+            CONV_FAIL("the fused add is forward-only (inference); train with a separate add op");
+        char sa[TS_SHAPE_STR], sy[TS_SHAPE_STR];
+        if (!tensor_ok(p->add)) CONV_FAIL("the tensor to add has no data or a dimension < 1");
+        if (!ts_tensor_same_shape(p->add, y) || p->add->dtype != y->dtype)
+            /* A half tensor's shape string names its type already. */
+            CONV_FAIL("the tensor to add is %s%s%s, it must have the shape and dtype of %s, %s%s%s",
+                      ts_shape_str(p->add, sa), ts_dtype_is_half(p->add->dtype) ? "" : " ",
+                      ts_dtype_is_half(p->add->dtype) ? "" : ts_dtype_name(p->add->dtype), yn, ts_shape_str(y, sy),
+                      ts_dtype_is_half(y->dtype) ? "" : " ", ts_dtype_is_half(y->dtype) ? "" : ts_dtype_name(y->dtype));
+        /* Compared as numbers: the memory may be a device's. */
+        const uintptr_t a0 = (uintptr_t)p->add->data, y0 = (uintptr_t)y->data, nb = ts_tensor_bytes(y);
+        if (a0 < y0 + nb && y0 < a0 + nb)
+            CONV_FAIL("the tensor to add overlaps %s (the convolution overwrites it first)", yn);
+    }
 #undef CONV_FAIL
     return TS_OK;
 }

@@ -415,16 +415,20 @@ static ts_status gb_basic_block(graph_builder *b, int in, int layer, int blk, in
     if (st == TS_OK) st = gb_bn(b, t, name, &t);
     snprintf(name, sizeof name, "%s.relu (after bn1)", pre);
     if (st == TS_OK) st = gb_relu(b, t, name, &t);
-    snprintf(name, sizeof name, "%s.conv2", pre);
-    if (st == TS_OK) st = gb_conv(b, t, name, 1, 1, &t);
-    snprintf(name, sizeof name, "%s.bn2", pre);
-    if (st == TS_OK) st = gb_bn(b, t, name, &t);
+    /* The shortcut before conv2, so that in inference conv2 + bn2 + add +
+     * ReLU can run as one op with the shortcut ready (run_forward). The
+     * backward, in reverse, still adds downsample's input gradient before
+     * conv1's, as when it came after bn2. */
     if (downsample && st == TS_OK) {
         snprintf(name, sizeof name, "%s.downsample.0", pre);
         st = gb_conv(b, in, name, stride, 0, &id);
         snprintf(name, sizeof name, "%s.downsample.1", pre);
         if (st == TS_OK) st = gb_bn(b, id, name, &id);
     }
+    snprintf(name, sizeof name, "%s.conv2", pre);
+    if (st == TS_OK) st = gb_conv(b, t, name, 1, 1, &t);
+    snprintf(name, sizeof name, "%s.bn2", pre);
+    if (st == TS_OK) st = gb_bn(b, t, name, &t);
     snprintf(name, sizeof name, "%s (residual add)", pre);
     if (st == TS_OK) st = gb_binary(b, OP_ADD, t, id, name, &t);
     snprintf(name, sizeof name, "%s.relu (after add)", pre);
@@ -1072,16 +1076,29 @@ static ts_status run_forward(const unet_exec *e, ts_ctx *ctx, const ts_tensor *x
                 /* conv + BN in one: write the BN's output and skip the BN node. */
                 const unet_node *bn = &g->nodes[i + 1];
                 ts_tensor yb = tval(e, bn->out);
-                /* An in-place ReLU right after the BN runs in the conv's
-                 * epilogue (bias + ReLU in one pass over the output). */
-                const unet_node *rl = i + 2 < g->n_nodes ? &g->nodes[i + 2] : NULL;
-                int bn_root = g->tensors[bn->out].alias >= 0 ? g->tensors[bn->out].alias : bn->out;
-                int fuse = rl && rl->kind == OP_RELU && rl->in0 == bn->out &&
-                           (rl->out == bn->out || g->tensors[rl->out].alias == bn_root);
-                cp.relu = fuse;
+                /* A residual add into the BN's output (a block's shortcut,
+                 * computed before conv2: gb_basic_block) and an in-place
+                 * ReLU after it, or after the BN, run in the conv's
+                 * epilogue: bias + shortcut + ReLU in one pass over the
+                 * output (cuDNN's fused call with z on CUDA). */
+                const int bn_root = g->tensors[bn->out].alias >= 0 ? g->tensors[bn->out].alias : bn->out;
+                int next = i + 2, t = bn->out;
+                const unet_node *ad = next < g->n_nodes ? &g->nodes[next] : NULL;
+                ts_tensor z;
+                if (ad && ad->kind == OP_ADD && ad->in0 == bn->out && g->tensors[ad->out].alias == bn_root) {
+                    z = tval(e, ad->in1);
+                    cp.add = &z;
+                    t = ad->out;
+                    next++;
+                }
+                const unet_node *rl = next < g->n_nodes ? &g->nodes[next] : NULL;
+                if (rl && rl->kind == OP_RELU && rl->in0 == t && (rl->out == t || g->tensors[rl->out].alias == bn_root)) {
+                    cp.relu = 1;
+                    next++;
+                }
                 st = B->conv2d_forward(ctx, &yb, &a, &fw, fb, &cp);
                 if (st != TS_OK) return wrap_error(st, "forward", nd);
-                i += fuse ? 2 : 1;
+                i = next - 1;
                 continue;
             }
             ts_tensor wt = conv_weight(e, nd->w, e->wh, e->weights, e->params[nd->w].offset);

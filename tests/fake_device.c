@@ -372,7 +372,9 @@ typedef struct rec_op {
     ts_tensor y, a, b;    /* output and inputs (w is b for a conv) */
     const float *v[4];    /* bias, or gamma, beta, running mean, running var */
     int32_t *index;       /* max-pool */
-    ts_conv2d_params cp;
+    ts_conv2d_params cp; /* cp.add is NULL here: the tensor it points to is z */
+    ts_tensor z;         /* a conv's fused add (kept by value: the caller's struct is gone by a replay) */
+    int has_z;
     ts_pool2d_params pp;
     ts_bn_params bp;
     int accumulate;       /* convert */
@@ -425,10 +427,21 @@ static ts_status f_conv(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_
     need_t(x);
     need_t(w);
     if (bias) need(bias, dims_ok(w) ? (size_t)w->n * sizeof(float) : 0);
-    if (recording)
-        return record(&(rec_op){.kind = R_CONV, .ctx = ctx, .y = *y, .a = *x, .b = *w, .v = {bias}, .cp = *p});
+    if (p && p->add) need_t(p->add);
+    if (recording) {
+        rec_op o = {.kind = R_CONV, .ctx = ctx, .y = *y, .a = *x, .b = *w, .v = {bias}, .cp = *p};
+        if (p->add) {
+            o.z = *p->add;
+            o.has_z = 1;
+            o.cp.add = NULL;
+        }
+        return record(&o);
+    }
     ts_status st = direct("conv2d_forward");
-    return st ? st : cpu->conv2d_forward(ctx, y, x, w, bias, p);
+    if (st) return st;
+    tu_fake.convs_run++;
+    if (p && p->add) tu_fake.convs_add++;
+    return cpu->conv2d_forward(ctx, y, x, w, bias, p);
 }
 
 static ts_status f_conv_bwd_data(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *w,
@@ -588,7 +601,9 @@ static ts_status f_add(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_t
     need_t(b);
     if (recording) return record(&(rec_op){.kind = R_ADD, .ctx = ctx, .y = *y, .a = *a, .b = *b});
     ts_status st = direct("add_forward");
-    return st ? st : cpu->add_forward(ctx, y, a, b);
+    if (st) return st;
+    tu_fake.adds_run++;
+    return cpu->add_forward(ctx, y, a, b);
 }
 
 static ts_status f_add_bwd(ts_ctx *ctx, ts_tensor *da, ts_tensor *db, const ts_tensor *dy)
@@ -752,7 +767,10 @@ static ts_status g_launch(void *graph, int *stale)
     for (int i = 0; i < g->n && st == TS_OK; i++) {
         rec_op o = g->ops[i]; /* the wrappers take non-const tensors */
         switch (o.kind) {
-        case R_CONV: st = f_conv(o.ctx, &o.y, &o.a, &o.b, o.v[0], &o.cp); break;
+        case R_CONV:
+            if (o.has_z) o.cp.add = &o.z;
+            st = f_conv(o.ctx, &o.y, &o.a, &o.b, o.v[0], &o.cp);
+            break;
         case R_BN_EVAL: st = f_bn_eval(o.ctx, &o.y, &o.a, o.v[0], o.v[1], o.v[2], o.v[3], &o.bp); break;
         case R_RELU: st = f_relu(o.ctx, &o.y, &o.a); break;
         case R_ADD: st = f_add(o.ctx, &o.y, &o.a, &o.b); break;

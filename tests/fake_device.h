@@ -54,6 +54,9 @@ typedef struct tu_fake_stats {
     long ops_direct;               /* forward op calls run directly (not by a launch) */
     long fail_op_at;               /* > 0: the fail_op_at-th forward op call from now fails */
     unsigned long graph_generation; /* bump it: recordings made before are stale */
+    /* Forward convs and adds run (directly or by a launch), and the convs
+     * among them with a fused add (a ResNet block's shortcut). */
+    long convs_run, convs_add, adds_run;
     /* Asynchronous members: calls, and pinned buffers / fences not yet freed. */
     long host_allocs, host_frees, host_live;
     long async_downloads, async_uploads;

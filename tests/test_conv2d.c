@@ -321,56 +321,100 @@ static void error_cases(ts_ctx *ctx)
     tu_free(db, op, "db");
 }
 
-/* The fused inference epilogue: y = max(conv + bias, 0) in the conv's own
- * pass, against max(reference, 0); and the backward ops refuse the flag. */
-static void fused_relu_cases(ts_ctx *ctx, tu_rng *rng)
+/* The fused inference epilogue: y = max(conv + bias (+ add), 0) in the
+ * conv's own pass, against the naive reference with the add and the max
+ * applied to it; four forms: bias + ReLU, bias + add + ReLU (a ResNet
+ * block's conv2 + bn2 + shortcut), bias + add, add + ReLU without a bias.
+ * The backward ops refuse both the ReLU and the add. */
+static void fused_cases(ts_ctx *ctx, tu_rng *rng)
 {
-    static const char op[] = "conv2d_forward (fused relu)";
+    static const char op[] = "conv2d_forward (fused epilogue)";
+    static const char *const forms[4] = {"bias relu", "bias add relu", "bias add", "add relu"};
     const int picks[] = {3, 7, 9, 10, 14}; /* bias cases: generic, pointwise, head, asymmetric, chunked */
-    for (size_t k = 0; k < sizeof picks / sizeof picks[0]; k++) {
-        const conv_case *c = &cases[picks[k]];
-        ref_problem rp = {.cc = c};
-        rp.ho = ts_conv_out_size(c->h, c->kh, c->sh, c->ph);
-        rp.wo = ts_conv_out_size(c->w, c->kw, c->sw, c->pw);
-        ts_tensor x = tu_tensor(c->n, c->cin, c->h, c->w), w = tu_tensor(c->cout, c->cin, c->kh, c->kw);
-        ts_tensor y = tu_tensor(c->n, c->cout, rp.ho, rp.wo);
-        float *b = tu_alloc_f((size_t)c->cout);
-        tu_fill(rng, x.data, ts_tensor_numel(&x), -1, 1);
-        tu_fill(rng, w.data, ts_tensor_numel(&w), -1, 1);
-        tu_fill(rng, b, (size_t)c->cout, -1, 1);
-        for (size_t i = 0; i < ts_tensor_numel(&y); i++) y.data[i] = NAN;
-        rp.x = to_double(x.data, ts_tensor_numel(&x));
-        rp.w = to_double(w.data, ts_tensor_numel(&w));
-        rp.b = to_double(b, (size_t)c->cout);
-        double *want = zeros_d(ts_tensor_numel(&y));
-        ref_conv(&rp, rp.x, rp.w, rp.b, want, NULL, NULL);
-        size_t pos = 0;
-        for (size_t i = 0; i < ts_tensor_numel(&y); i++) {
-            pos += want[i] > 0;
-            want[i] = want[i] > 0 ? want[i] : 0.0;
+    for (size_t k = 0; k < sizeof picks / sizeof picks[0]; k++)
+        for (int form = 0; form < 4; form++) {
+            const int relu = form != 2, add = form != 0, has_bias = form != 3;
+            const conv_case *c = &cases[picks[k]];
+            ref_problem rp = {.cc = c};
+            rp.ho = ts_conv_out_size(c->h, c->kh, c->sh, c->ph);
+            rp.wo = ts_conv_out_size(c->w, c->kw, c->sw, c->pw);
+            ts_tensor x = tu_tensor(c->n, c->cin, c->h, c->w), w = tu_tensor(c->cout, c->cin, c->kh, c->kw);
+            ts_tensor y = tu_tensor(c->n, c->cout, rp.ho, rp.wo), z = tu_tensor(c->n, c->cout, rp.ho, rp.wo);
+            const size_t ny = ts_tensor_numel(&y);
+            float *b = tu_alloc_f((size_t)c->cout);
+            tu_fill(rng, x.data, ts_tensor_numel(&x), -1, 1);
+            tu_fill(rng, w.data, ts_tensor_numel(&w), -1, 1);
+            tu_fill(rng, b, (size_t)c->cout, -1, 1);
+            tu_fill(rng, z.data, ny, -2, 2);
+            for (size_t i = 0; i < ny; i++) y.data[i] = NAN;
+            float *z0 = tu_alloc_f(ny);
+            memcpy(z0, z.data, ny * sizeof(float));
+            rp.x = to_double(x.data, ts_tensor_numel(&x));
+            rp.w = to_double(w.data, ts_tensor_numel(&w));
+            rp.b = to_double(b, (size_t)c->cout);
+            double *want = zeros_d(ny);
+            ref_conv(&rp, rp.x, rp.w, has_bias ? rp.b : NULL, want, NULL, NULL);
+            size_t pos = 0;
+            for (size_t i = 0; i < ny; i++) {
+                if (add) want[i] += z.data[i];
+                pos += want[i] > 0;
+                if (relu) want[i] = want[i] > 0 ? want[i] : 0.0;
+            }
+            ts_conv2d_params p = {.stride_h = c->sh, .stride_w = c->sw, .pad_h = c->ph, .pad_w = c->pw, .relu = relu};
+            if (add) p.add = &z;
+            char what[160];
+            snprintf(what, sizeof what, "%s %s: forward", c->name, forms[form]);
+            if (tu_expect_ok(ts_cpu_conv2d_forward(ctx, &y, &x, &w, has_bias ? b : NULL, &p), what)) {
+                double atol = 1e-5 * sqrt((double)c->cin * c->kh * c->kw);
+                tu_check_close(op, what, &y, y.data, want, ny, atol, 1e-4);
+                tu_expect(pos > 0 && pos < ny, "%s: the case has positive and negative sums", what);
+                tu_expect(memcmp(z.data, z0, ny * sizeof(float)) == 0, "%s: the added tensor is unchanged", what);
+            }
+            snprintf(what, sizeof what, "%s %s: backward refuses the fused epilogue", c->name, forms[form]);
+            tu_expect_error(ts_cpu_conv2d_backward_data(ctx, &x, &y, &w, &p), TS_ERR_INVALID_ARG, what,
+                            "forward-only", NULL);
+            tu_expect_error(ts_cpu_conv2d_backward_filter(ctx, &w, &y, &x, &p), TS_ERR_INVALID_ARG, what,
+                            "forward-only", NULL);
+            free(rp.x);
+            free(rp.w);
+            free(rp.b);
+            free(want);
+            tu_free(b, op, "bias");
+            tu_free(z0, op, "z0");
+            tu_tensor_free(&x, op, "x");
+            tu_tensor_free(&w, op, "w");
+            tu_tensor_free(&y, op, "y");
+            tu_tensor_free(&z, op, "z");
         }
-        ts_conv2d_params p = {.stride_h = c->sh, .stride_w = c->sw, .pad_h = c->ph, .pad_w = c->pw, .relu = 1};
-        char what[160];
-        snprintf(what, sizeof what, "%s: forward", c->name);
-        if (tu_expect_ok(ts_cpu_conv2d_forward(ctx, &y, &x, &w, b, &p), what)) {
-            double atol = 1e-5 * sqrt((double)c->cin * c->kh * c->kw);
-            tu_check_close(op, what, &y, y.data, want, ts_tensor_numel(&y), atol, 1e-4);
-            tu_expect(pos > 0 && pos < ts_tensor_numel(&y), "%s: the case has positive and clipped outputs", what);
-        }
-        snprintf(what, sizeof what, "%s: backward refuses the fused relu", c->name);
-        tu_expect_error(ts_cpu_conv2d_backward_data(ctx, &x, &y, &w, &p), TS_ERR_INVALID_ARG, what, "forward-only",
-                        NULL);
-        tu_expect_error(ts_cpu_conv2d_backward_filter(ctx, &w, &y, &x, &p), TS_ERR_INVALID_ARG, what, "forward-only",
-                        NULL);
-        free(rp.x);
-        free(rp.w);
-        free(rp.b);
-        free(want);
-        tu_free(b, op, "bias");
-        tu_tensor_free(&x, op, "x");
-        tu_tensor_free(&w, op, "w");
-        tu_tensor_free(&y, op, "y");
-    }
+
+    /* A tensor to add that cannot be: another shape, another dtype, y itself
+     * or part of y. */
+    ts_tensor x = tu_tensor(2, 3, 7, 6), w = tu_tensor(4, 3, 3, 3), y = tu_tensor(2, 4, 7, 6);
+    ts_tensor zc = tu_tensor(2, 3, 7, 6), zh = tu_tensor(2, 4, 7, 5), zb = ts_tensor_view_as(x.data, TS_BF16, 2, 4, 7, 6);
+    ts_conv2d_params p = {.stride_h = 1, .stride_w = 1, .pad_h = 1, .pad_w = 1, .relu = 1};
+    p.add = &zc;
+    tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w, NULL, &p), TS_ERR_INVALID_ARG, "add with 3 channels",
+                    "conv2d_forward", "[2,3,7,6]", "shape and dtype", NULL);
+    p.add = &zh;
+    tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w, NULL, &p), TS_ERR_INVALID_ARG, "add 5 wide",
+                    "conv2d_forward", "[2,4,7,5]", NULL);
+    p.add = &zb;
+    tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w, NULL, &p), TS_ERR_INVALID_ARG, "add in bf16",
+                    "conv2d_forward", "bf16", NULL);
+    p.add = &y;
+    tu_expect_error(ts_cpu_conv2d_forward(ctx, &y, &x, &w, NULL, &p), TS_ERR_INVALID_ARG, "add is y",
+                    "conv2d_forward", "overlaps y", NULL);
+    /* The first image of y, and an add one float further on (inside y's second image). */
+    ts_tensor zs = ts_tensor_view(y.data + 1, 1, 4, 7, 6);
+    ts_tensor yy = ts_tensor_view(y.data, 1, 4, 7, 6), xx = ts_tensor_view(x.data, 1, 3, 7, 6);
+    p.add = &zs;
+    tu_expect_error(ts_cpu_conv2d_forward(ctx, &yy, &xx, &w, NULL, &p), TS_ERR_INVALID_ARG, "add one float into y",
+                    "conv2d_forward", "overlaps y", NULL);
+    tu_tensor_free(&x, op, "x");
+    tu_tensor_free(&w, op, "w");
+    tu_tensor_free(&y, op, "y");
+    tu_tensor_free(&zc, op, "zc");
+    tu_tensor_free(&zh, op, "zh");
 }
 
 int main(void)
@@ -394,7 +438,7 @@ int main(void)
         run_case(&ctx, c, &rng);
     }
     error_cases(&ctx);
-    fused_relu_cases(&ctx, &rng);
+    fused_cases(&ctx, &rng);
 
     ts_ctx_free(&ctx);
     return tu_finish("test_conv2d");

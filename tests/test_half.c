@@ -832,7 +832,7 @@ static void test_upsample(ts_ctx *ctx, tu_rng *r, ts_dtype d, int N, int C, int 
 }
 
 typedef struct conv_case {
-    int N, Cin, H, W, Cout, KH, KW, sh, sw, ph, pw, relu;
+    int N, Cin, H, W, Cout, KH, KW, sh, sw, ph, pw, relu, add; /* add: the fused add (forward only) */
 } conv_case;
 
 /* The half bias rule, targeted: a bias b = 1 + 0.4 ulp (ulp = the spacing
@@ -857,7 +857,7 @@ static void test_conv_half_bias(ts_ctx *ctx, ts_dtype d)
         bias[0] = (float)(sign * (1.0 + 0.4 * ulp));
         tu_expect(ref_narrow(d, bias[0]) == ref_narrow(d, sign) && ref_widen(d, w.half[0]) == sign * 0.25 * ulp,
                   "%s: the inputs are what the test means (bias rounds to %g, w exact)", op, sign);
-        ts_conv2d_params p = {1, 1, 0, 0, relu};
+        ts_conv2d_params p = {.stride_h = 1, .stride_w = 1, .relu = relu};
         tu_expect_ok(B->conv2d_forward(ctx, &y, &x, &w, bias, &p), op);
         const uint16_t want = ref_narrow(d, sign), unrounded = ref_narrow(d, sign * (1.0 + ulp));
         tu_expect(y.half[0] == want,
@@ -872,14 +872,47 @@ static void test_conv_half_bias(ts_ctx *ctx, ts_dtype d)
     }
 }
 
+/* The fused add, targeted: y is rounded once, after the add. The conv
+ * gives 1 + a with a = ~0.3 ulp (x = [1, 1], w = [1, a], exact in float32)
+ * and the add is ~0.3 ulp more: rounded once, 1 + ~0.6 ulp is 1 + ulp;
+ * rounding the conv first (1) and then the sum (1 + 0.3 ulp) gives 1. With
+ * and without the ReLU. */
+static void test_conv_half_add(ts_ctx *ctx, ts_dtype d)
+{
+    const ts_backend *B = ts_backend_cpu();
+    char op[96];
+    snprintf(op, sizeof op, "%s conv fused add", ts_dtype_name(d));
+    const double ulp = d == TS_BF16 ? 0x1p-7 : 0x1p-10;
+    for (int relu = 0; relu <= 1; relu++) {
+        ts_tensor x = half_tensor(d, 1, 2, 1, 1), w = half_tensor(d, 1, 2, 1, 1), y = half_tensor(d, 1, 1, 1, 1),
+                  z = half_tensor(d, 1, 1, 1, 1);
+        x.half[0] = x.half[1] = ref_narrow(d, 1.0);
+        w.half[0] = ref_narrow(d, 1.0);
+        w.half[1] = ref_narrow(d, 0.3 * ulp);
+        z.half[0] = ref_narrow(d, 0.3 * ulp);
+        const double a = ref_widen(d, w.half[1]), b = ref_widen(d, z.half[0]);
+        tu_expect(a > 0.25 * ulp && a < 0.5 * ulp && a + b > 0.5 * ulp && a + b < ulp,
+                  "%s: the inputs are what the test means (%g and %g ulp)", op, a / ulp, b / ulp);
+        ts_conv2d_params p = {.stride_h = 1, .stride_w = 1, .relu = relu, .add = &z};
+        tu_expect_ok(B->conv2d_forward(ctx, &y, &x, &w, NULL, &p), op);
+        const uint16_t want = ref_narrow(d, 1.0 + ulp);
+        tu_expect(y.half[0] == want, "%s%s: y = 0x%04x (%.9g), want 0x%04x (%.9g: rounded once, after the add)", op,
+                  relu ? " relu" : "", y.half[0], ref_widen(d, y.half[0]), want, ref_widen(d, want));
+        half_free(&x, op, "x");
+        half_free(&w, op, "w");
+        half_free(&y, op, "y");
+        half_free(&z, op, "z");
+    }
+}
+
 static void test_conv(ts_ctx *ctx, tu_rng *r, ts_dtype d, const conv_case *cc)
 {
     const ts_backend *B = ts_backend_cpu();
     char op[128];
-    snprintf(op, sizeof op, "%s conv x[%d,%d,%d,%d] w[%d,%d,%d,%d] s(%d,%d) p(%d,%d)%s", ts_dtype_name(d), cc->N,
+    snprintf(op, sizeof op, "%s conv x[%d,%d,%d,%d] w[%d,%d,%d,%d] s(%d,%d) p(%d,%d)%s%s", ts_dtype_name(d), cc->N,
              cc->Cin, cc->H, cc->W, cc->Cout, cc->Cin, cc->KH, cc->KW, cc->sh, cc->sw, cc->ph, cc->pw,
-             cc->relu ? " relu" : "");
-    ts_conv2d_params p = {cc->sh, cc->sw, cc->ph, cc->pw, cc->relu};
+             cc->add ? " add" : "", cc->relu ? " relu" : "");
+    ts_conv2d_params p = {.stride_h = cc->sh, .stride_w = cc->sw, .pad_h = cc->ph, .pad_w = cc->pw, .relu = cc->relu};
     const int OH = ts_conv_out_size(cc->H, cc->KH, cc->sh, cc->ph), OW = ts_conv_out_size(cc->W, cc->KW, cc->sw, cc->pw);
     ts_tensor x = half_tensor(d, cc->N, cc->Cin, cc->H, cc->W), w = half_tensor(d, cc->Cout, cc->Cin, cc->KH, cc->KW);
     ts_tensor y = half_tensor(d, cc->N, cc->Cout, OH, OW);
@@ -889,6 +922,11 @@ static void test_conv(ts_ctx *ctx, tu_rng *r, ts_dtype d, const conv_case *cc)
     tu_fill(r, bias, (size_t)cc->Cout, -1.0, 1.0);
     double *wx = widen_all(&x), *ww = widen_all(&w);
     const size_t ny = ts_tensor_numel(&y), nx = ts_tensor_numel(&x), nw = ts_tensor_numel(&w);
+    /* The fused add: a tensor of y's shape and type, in the same sum. */
+    ts_tensor z = half_tensor(d, cc->add ? cc->N : 1, cc->add ? cc->Cout : 1, cc->add ? OH : 1, cc->add ? OW : 1);
+    fill_half(r, &z, 1.0);
+    double *wz = widen_all(&z);
+    if (cc->add) p.add = &z;
 
     /* Forward: the sum in double, its absolute terms for the slack. The
      * bias enters rounded to the half type (autocast's half bias). */
@@ -896,7 +934,8 @@ static void test_conv(ts_ctx *ctx, tu_rng *r, ts_dtype d, const conv_case *cc)
     FOR_NCHW(&y, n, o, oh, ow)
     {
         const double hb = ref_widen(d, ref_narrow(d, bias[o]));
-        double acc = hb, m = fabs(hb);
+        const double zv = cc->add ? wz[nchw(&y, n, o, oh, ow)] : 0.0;
+        double acc = hb + zv, m = fabs(hb) + fabs(zv);
         for (int c = 0; c < cc->Cin; c++)
             for (int i = 0; i < cc->KH; i++)
                 for (int j = 0; j < cc->KW; j++) {
@@ -915,7 +954,7 @@ static void test_conv(ts_ctx *ctx, tu_rng *r, ts_dtype d, const conv_case *cc)
     tu_expect_ok(B->conv2d_forward(ctx, &y, &x, &w, bias, &p), op);
     check_range(op, "forward", &y, lo, hi);
 
-    if (!cc->relu) {
+    if (!cc->relu && !cc->add) {
         /* Backward data: dx (non-zero) += sum dy w. */
         ts_tensor dy = half_tensor(d, cc->N, cc->Cout, OH, OW), dx = half_tensor(d, cc->N, cc->Cin, cc->H, cc->W);
         fill_half(r, &dy, 1.0);
@@ -983,6 +1022,8 @@ static void test_conv(ts_ctx *ctx, tu_rng *r, ts_dtype d, const conv_case *cc)
     tu_free(bias, op, "bias");
     tu_free(wx, op, "wx");
     tu_free(ww, op, "ww");
+    tu_free(wz, op, "wz");
+    half_free(&z, op, "z");
     tu_free(s, op, "s");
     tu_free(mag, op, "mag");
     tu_free(lo, op, "lo");
@@ -1140,7 +1181,7 @@ static void test_dtype_refusals(ts_ctx *ctx)
     for (int i = 0; i < 16; i++) vec2[i] = vec4[i] = 1.0f;
     ts_pool2d_params pp = {2, 2, 2, 2, 0, 0};
     ts_bn_params bp = {1e-5f, 0.1f};
-    ts_conv2d_params cp = {1, 1, 1, 1, 0};
+    ts_conv2d_params cp = {.stride_h = 1, .stride_w = 1, .pad_h = 1, .pad_w = 1};
     ts_tensor fw = tu_tensor(C, C, 3, 3), hw = half_tensor(TS_BF16, C, C, 3, 3);
 
     tu_expect_error(B->relu_forward(ctx, &f, &h), TS_ERR_INVALID_ARG, "relu_forward f32 y, bf16 x", "relu_forward",
@@ -1294,12 +1335,15 @@ int main(void)
     test_convert(&ctx, &rng);
 
     static const conv_case convs[] = {
-        /* N Cin H W Cout KH KW sh sw ph pw relu */
-        {2, 3, 5, 7, 5, 3, 3, 1, 1, 1, 1, 0},
-        {2, 5, 5, 7, 4, 3, 3, 2, 1, 1, 0, 0},
-        {2, 5, 5, 7, 3, 3, 3, 2, 2, 1, 1, 1}, /* the fused bias + ReLU */
-        {2, 3, 5, 7, 5, 1, 1, 1, 1, 0, 0, 0}, /* pointwise (the GEMM path) */
-        {1, 3, 6, 5, 2, 2, 3, 2, 1, 0, 1, 0},
+        /* N Cin H W Cout KH KW sh sw ph pw relu add */
+        {2, 3, 5, 7, 5, 3, 3, 1, 1, 1, 1, 0, 0},
+        {2, 5, 5, 7, 4, 3, 3, 2, 1, 1, 0, 0, 0},
+        {2, 5, 5, 7, 3, 3, 3, 2, 2, 1, 1, 1, 0}, /* the fused bias + ReLU */
+        {2, 3, 5, 7, 5, 1, 1, 1, 1, 0, 0, 0, 0}, /* pointwise (the GEMM path) */
+        {1, 3, 6, 5, 2, 2, 3, 2, 1, 0, 1, 0, 0},
+        {2, 5, 5, 7, 3, 3, 3, 1, 1, 1, 1, 1, 1}, /* bias + shortcut + ReLU (a ResNet block's conv2) */
+        {2, 3, 5, 7, 5, 3, 3, 2, 2, 1, 1, 0, 1}, /* bias + add without the ReLU */
+        {2, 3, 5, 7, 5, 1, 1, 1, 1, 0, 0, 1, 1}, /* pointwise with add and ReLU */
     };
     for (int k = 0; k < 2; k++) {
         ts_dtype d = HALF_TYPES[k];
@@ -1315,6 +1359,7 @@ int main(void)
         test_upsample(&ctx, &rng, d, 1, 3, 5, 7, 5, 7);
         for (size_t i = 0; i < sizeof convs / sizeof convs[0]; i++) test_conv(&ctx, &rng, d, &convs[i]);
         test_conv_half_bias(&ctx, d);
+        test_conv_half_add(&ctx, d);
         test_batchnorm(&ctx, &rng, d, 2, 5, 5, 7);
         test_batchnorm(&ctx, &rng, d, 3, 3, 1, 1);
     }

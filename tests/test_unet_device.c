@@ -9,6 +9,8 @@
  *   - every pointer an op receives lies in the backend's memory (no host
  *     weight or activation slips through), and no slot is read before it is
  *     written (fresh allocations hold NaNs);
+ *   - every residual block's shortcut add and ReLU run in its conv2 (the
+ *     conv's fused add): one per block, no separate add op;
  *   - the weights are uploaded once per init, the input once per batch, the
  *     logits downloaded once per batch, and a batch of a known shape
  *     allocates nothing;
@@ -143,6 +145,15 @@ static void test_equal(ts_ctx *cpu, ts_ctx *dev, const ts_unet_config *cfg, cons
         tu_expect(tu_fake.foreign_ptrs == 0 && tu_fake.bad_memory == 0,
                   "%s: every op pointer and copy in backend memory (%ld foreign pointers, %ld bad copies)", name,
                   tu_fake.foreign_ptrs, tu_fake.bad_memory);
+        /* Every residual block's shortcut add (and its ReLU) runs in its
+         * conv2: ResNet-34 has 3, 4, 6 and 3 blocks in layers 1 to 4, and
+         * depth d uses layers 1 to d - 1. */
+        static const int blocks[4] = {3, 4, 6, 3};
+        long want_blocks = 0;
+        for (int li = 0; li < cfg->encoder_depth - 1; li++) want_blocks += blocks[li];
+        tu_expect(tu_fake.convs_add == want_blocks && tu_fake.adds_run == 0,
+                  "%s: batch %d: %ld convs with the shortcut fused, want %ld, and %ld separate adds", name, rep,
+                  tu_fake.convs_add, want_blocks, tu_fake.adds_run);
     }
     size_t eval_bytes = 0;
     ts_unet_activation_bytes(cfg, N, H, W, 0, &eval_bytes);

@@ -203,21 +203,22 @@ static ts_status col_buffer(ts_ctx *ctx, const char *op, const conv_geom *g, int
 
 /* The forward epilogue on a [cout, pc] block of y with row stride ld: add
  * the bias (after the GEMM rather than pre-filling y with beta = 1, so the
- * sgemm always overwrites y whatever it held) and apply the fused ReLU. */
-static void epilogue(float *y, int ld, int cout, int pc, const float *bias, int relu)
+ * sgemm always overwrites y whatever it held) and the fused add (z, the same
+ * block of another tensor, or NULL), then apply the fused ReLU; in that
+ * order, as the separate add and relu ops would. */
+static void epilogue(float *y, const float *z, int ld, int cout, int pc, const float *bias, int relu)
 {
-    if (!bias && !relu) return;
+    if (!bias && !relu && !z) return;
 #pragma omp parallel for schedule(static) if ((size_t)cout * pc >= PAR_MIN_WORK)
     for (int c = 0; c < cout; c++) {
         float *yp = y + (size_t)c * ld;
+        const float *zp = z ? z + (size_t)c * ld : NULL;
         const float b = bias ? bias[c] : 0.0f;
-        if (relu)
-            for (int q = 0; q < pc; q++) {
-                float v = yp[q] + b;
-                yp[q] = v > 0.0f ? v : 0.0f;
-            }
-        else
-            for (int q = 0; q < pc; q++) yp[q] += b;
+        for (int q = 0; q < pc; q++) {
+            float v = yp[q] + b;
+            if (zp) v += zp[q];
+            yp[q] = relu ? (v > 0.0f ? v : 0.0f) : v;
+        }
     }
 }
 
@@ -230,13 +231,14 @@ ts_status ts_cpu_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, c
     ts_status st = conv_check(op, &g, x, "x", w, "w", y, "y", p);
     if (st != TS_OK) return st;
     const size_t x_img = (size_t)g.cin * g.h * g.w, y_img = (size_t)g.cout * g.p;
+    const float *z = p->add ? p->add->data : NULL;
 
     if (g.pointwise) {
         /* y_n[Cout, P] = W[Cout, Cin] · x_n[Cin, P]. */
         for (int n = 0; n < g.n; n++) {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, g.cout, g.p, g.cin, 1.0f, w->data, g.k,
                         x->data + n * x_img, g.p, 0.0f, y->data + n * y_img, g.p);
-            epilogue(y->data + n * y_img, g.p, g.cout, g.p, bias, p->relu);
+            epilogue(y->data + n * y_img, z ? z + n * y_img : NULL, g.p, g.cout, g.p, bias, p->relu);
         }
     } else {
         const int pc_max = chunk_pixels(&g);
@@ -250,7 +252,7 @@ ts_status ts_cpu_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, c
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, g.cout, pc, g.k, 1.0f, w->data, g.k, col,
                             pc, 0.0f, y->data + n * y_img + p0, g.p);
                 /* Bias and ReLU while the chunk is still in cache. */
-                epilogue(y->data + n * y_img + p0, g.p, g.cout, pc, bias, p->relu);
+                epilogue(y->data + n * y_img + p0, z ? z + n * y_img + p0 : NULL, g.p, g.cout, pc, bias, p->relu);
             }
         }
     }

@@ -116,8 +116,8 @@ static void narrow(ts_tensor *h, const ts_tensor *f) { convert_elems(h, f, 0); }
  * y's half type (to nearest even) and widened back: torch.autocast casts a
  * conv's bias to the half type like its weight, and cuDNN's half
  * configurations (the CUDA backend's fused conv + bias + ReLU) take it in
- * y's type. The sum, the ReLU and the one rounding of y are the float32
- * op's, as for every half op. */
+ * y's type. The fused add is widened from y's type. The sum, the ReLU and
+ * the one rounding of y are the float32 op's, as for every half op. */
 ts_status ts_cpu_half_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, const ts_tensor *w,
                                      const float *bias, const ts_conv2d_params *p)
 {
@@ -130,11 +130,14 @@ ts_status ts_cpu_half_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor 
         for (int o = 0; o < w->n; o++) hbias[o] = ts_half_to_f32(y->dtype, ts_f32_to_half(y->dtype, bias[o]));
     }
     wide v = {0};
-    ts_tensor *fy = NULL, *fx = NULL, *fw = NULL;
+    ts_tensor *fy = NULL, *fx = NULL, *fw = NULL, *fz = NULL;
+    ts_conv2d_params fp = *p; /* the fused add, if any, widened as well */
     st = widen(&v, y, 0, &fy);
     if (st == TS_OK) st = widen(&v, x, 1, &fx);
     if (st == TS_OK) st = widen(&v, w, 1, &fw);
-    if (st == TS_OK) st = ts_cpu_conv2d_forward(ctx, fy, fx, fw, hbias, p);
+    if (st == TS_OK && p->add) st = widen(&v, p->add, 1, &fz);
+    fp.add = fz;
+    if (st == TS_OK) st = ts_cpu_conv2d_forward(ctx, fy, fx, fw, hbias, &fp);
     if (st == TS_OK) narrow(y, fy);
     wide_free(&v);
     free(hbias);

@@ -4,7 +4,7 @@
  * cross-correlation, dilation 1, one group, as the CPU twins in
  * kernels/cpu/conv2d.c and kernels/cpu/half.c (same shape checks, same
  * messages, same semantics):
- *     forward          y   = conv(x, w), then + bias and the fused ReLU
+ *     forward          y   = conv(x, w), then + bias, + add and the fused ReLU
  *     backward data    dx += conv_transpose(dy, w)    (beta = 1)
  *     backward filter  dw += dy (*) x                  (beta = 1)
  *     backward bias    dbias[c] += sum of dy[:, c]    (own kernel, double)
@@ -21,14 +21,27 @@
  * cudnnGetConvolutionForwardWorkspaceSize gives for the algorithm), and a
  * RELU activation that does not propagate NaN (our ReLU, v > 0 ? v : 0,
  * maps NaN to 0). That saves the second pass over y.
- * Everything else (a bias without ReLU, a ReLU without bias) stays two
- * passes, cudnnConvolutionForward then our epilogue kernel
- * (conv_epilogue.cu): cuDNN's fused call takes an IDENTITY activation with
- * one algorithm only, and always needs a bias. If cuDNN answers
+ * With the fused add of ts_conv2d_params (inference's conv2 + folded bn2 +
+ * shortcut + ReLU of a ResNet block) the same call takes the add as z:
+ * alpha2 = 1, z = the add tensor with y's descriptor (ts_conv2d_check made
+ * it y's shape and dtype, and not y), so y = relu(conv + z + bias) and the
+ * block's add and ReLU cost no pass over y of their own. cuDNN sums in
+ * its own order (conv + z + bias, the CPU (conv + bias) + z): equal up to
+ * float rounding, which the GPU tests allow for convolutions anyway.
+ * Everything else (a bias without ReLU, a ReLU without bias, with or
+ * without the add) stays two passes, cudnnConvolutionForward then our
+ * epilogue kernel (conv_epilogue.cu), which adds the bias and the add in
+ * the CPU's order: cuDNN's fused call takes an IDENTITY activation with one
+ * algorithm only, and always needs a bias. If cuDNN answers
  * CUDNN_STATUS_NOT_SUPPORTED (or one of its sub-codes) for a plan (it
- * checks before it launches anything), the plan remembers it and runs the two passes from then on:
- * a choice between two GPU paths, never a CPU fallback.
- * ts_cuda_conv_fusion_stats counts both.
+ * checks before it launches anything), the plan remembers it and runs the
+ * two passes from then on: a choice between two GPU paths, never a CPU
+ * fallback. It remembers the call with z and the call without z
+ * separately: alpha2 != 0 makes cuDNN read z, and whether an engine for
+ * the plan's algorithm takes that is its own question (the z-less call may
+ * be supported where the one with z is not, and the answer for one says
+ * nothing certain about the other), so a refusal of one never costs the
+ * other its fusion. ts_cuda_conv_fusion_stats counts both paths.
  *
  * Half bias. Per-channel vectors stay float32 in the op table, but cuDNN's
  * half configurations take the bias in y's type, and autocast casts a
@@ -146,8 +159,10 @@ typedef struct conv_plan {
     int algo;         /* a cudnnConvolution{Fwd,BwdData,BwdFilter}Algo_t, by key.kind */
     size_t workspace; /* bytes that algorithm needs */
     /* cudnnConvolutionBiasActivationForward answered NOT_SUPPORTED for this
-     * plan: its bias + ReLU forwards run the two passes, without asking again. */
-    int fused_unsupported;
+     * plan without z (alpha2 = 0) or with the fused add as z (alpha2 = 1):
+     * those bias + ReLU forwards run the two passes, without asking again.
+     * Two flags, as the top of the file says why. */
+    int fused_unsupported, fused_add_unsupported;
 } conv_plan;
 
 /* One model has a few dozen distinct conv shapes per input shape and op, so
@@ -490,9 +505,10 @@ static ts_status relu_descriptor(cudnnActivationDescriptor_t *out)
     return TS_OK;
 }
 
-/* Forward calls that ran as one fused cuDNN call, and forward calls with a
- * bias or a ReLU that ran as two passes. Ops run from one thread at a time
- * (one stream, the plan cache), so plain counters do. */
+/* Forward calls that ran as one fused cuDNN call (with or without the
+ * add), and forward calls with a bias, a ReLU or an add that ran as two
+ * passes. Ops run from one thread at a time (one stream, the plan cache),
+ * so plain counters do. */
 static long g_fused_calls, g_unfused_calls;
 
 void ts_cuda_conv_fusion_stats(long *fused, long *unfused)
@@ -502,44 +518,55 @@ void ts_cuda_conv_fusion_stats(long *fused, long *unfused)
 }
 
 /* "conv2d_forward: x [..], w [..] dtype, stride (..), pad (..): " + the
- * pending message, for a failure of the fused call. */
-static ts_status forward_error(ts_status st, const conv_plan *pl)
+ * pending message, for a failure of the fused call (with_add: it took the
+ * fused add as z). */
+static ts_status forward_error(ts_status st, const conv_plan *pl, int with_add)
 {
     char msg[1024];
     snprintf(msg, sizeof msg, "%s", ts_last_error());
     const conv_geom *g = &pl->key.g;
-    return ts_error(st, "conv2d_forward: x [%d,%d,%d,%d], w [%d,%d,%d,%d] %s, stride (%d,%d), pad (%d,%d), bias and "
-                        "ReLU fused: %s",
+    return ts_error(st,
+                    "conv2d_forward: x [%d,%d,%d,%d], w [%d,%d,%d,%d] %s, stride (%d,%d), pad (%d,%d), %s fused: %s",
                     g->n, g->cin, g->h, g->w, g->cout, g->cin, g->kh, g->kw, layout_name(pl->key.dtype), g->sh, g->sw,
-                    g->ph, g->pw, msg);
+                    g->ph, g->pw, with_add ? "bias, add (as cuDNN's z) and ReLU" : "bias and ReLU", msg);
 }
 
-/* y = relu(conv(x, w) + bias) in one cuDNN call. *done = 1 when it ran;
- * *done = 0 (and TS_OK) when cuDNN does not support it for this plan, which
- * the plan then remembers. bias16 is the bias in y's half type for a half
- * call, NULL for float32 (bias is used then). */
+/* y = relu(conv(x, w) + bias [+ add]) in one cuDNN call. *done = 1 when it
+ * ran; *done = 0 (and TS_OK) when cuDNN does not support it for this plan,
+ * which the plan then remembers (for the call with add or without, as it
+ * was). bias16 is the bias in y's half type for a half call, NULL for
+ * float32 (bias is used then). add is NULL or a tensor of y's shape and
+ * dtype other than y. */
 static ts_status forward_fused(conv_plan *pl, ts_tensor *y, const ts_tensor *x, const ts_tensor *w, const float *bias,
-                               const void *bias16, void *ws, int *done)
+                               const void *bias16, const ts_tensor *add, void *ws, int *done)
 {
     *done = 0;
     cudnnActivationDescriptor_t relu = NULL;
     ts_status st = relu_descriptor(&relu);
-    if (st != TS_OK) return forward_error(st, pl);
-    /* alpha1 = 1, alpha2 = 0: z is y with y's descriptor, and what it held
-     * does not enter the result. Both are float, as for
-     * cudnnConvolutionForward (the compute type). */
+    if (st != TS_OK) return forward_error(st, pl, add != NULL);
+    /* alpha1 = 1. Without add, alpha2 = 0 and z is y with y's descriptor:
+     * what y held does not enter the result. With add, alpha2 = 1 and z is
+     * the add tensor, described by pl->y (its shape, type and layout are
+     * y's). All scaling factors are float, as for cudnnConvolutionForward
+     * (the compute type). */
     const float one = 1.0f, zero = 0.0f;
+    const void *z = add ? (const void *)dev(add) : (const void *)dev(y);
     cudnnStatus_t e = cudnnConvolutionBiasActivationForward(
         ts_cuda_state_get()->cudnn, &one, pl->x, dev(x), pl->w, dev(w), pl->conv, (cudnnConvolutionFwdAlgo_t)pl->algo,
-        ws, pl->workspace, &zero, pl->y, dev(y), pl->bias, bias16 ? bias16 : (const void *)bias, relu, pl->y, dev(y));
+        ws, pl->workspace, add ? &one : &zero, pl->y, z, pl->bias, bias16 ? bias16 : (const void *)bias, relu, pl->y,
+        dev(y));
     /* cuDNN 9's statuses carry a sub-code (NOT_SUPPORTED_SHAPE, _DATA_TYPE,
      * _LAYOUT, ...): the whole category means "not this call for this plan". */
     if (CUDNN_STATUS_CATEGORY(e) == CUDNN_STATUS_NOT_SUPPORTED) {
-        pl->fused_unsupported = 1;
+        if (add)
+            pl->fused_add_unsupported = 1;
+        else
+            pl->fused_unsupported = 1;
         return TS_OK;
     }
     if (e != CUDNN_STATUS_SUCCESS)
-        return forward_error(ts_cudnn_error(e, "cudnnConvolutionBiasActivationForward", __FILE__, __LINE__), pl);
+        return forward_error(ts_cudnn_error(e, "cudnnConvolutionBiasActivationForward", __FILE__, __LINE__), pl,
+                             add != NULL);
     *done = 1;
     return TS_OK;
 }
@@ -559,7 +586,8 @@ ts_status ts_cuda_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, 
     if (st == TS_OK) st = get_plan(CONV_FWD, x->dtype, &g, &pl);
     if (st != TS_OK) return st;
     const int half = ts_dtype_is_half(y->dtype);
-    int fuse = bias && p->relu && !pl->fused_unsupported;
+    const ts_tensor *add = p->add; /* checked by conv_check: y's shape and dtype, not y */
+    int fuse = bias && p->relu && !(add ? pl->fused_add_unsupported : pl->fused_unsupported);
     /* A fused half call converts the bias into the front of the workspace;
      * cuDNN gets the rest. The buffer only grows, so after the first call
      * of a shape nothing here allocates or waits (CUDA graphs record it).
@@ -577,7 +605,7 @@ ts_status ts_cuda_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, 
             if (st != TS_OK) return st;
         }
         int done = 0;
-        st = forward_fused(pl, y, x, w, bias, half ? ws : NULL, conv_ws, &done);
+        st = forward_fused(pl, y, x, w, bias, half ? ws : NULL, add, conv_ws, &done);
         if (st != TS_OK) return st;
         if (done) {
             g_fused_calls++;
@@ -594,10 +622,11 @@ ts_status ts_cuda_conv2d_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x, 
     TS_CUDNN_CHECK(cudnnConvolutionForward(ts_cuda_state_get()->cudnn, &one, pl->x, dev(x), pl->w, dev(w), pl->conv,
                                            (cudnnConvolutionFwdAlgo_t)pl->algo, conv_ws, pl->workspace, &zero, pl->y,
                                            dev(y)));
-    if (bias || p->relu) g_unfused_calls++;
+    if (bias || p->relu || add) g_unfused_calls++;
     if (half)
-        return ts_cuda_conv_epilogue_half(y->half, y->dtype, bias, (size_t)g.n * g.ho * g.wo, g.cout, p->relu);
-    return ts_cuda_conv_epilogue(y->data, bias, g.n, g.cout, (size_t)g.ho * g.wo, p->relu);
+        return ts_cuda_conv_epilogue_half(y->half, y->dtype, bias, add ? add->half : NULL, (size_t)g.n * g.ho * g.wo,
+                                          g.cout, p->relu);
+    return ts_cuda_conv_epilogue(y->data, bias, add ? add->data : NULL, g.n, g.cout, (size_t)g.ho * g.wo, p->relu);
 }
 
 ts_status ts_cuda_conv2d_backward_data(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *w,

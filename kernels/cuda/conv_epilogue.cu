@@ -1,13 +1,16 @@
 /* The pieces of the conv ops that cuDNN does not do the CPU's way:
  *
- * - The forward epilogue of the two-pass path, y = y + bias (then max(., 0)
- *   with the fused ReLU), as a pass after cudnnConvolutionForward. A forward
- *   with a bias AND the ReLU (inference's conv + folded BN + ReLU) runs as
- *   one cudnnConvolutionBiasActivationForward instead (kernels/cuda/conv.c);
+ * - The forward epilogue of the two-pass path, y = y + bias + add (then
+ *   max(., 0) with the fused ReLU; add is the fused residual of
+ *   ts_conv2d_params, or NULL), as a pass after cudnnConvolutionForward. A
+ *   forward with a bias AND the ReLU (inference's conv + folded BN + ReLU,
+ *   with or without the block's shortcut add) runs as one
+ *   cudnnConvolutionBiasActivationForward instead (kernels/cuda/conv.c);
  *   this pass serves the rest: a bias without ReLU (cuDNN's fused call takes
  *   its IDENTITY activation with one algorithm only), a ReLU without bias
  *   (the fused call always adds one), and plans the fused call does not
- *   support. It computes exactly the CPU's float expression.
+ *   support. It computes exactly the CPU's float expression, in the CPU's
+ *   order: (y + bias) + add, then the ReLU.
  * - For the fused half call, the float32 bias rounded to y's half type
  *   (cuDNN's half configurations take the bias in y's type).
  * - The bias gradient, summed in double in a fixed order as the CPU does
@@ -20,10 +23,10 @@
  * A half forward adds the bias rounded to the half type and widened (as
  * autocast casts a conv's bias; the CPU reference and the fused call do the
  * same). One caveat of the two-pass half forward: cuDNN has already rounded
- * the convolution to the half type, so with a bias y is rounded twice where
- * the CPU reference (float conv + half bias, one rounding) and the fused
- * call round once; convolutions are compared with a tolerance anyway.
- * Without a bias the ReLU is exact.
+ * the convolution to the half type, so with a bias or an add y is rounded
+ * twice where the CPU reference (float conv + half bias + widened add, one
+ * rounding) and the fused call round once; convolutions are compared with a
+ * tolerance anyway. Without a bias or an add the ReLU is exact.
  *
  * Reduction layout, NCHW. The sum for channel c runs over N planes of
  * `plane` contiguous floats, count = N * plane values. It is cut into S
@@ -85,22 +88,26 @@ static size_t slice_count(size_t count, size_t per_slice, size_t max)
 /* ---- forward epilogue ---------------------------------------------------------- */
 
 /* One block row per (n, c) plane (blockIdx.x), blockIdx.y strides the plane. */
-__global__ static void epilogue_kernel(float *y, const float *bias, int C, size_t plane, int relu)
+__global__ static void epilogue_kernel(float *y, const float *bias, const float *add, int C, size_t plane, int relu)
 {
     const size_t p = blockIdx.x;
     const float b = bias ? bias[p % (size_t)C] : 0.0f;
     float *yp = y + p * plane;
+    const float *zp = add ? add + p * plane : NULL;
     const size_t step = (size_t)gridDim.y * blockDim.x;
     for (size_t i = (size_t)blockIdx.y * blockDim.x + threadIdx.x; i < plane; i += step) {
-        /* __fadd_rn: exactly the CPU's v = y + b, whatever nvcc would fuse. */
-        const float v = __fadd_rn(yp[i], b);
+        /* __fadd_rn: exactly the CPU's v = y + b, then v += z, whatever nvcc
+         * would fuse. */
+        float v = __fadd_rn(yp[i], b);
+        if (zp) v = __fadd_rn(v, zp[i]);
         yp[i] = relu ? (v > 0.0f ? v : 0.0f) : v;
     }
 }
 
-extern "C" ts_status ts_cuda_conv_epilogue(float *y, const float *bias, int n, int c, size_t plane, int relu)
+extern "C" ts_status ts_cuda_conv_epilogue(float *y, const float *bias, const float *add, int n, int c, size_t plane,
+                                           int relu)
 {
-    if (!bias && !relu) return TS_OK;
+    if (!bias && !relu && !add) return TS_OK;
     const size_t planes = (size_t)n * (size_t)c;
     if (n < 1 || c < 1 || plane < 1 || planes > INT_MAX)
         return ts_error(TS_ERR_INVALID_ARG, "conv2d_forward epilogue: bad shape n %d, c %d, plane %zu", n, c, plane);
@@ -110,7 +117,7 @@ extern "C" ts_status ts_cuda_conv_epilogue(float *y, const float *bias, int n, i
     size_t gy = (plane + (size_t)threads * 4 - 1) / ((size_t)threads * 4);
     if (gy > 65535) gy = 65535;
     dim3 grid((unsigned)planes, (unsigned)gy);
-    epilogue_kernel<<<grid, threads, 0, ts_cuda_state_get()->stream>>>(y, bias, c, plane, relu);
+    epilogue_kernel<<<grid, threads, 0, ts_cuda_state_get()->stream>>>(y, bias, add, c, plane, relu);
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }
@@ -253,7 +260,8 @@ __device__ static double column_sum(double v)
  * channel and strides the rows, so the bias is loaded once per thread and no
  * element needs a division to find its channel. */
 template <typename H>
-__global__ static void epilogue_nhwc_kernel(uint16_t *y, const float *bias, int C, size_t pixels, int relu)
+__global__ static void epilogue_nhwc_kernel(uint16_t *y, const float *bias, const uint16_t *add, int C, size_t pixels,
+                                            int relu)
 {
     const int c = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (c >= C) return;
@@ -262,16 +270,17 @@ __global__ static void epilogue_nhwc_kernel(uint16_t *y, const float *bias, int 
     const size_t step = (size_t)gridDim.y * blockDim.y;
     for (size_t r = (size_t)blockIdx.y * blockDim.y + threadIdx.y; r < pixels; r += step) {
         const size_t k = r * (size_t)C + (size_t)c;
-        /* The float path's expression on the widened value, rounded once. */
-        const float v = __fadd_rn(H::load(y[k]), b);
+        /* The float path's expression on the widened values, rounded once. */
+        float v = __fadd_rn(H::load(y[k]), b);
+        if (add) v = __fadd_rn(v, H::load(add[k]));
         y[k] = H::store(relu ? (v > 0.0f ? v : 0.0f) : v);
     }
 }
 
-extern "C" ts_status ts_cuda_conv_epilogue_half(uint16_t *y, ts_dtype dtype, const float *bias, size_t pixels, int c,
-                                                int relu)
+extern "C" ts_status ts_cuda_conv_epilogue_half(uint16_t *y, ts_dtype dtype, const float *bias, const uint16_t *add,
+                                                size_t pixels, int c, int relu)
 {
-    if (!bias && !relu) return TS_OK;
+    if (!bias && !relu && !add) return TS_OK;
     if (pixels < 1 || c < 1 || (dtype != TS_BF16 && dtype != TS_F16))
         return ts_error(TS_ERR_INVALID_ARG, "conv2d_forward epilogue: bad half tensor: %zu pixels, c %d, dtype %s",
                         pixels, c, ts_dtype_name(dtype));
@@ -281,9 +290,9 @@ extern "C" ts_status ts_cuda_conv_epilogue_half(uint16_t *y, ts_dtype dtype, con
     const dim3 grid(b.chunks, (unsigned)gy), block(b.cw, b.rows);
     cudaStream_t stream = ts_cuda_state_get()->stream;
     if (dtype == TS_BF16)
-        epilogue_nhwc_kernel<bf16_io><<<grid, block, 0, stream>>>(y, bias, c, pixels, relu);
+        epilogue_nhwc_kernel<bf16_io><<<grid, block, 0, stream>>>(y, bias, add, c, pixels, relu);
     else
-        epilogue_nhwc_kernel<f16_io><<<grid, block, 0, stream>>>(y, bias, c, pixels, relu);
+        epilogue_nhwc_kernel<f16_io><<<grid, block, 0, stream>>>(y, bias, add, c, pixels, relu);
     TS_CUDA_LAUNCH_CHECK();
     return TS_OK;
 }

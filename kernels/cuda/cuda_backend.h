@@ -58,10 +58,11 @@ void ts_cuda_set_tf32(int on);
 void ts_cuda_set_workspace_limit(size_t bytes);
 
 /* How conv2d_forward calls ran since the process started (for benchmarks and
- * the GPU tests): *fused counts the calls with a bias and the ReLU that ran
- * as one cudnnConvolutionBiasActivationForward, *unfused the calls with a
- * bias or a ReLU that ran cuDNN's convolution and then the epilogue kernel
- * (a bias without ReLU, a ReLU without bias, a shape the fused call does
+ * the GPU tests): *fused counts the calls with a bias and the ReLU (and
+ * maybe the fused add) that ran as one cudnnConvolutionBiasActivationForward,
+ * *unfused the calls with a bias, a ReLU or an add that ran cuDNN's
+ * convolution and then the epilogue kernel (a bias without ReLU, a ReLU
+ * without bias, an add without both, a shape the fused call does
  * not support, or a half call whose algorithm leaves no room under the
  * workspace limit for the half bias). A forward with neither is in neither count. A call recorded
  * into a CUDA graph counts once, however often the graph is replayed.

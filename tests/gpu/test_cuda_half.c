@@ -8,10 +8,10 @@
  * and the device results come back and are compared: convert (every pair of
  * float32 / bf16 / fp16, overwrite and accumulate, in place), ReLU, add,
  * concat, max-pool, nearest upsampling, conv2d (forward with and without
- * bias and fused ReLU, backward data, filter and bias) and batch norm
- * (train, eval, backward). For conv2d forward also: the fusion counters
- * (bias + ReLU calls ran as cuDNN's fused call) and the half bias rule on
- * both forward paths. Shapes are the model's and odd ones: batch 2,
+ * bias, fused ReLU and fused add, backward data, filter and bias) and batch
+ * norm (train, eval, backward). For conv2d forward also: the fusion
+ * counters (bias + ReLU calls, with and without the add, ran as cuDNN's
+ * fused call) and the half bias rule on both forward paths. Shapes are the model's and odd ones: batch 2,
  * 3/5/17/33/65 channels (either side of the 32-channel chunks of the NHWC
  * kernels), 7x9, 13x11 and 1x1 planes, and one 2x64x32x32.
  *
@@ -960,7 +960,7 @@ static const conv_case conv_cases[] = {
 
 static void test_conv(ts_dtype dt, const conv_case *cc)
 {
-    const ts_conv2d_params p = {cc->s, cc->s, cc->pad, cc->pad, 0};
+    const ts_conv2d_params p = {cc->s, cc->s, cc->pad, cc->pad, 0, NULL};
     const int ho = ts_conv_out_size(cc->h, cc->k, cc->s, cc->pad), wo = ts_conv_out_size(cc->w, cc->k, cc->s, cc->pad);
     char op[256], lab[300];
     pair x = pair_rand(dt, cc->n, cc->cin, cc->h, cc->w, -1, 1);
@@ -1007,6 +1007,60 @@ static void test_conv(ts_dtype dt, const conv_case *cc)
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) pair_free(all[i], op, "conv buffer");
 }
 
+/* The forward with the fused add (p.add, cuDNN's z), the add of y's half
+ * type: y = conv + bias + widened add, then the ReLU, rounded once on the
+ * CPU. Four variants: bias + ReLU (cuDNN's fused call with alpha2 = 1, or
+ * two passes where cuDNN does not support z for the plan), bias without
+ * ReLU, ReLU without bias, and neither (two passes each). The tolerance is
+ * the conv forward's: the fused call rounds once, the two passes twice
+ * (cuDNN's output, then the epilogue), which conv_rtol allows; the add
+ * (up to 2, as large as a ResNet shortcut) is far outside it if lost. y is
+ * prefilled with NaN, and the add must come out bit for bit as it went in. */
+static void test_conv_add(ts_dtype dt, const conv_case *cc)
+{
+    const int ho = ts_conv_out_size(cc->h, cc->k, cc->s, cc->pad), wo = ts_conv_out_size(cc->w, cc->k, cc->s, cc->pad);
+    char op[256], lab[300];
+    pair x = pair_rand(dt, cc->n, cc->cin, cc->h, cc->w, -1, 1);
+    shape_label(op, sizeof op, "conv2d +add", &x.h, cc->name);
+    pair w = pair_rand(dt, cc->cout, cc->cin, cc->k, cc->k, -0.5, 0.5), bias = vec_rand((size_t)cc->cout, -2, 2);
+    pair add = pair_rand(dt, cc->n, cc->cout, ho, wo, -2, 2), y = pair_new(dt, cc->n, cc->cout, ho, wo);
+    const size_t bytes = nbytes(&add);
+    void *add0 = tu_alloc(bytes);
+    memcpy(add0, add.h.data, bytes);
+    const double k_fwd = (double)cc->cin * cc->k * cc->k + 2; /* the bias and the add: two more terms */
+
+    static const struct {
+        int bias, relu;
+        const char *name;
+    } variants[] = {{1, 1, "+bias +add +relu"}, {1, 0, "+bias +add"}, {0, 1, "+add +relu"}, {0, 0, "+add"}};
+    for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
+        ts_conv2d_params pv = {cc->s, cc->s, cc->pad, cc->pad, variants[v].relu, NULL};
+        const float *bh = variants[v].bias ? bias.h.data : NULL, *bd = variants[v].bias ? bias.d.data : NULL;
+        snprintf(lab, sizeof lab, "%s forward %s", op, variants[v].name);
+        pair_fill_const(&y, NAN);
+        pv.add = &add.h;
+        const int ok_cpu = cpu_ok(cpu->conv2d_forward(&cctx, &y.h, &x.h, &w.h, bh, &pv), lab);
+        pv.add = &add.d;
+        if (ok_cpu && gpu_ok(gpu->conv2d_forward(&gctx, &y.d, &x.d, &w.d, bd, &pv), lab))
+            cmp_norm(lab, "y", &y, 0, conv_rtol(dt, k_fwd));
+        /* The add is an input on both sides: untouched, bits included. */
+        const size_t es = ts_dtype_size(dt), n = numel(&add);
+        unsigned char *g = pair_get(&add);
+        size_t dev_diff = 0, host_diff = 0;
+        for (size_t i = 0; i < n; i++) {
+            dev_diff += memcmp(g + i * es, (unsigned char *)add0 + i * es, es) != 0;
+            host_diff += memcmp((unsigned char *)add.h.data + i * es, (unsigned char *)add0 + i * es, es) != 0;
+        }
+        check(dev_diff == 0 && host_diff == 0, "%s: add unchanged (%zu cuda, %zu cpu of %zu values differ)", lab,
+              dev_diff, host_diff, n);
+        tu_free(g, lab, "add download");
+    }
+
+    tu_free(add0, op, "add copy");
+    pair *all[] = {&x, &w, &bias, &add, &y};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) pair_free(all[i], op, "conv +add buffer");
+}
+
 /* The half bias rule on the GPU, on both forward paths: a bias of 1 + 0.4
  * ulp (ulp = the half type's spacing at 1) rounds to 1, the conv adds 0.25
  * ulp (x = 1, w = ulp / 4, exact). With the bias rounded first, as the CPU
@@ -1036,7 +1090,7 @@ static void test_conv_half_bias(ts_dtype dt)
         char lab[256];
         snprintf(lab, sizeof lab, "%s forward +bias%s (%s path)", op, relu ? " +relu" : "",
                  relu ? "fused unless cuDNN does not support it" : "two passes");
-        const ts_conv2d_params p = {1, 1, 0, 0, relu};
+        const ts_conv2d_params p = {1, 1, 0, 0, relu, NULL};
         pair_fill_const(&y, NAN);
         if (cpu_ok(cpu->conv2d_forward(&cctx, &y.h, &x.h, &w.h, bias.h.data, &p), lab) &&
             gpu_ok(gpu->conv2d_forward(&gctx, &y.d, &x.d, &w.d, bias.d.data, &p), lab)) {
@@ -1158,7 +1212,7 @@ static void test_determinism(ts_dtype dt)
         char lab[200];
         snprintf(lab, sizeof lab, "%s conv2d [%d,%d,%d,%d] -> %d k%d s%d p%d", op, N, convs[i].cin, H, W, convs[i].cout,
                  convs[i].k, convs[i].s, convs[i].pad);
-        const ts_conv2d_params p = {convs[i].s, convs[i].s, convs[i].pad, convs[i].pad, 0};
+        const ts_conv2d_params p = {convs[i].s, convs[i].s, convs[i].pad, convs[i].pad, 0, NULL};
         const int ho = ts_conv_out_size(H, convs[i].k, convs[i].s, convs[i].pad);
         const int wo = ts_conv_out_size(W, convs[i].k, convs[i].s, convs[i].pad);
         pair x = pair_rand(dt, N, convs[i].cin, H, W, -1, 1);
@@ -1321,7 +1375,7 @@ static void test_errors(void)
 
     /* conv2d: a float32 weight with bf16 activations (the cast forgotten);
      * backward with fp16 dx against bf16 dy and w; a float32 dw. */
-    const ts_conv2d_params cp = {1, 1, 1, 1, 0};
+    const ts_conv2d_params cp = {1, 1, 1, 1, 0, NULL};
     {
         ts_tensor hx = T(0, B, 2, 3, 7, 9), dx = D(0, B, 2, 3, 7, 9), hw = T(1, F, 4, 3, 3, 3),
                   dw = D(1, F, 4, 3, 3, 3);
@@ -1337,6 +1391,14 @@ static void test_errors(void)
         REFUSED("conv2d_backward_filter float32 dw, bf16 dy and x", "conv2d_backward_filter", "dtype",
                 cpu->conv2d_backward_filter(&cctx, &hw, &hy, &hx, &cp),
                 gpu->conv2d_backward_filter(&gctx, &dw, &dy, &dx, &cp));
+        /* The fused add of another half type than y (all else bf16). */
+        ts_tensor hz = T(4, H, 2, 4, 7, 9), dz = D(4, H, 2, 4, 7, 9);
+        ts_conv2d_params ch = cp, cd = cp;
+        ch.add = &hz;
+        cd.add = &dz;
+        REFUSED("conv2d_forward bf16 y, fp16 add", "conv2d_forward", "add",
+                cpu->conv2d_forward(&cctx, &hy, &hx, &hwb, NULL, &ch),
+                gpu->conv2d_forward(&gctx, &dy, &dx, &dwb, NULL, &cd));
     }
 
     /* batchnorm: y and x, dx and dy of different dtypes. */
@@ -1526,6 +1588,17 @@ int main(void)
               "%s conv2d forward: %ld of %ld bias + ReLU calls ran as cuDNN's fused conv + bias + ReLU, %ld calls ran "
               "two passes (%ld with a bias alone); process totals: %ld fused, %ld two-pass",
               ts_dtype_name(dt), fused1 - fused0, ncases, unfused1 - unfused0, ncases, fused1, unfused1);
+        ts_cuda_conv_fusion_stats(&fused0, &unfused0);
+        for (size_t i = 0; i < sizeof conv_cases / sizeof conv_cases[0]; i++) test_conv_add(dt, &conv_cases[i]);
+        ts_cuda_conv_fusion_stats(&fused1, &unfused1);
+        /* Four forwards with the add per case: bias + ReLU (fused with z, or
+         * two passes where cuDNN does not support z for the plan) and three
+         * that always take two passes. */
+        check(fused1 - fused0 > 0 && fused1 - fused0 <= ncases &&
+                  (fused1 - fused0) + (unfused1 - unfused0) == 4 * ncases,
+              "%s conv2d forward +add: %ld of %ld bias + add + ReLU calls ran as cuDNN's fused call with z, %ld calls "
+              "ran two passes (%ld lacking the bias, the ReLU or both); process totals: %ld fused, %ld two-pass",
+              ts_dtype_name(dt), fused1 - fused0, ncases, unfused1 - unfused0, 3 * ncases, fused1, unfused1);
         test_conv_half_bias(dt);
         for (size_t i = 0; i < sizeof bn_shapes / sizeof bn_shapes[0]; i++)
             test_batchnorm(dt, bn_shapes[i][0], bn_shapes[i][1], bn_shapes[i][2], bn_shapes[i][3]);

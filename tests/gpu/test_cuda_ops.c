@@ -404,7 +404,7 @@ typedef struct conv_case {
 
 static void test_conv(const conv_case *cc)
 {
-    const ts_conv2d_params p = {cc->sh, cc->sw, cc->ph, cc->pw, 0};
+    const ts_conv2d_params p = {cc->sh, cc->sw, cc->ph, cc->pw, 0, NULL};
     const int ho = ts_conv_out_size(cc->h, cc->kh, cc->sh, cc->ph),
               wo = ts_conv_out_size(cc->w, cc->kw, cc->sw, cc->pw);
     char op[256];
@@ -476,6 +476,80 @@ static const conv_case conv_cases[] = {
     {1, 64, 1, 1, 7, 1, 1, 1, 1, 0, 0, "1x1 on 1x1"},
     {3, 3, 2, 3, 7, 7, 7, 2, 2, 3, 3, "7x7 s2 p3 on 2x3"},
     {2, 5, 13, 7, 3, 3, 1, 2, 1, 1, 0, "3x1 s2x1 p1x0"},
+    {2, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, "3x3 s1 p1 (ResNet layer1)"},
+};
+
+/* The forward with the fused add (p.add, cuDNN's z): y = conv + bias + add,
+ * then the ReLU, in four variants: bias + ReLU (cuDNN's fused call with
+ * alpha2 = 1, or two passes where cuDNN does not support z for the plan),
+ * bias without ReLU, ReLU without bias, and neither (the epilogue adds only
+ * add; all three two passes). The add is about as large as the convolution
+ * (a ResNet shortcut), so a lost or doubled add is far outside the bound.
+ * The tolerance is the conv forward's, with the bias and the add counted as
+ * two more terms of the sum. y is prefilled with NaN (the add must go in z,
+ * never through y's old contents), and the add must come out bit for bit
+ * as it went in. */
+static void test_conv_add(const conv_case *cc)
+{
+    const int ho = ts_conv_out_size(cc->h, cc->kh, cc->sh, cc->ph),
+              wo = ts_conv_out_size(cc->w, cc->kw, cc->sw, cc->pw);
+    char op[256], lab[300];
+    pair x = pair_rand(cc->n, cc->cin, cc->h, cc->w, -1, 1);
+    shape_label(op, sizeof op, "conv2d +add", &x.h, cc->name);
+    pair w = pair_rand(cc->cout, cc->cin, cc->kh, cc->kw, -0.5, 0.5);
+    pair bias = vec_rand((size_t)cc->cout, -0.5, 0.5);
+    pair add = pair_rand(cc->n, cc->cout, ho, wo, -2, 2);
+    pair y = pair_new(cc->n, cc->cout, ho, wo);
+    const size_t n = numel(&add);
+    float *add0 = tu_alloc_f(n);
+    memcpy(add0, add.h.data, n * sizeof(float));
+    const double l_fwd = (double)cc->cin * cc->kh * cc->kw + 2;
+
+    static const struct {
+        int bias, relu;
+        const char *name;
+    } variants[] = {{1, 1, "+bias +add +relu"}, {1, 0, "+bias +add"}, {0, 1, "+add +relu"}, {0, 0, "+add"}};
+    for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
+        ts_conv2d_params pv = {cc->sh, cc->sw, cc->ph, cc->pw, variants[v].relu, NULL};
+        const float *bh = variants[v].bias ? bias.h.data : NULL, *bd = variants[v].bias ? bias.d.data : NULL;
+        snprintf(lab, sizeof lab, "%s forward %s", op, variants[v].name);
+        pair_fill_const(&y, NAN);
+        pv.add = &add.h;
+        const int ok_cpu = cpu_ok(cpu->conv2d_forward(&cctx, &y.h, &x.h, &w.h, bh, &pv), lab);
+        pv.add = &add.d;
+        if (ok_cpu && gpu_ok(gpu->conv2d_forward(&gctx, &y.d, &x.d, &w.d, bd, &pv), lab))
+            cmp_near(lab, "y", &y, sum_rtol(l_fwd));
+        /* The add is an input on both sides: untouched, bits included. */
+        float *g = pair_get(&add);
+        size_t dev_diff = 0, host_diff = 0;
+        for (size_t i = 0; i < n; i++) {
+            dev_diff += memcmp(&g[i], &add0[i], sizeof(float)) != 0;
+            host_diff += memcmp(&add.h.data[i], &add0[i], sizeof(float)) != 0;
+        }
+        check(dev_diff == 0 && host_diff == 0, "%s: add unchanged (%zu cuda, %zu cpu of %zu values differ)", lab,
+              dev_diff, host_diff, n);
+        tu_free(g, lab, "add download");
+    }
+
+    tu_free(add0, op, "add copy");
+    pair_free(&x, op, "x");
+    pair_free(&w, op, "w");
+    pair_free(&bias, op, "bias");
+    pair_free(&add, op, "add");
+    pair_free(&y, op, "y");
+}
+
+/* Odd planes and channel counts, 1x1 and 3x3, stride 1 and 2, the BasicBlock
+ * conv2 shape (64 -> 64, 3x3 s1), and a 1x1 plane. */
+static const conv_case conv_add_cases[] = {
+    /* n, cin, h, w, cout, kh, kw, sh, sw, ph, pw */
+    {3, 64, 13, 11, 7, 1, 1, 1, 1, 0, 0, "1x1 s1 p0"},
+    {2, 64, 13, 11, 32, 1, 1, 2, 2, 0, 0, "1x1 s2 p0 (downsample)"},
+    {1, 3, 17, 19, 7, 3, 3, 1, 1, 1, 1, "3x3 s1 p1"},
+    {3, 7, 13, 11, 65, 3, 3, 2, 2, 1, 1, "3x3 s2 p1"},
+    {3, 64, 9, 7, 64, 3, 3, 1, 1, 1, 1, "3x3 s1 p1 64->64 (BasicBlock conv2)"},
+    {2, 5, 23, 29, 17, 3, 3, 2, 2, 0, 0, "3x3 s2 p0"},
+    {3, 7, 1, 1, 3, 3, 3, 1, 1, 1, 1, "3x3 s1 p1 on 1x1"},
     {2, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, "3x3 s1 p1 (ResNet layer1)"},
 };
 
@@ -1151,7 +1225,7 @@ static void determinism_conv(int N, int Cin, int H, int W, int Cout, int k, int 
 {
     char op[160];
     snprintf(op, sizeof op, "deterministic conv2d [%d,%d,%d,%d] k%d s%d p%d", N, Cin, H, W, k, s, pad);
-    const ts_conv2d_params p = {s, s, pad, pad, 0};
+    const ts_conv2d_params p = {s, s, pad, pad, 0, NULL};
     int Ho = ts_conv_out_size(H, k, s, pad), Wo = ts_conv_out_size(W, k, s, pad);
     pair x = pair_rand(N, Cin, H, W, -1, 1), w = pair_rand(Cout, Cin, k, k, -0.5, 0.5);
     pair dy = pair_rand(N, Cout, Ho, Wo, -1, 1), y1 = pair_new(N, Cout, Ho, Wo), y2 = pair_new(N, Cout, Ho, Wo);
@@ -1369,7 +1443,7 @@ static void test_errors(void)
 
     /* conv2d: y of the wrong size; x and w disagree on channels; the fused
      * ReLU on a backward op. */
-    const ts_conv2d_params cp = {1, 1, 1, 1, 0}, cp_relu = {1, 1, 1, 1, 1};
+    const ts_conv2d_params cp = {1, 1, 1, 1, 0, NULL}, cp_relu = {1, 1, 1, 1, 1, NULL};
     ts_tensor hw = T(big, 4, 3, 3, 3), dw = D(big, 4, 3, 3, 3), hw5 = T(big, 4, 5, 3, 3), dw5 = D(big, 4, 5, 3, 3);
     ts_tensor hy = T(big, 2, 4, 7, 9), dy = D(big, 2, 4, 7, 9), hyb = T(big, 2, 4, 6, 9), dyb = D(big, 2, 4, 6, 9);
     REFUSED("conv2d_forward y [2,4,6,9] for a 7x9 output", "conv2d_forward",
@@ -1383,6 +1457,29 @@ static void test_errors(void)
     REFUSED("conv2d_backward_filter dy [2,4,6,9]", "conv2d_backward_filter",
             cpu->conv2d_backward_filter(&cctx, &hw, &hyb, &hx, &cp),
             gpu->conv2d_backward_filter(&gctx, &dw, &dyb, &dxx, &cp));
+    /* The fused add: y itself; of another shape; on a backward op. The
+     * views lie past y's 504 floats in big, so only the checks can fail. */
+    {
+        ts_conv2d_params ch = cp, cd = cp;
+        ts_tensor hz = ts_tensor_view(big.h.data + 1024, 2, 4, 7, 9);
+        ts_tensor dz = ts_tensor_view(big.d.data + 1024, 2, 4, 7, 9);
+        ts_tensor hzb = ts_tensor_view(big.h.data + 1024, 2, 4, 9, 7);
+        ts_tensor dzb = ts_tensor_view(big.d.data + 1024, 2, 4, 9, 7);
+        ch.add = &hy;
+        cd.add = &dy;
+        REFUSED("conv2d_forward add is y", "conv2d_forward", cpu->conv2d_forward(&cctx, &hy, &hx, &hw, NULL, &ch),
+                gpu->conv2d_forward(&gctx, &dy, &dxx, &dw, NULL, &cd));
+        ch.add = &hzb;
+        cd.add = &dzb;
+        REFUSED("conv2d_forward add [2,4,9,7] for y [2,4,7,9]", "conv2d_forward",
+                cpu->conv2d_forward(&cctx, &hy, &hx, &hw, NULL, &ch),
+                gpu->conv2d_forward(&gctx, &dy, &dxx, &dw, NULL, &cd));
+        ch.add = &hz;
+        cd.add = &dz;
+        REFUSED("conv2d_backward_data with add", "conv2d_backward_data",
+                cpu->conv2d_backward_data(&cctx, &hx, &hy, &hw, &ch),
+                gpu->conv2d_backward_data(&gctx, &dxx, &dy, &dw, &cd));
+    }
 
     /* batchnorm: y and x differ; one value per channel in training. */
     const ts_bn_params bp = {1e-5f, 0.1f};
@@ -1513,6 +1610,18 @@ int main(void)
           "conv2d forward float32: %ld of %ld bias + ReLU calls ran as cuDNN's fused conv + bias + ReLU, %ld calls "
           "ran two passes (%ld with a bias alone); process totals: %ld fused, %ld two-pass",
           fused1 - fused0, ncases, unfused1 - unfused0, ncases, fused1, unfused1);
+
+    ts_cuda_conv_fusion_stats(&fused0, &unfused0);
+    for (size_t i = 0; i < sizeof conv_add_cases / sizeof conv_add_cases[0]; i++) test_conv_add(&conv_add_cases[i]);
+    ts_cuda_conv_fusion_stats(&fused1, &unfused1);
+    /* Each case runs four forwards with the add: bias + ReLU (fused with z,
+     * or two passes where cuDNN does not support z for the plan) and three
+     * that always take two passes. */
+    const long nadd = (long)(sizeof conv_add_cases / sizeof conv_add_cases[0]);
+    check(fused1 - fused0 > 0 && fused1 - fused0 <= nadd && (fused1 - fused0) + (unfused1 - unfused0) == 4 * nadd,
+          "conv2d forward float32 +add: %ld of %ld bias + add + ReLU calls ran as cuDNN's fused call with z, %ld "
+          "calls ran two passes (%ld lacking the bias, the ReLU or both); process totals: %ld fused, %ld two-pass",
+          fused1 - fused0, nadd, unfused1 - unfused0, 3 * nadd, fused1, unfused1);
 
     static const int bn_shapes[][4] = {{3, 7, 13, 11}, {3, 64, 1, 1}, {2, 3, 67, 71}, {1, 7, 5, 3}, {2, 64, 16, 16}};
     for (size_t i = 0; i < sizeof bn_shapes / sizeof bn_shapes[0]; i++)
