@@ -81,6 +81,10 @@ expect 2 "--size expects a number, got \"abc\"" bench --size abc
 expect 2 "--iters expects a whole number" bench --iters 1.5
 expect 2 "option --batch needs a value" bench --batch
 expect 2 "unknown benchmark \"nope\"; available: conv, model, train" bench nope
+expect 2 "bench model: --csv applies to bench conv" bench model --csv /tmp/never.csv
+expect 2 "bench train: --csv applies to bench conv" bench train --csv /tmp/never.csv
+expect 2 "bench conv: --no-graphs applies to bench model" bench conv --no-graphs
+expect 2 "bench train: --no-graphs applies to bench model" bench train --no-graphs
 expect 0 "sgemm" bench conv --size 64 --iters 1 --threads 2
 expect 0 "decoder" bench --size 33 --iters 1 --batch 2
 expect 0 "tiles/s" bench train --size 64 --iters 1 --batch 1

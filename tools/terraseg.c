@@ -76,7 +76,8 @@ static cli_option bench_options[] = {
     {"classes", 0, CLI_INT, &bench_opts.classes, "K", "output classes", 1, 1024},
     {"iters", 'n', CLI_INT, &bench_opts.iters, "N", "timed repetitions per measurement", 1, 10000},
     {"threads", 't', CLI_INT, &bench_threads, "N", "threads (0: TERRASEG_THREADS or all cores)", 0, 1024},
-    {"csv", 0, CLI_STRING, &bench_opts.csv, "FILE", "also write the measurements as CSV (for tools/bench scripts)", 0, 0},
+    {"csv", 0, CLI_STRING, &bench_opts.csv, "FILE", "conv: also write the measurements as CSV (for tools/bench scripts)",
+     0, 0},
     {"device", 0, CLI_STRING, &bench_opts.device, "DEV",
      "cpu, cuda or cuda:N: the backend conv, model and train run on", 0, 0},
     {"tf32", 0, CLI_FLAG, &bench_opts.tf32, NULL, "with --device cuda: TF32 tensor-core math for fp32 convs and GEMMs",
@@ -112,6 +113,16 @@ static int run_bench(int argc, char **argv)
     }
     if (bench_opts.precision != TS_F32 && strcmp(what, "conv") == 0) {
         fprintf(stderr, "%s bench: --precision applies to bench model and bench train\n", prog);
+        return 2;
+    }
+    /* Options a benchmark would not use are refused rather than ignored. */
+    if (bench_opts.csv && strcmp(what, "conv") != 0) {
+        fprintf(stderr, "%s bench %s: --csv applies to bench conv; bench model and train print their table only\n",
+                prog, what);
+        return 2;
+    }
+    if (bench_opts.no_graphs && strcmp(what, "model") != 0) {
+        fprintf(stderr, "%s bench %s: --no-graphs applies to bench model (its eval forward)\n", prog, what);
         return 2;
     }
     /* --device and --tf32 are refused here, before anything is printed or run. */
