@@ -21,7 +21,10 @@
 
 /* The backend's state, or an error naming the op if ts_cuda_backend() has not
  * set it up (ops are reached through the table it returns, so this only fires
- * when someone calls a ts_cuda_ op directly). */
+ * when someone calls a ts_cuda_ op directly). Also makes the backend's
+ * device current on the calling thread, as the conv and BN ops do: the
+ * current device is per host thread, and an op may run on another thread
+ * than the one that chose it. */
 static inline ts_status ts_ops_state(const char *op, ts_cuda_state **out)
 {
     ts_cuda_state *s = ts_cuda_state_get();
@@ -29,6 +32,7 @@ static inline ts_status ts_ops_state(const char *op, ts_cuda_state **out)
     if (!s || !s->initialized)
         return ts_error(TS_ERR_INVALID_ARG, "%s: the CUDA backend is not initialized (get it from ts_cuda_backend first)",
                         op);
+    TS_CUDA_USE_DEVICE(s->device);
     return TS_OK;
 }
 
