@@ -64,18 +64,6 @@ static double rel_err(const float *a, const float *b, size_t n, int *differ)
     return rmax > 0 ? dmax / rmax : dmax;
 }
 
-/* Cosine similarity of two gradient vectors: the direction an optimizer
- * follows, which is what mixed precision must keep. */
-static double cosine(const float *a, const float *b, size_t n)
-{
-    double ab = 0, aa = 0, bb = 0;
-    for (size_t i = 0; i < n; i++) {
-        ab += (double)a[i] * b[i];
-        aa += (double)a[i] * a[i];
-        bb += (double)b[i] * b[i];
-    }
-    return aa > 0 && bb > 0 ? ab / sqrt(aa * bb) : (aa == bb ? 1 : 0);
-}
 
 /* The bounds, against what a wrong layout, offset or missing cast gives
  * (errors of order 1, cosines near 0). Measured with these seeds, relative
@@ -185,7 +173,7 @@ static void test_train_copy(ts_ctx *cpu, ts_ctx *dev, ts_dtype prec)
     for (int i = 0; i < m.n_params; i++) {
         const ts_param *p = &m.params[i];
         if (p->kind != TS_PARAM_WEIGHT || !p->used) continue;
-        double c = cosine(gg + p->offset, ref_grads + p->offset, p->numel);
+        double c = tu_cosine(gg + p->offset, ref_grads + p->offset, p->numel);
         checked++;
         if (!(c >= bd.cos_grad)) bad++;
         if (!(c >= worst)) {
@@ -193,7 +181,7 @@ static void test_train_copy(ts_ctx *cpu, ts_ctx *dev, ts_dtype prec)
             worst_name = p->name;
         }
     }
-    double call = cosine(gg, ref_grads, m.n_weights);
+    double call = tu_cosine(gg, ref_grads, m.n_weights);
     tu_expect(call >= bd.cos_all, "%s: the whole gradient within cosine %g of float32 (%.6f)", pn, bd.cos_all, call);
     tu_expect(bad == 0 && checked > 50,
               "%s: every parameter's gradient within cosine %g of float32 (%d of %d below; worst %.6f at %s)", pn,

@@ -325,3 +325,14 @@ void tu_tmpdir_remove(void)
     if (tu_dir[0]) nftw(tu_dir, tu_unlink_cb, 16, FTW_DEPTH | FTW_PHYS);
     tu_dir[0] = 0;
 }
+
+double tu_cosine(const float *a, const float *b, size_t n)
+{
+    double ab = 0, aa = 0, bb = 0;
+    for (size_t i = 0; i < n; i++) {
+        ab += (double)a[i] * b[i];
+        aa += (double)a[i] * a[i];
+        bb += (double)b[i] * b[i];
+    }
+    return aa > 0 && bb > 0 ? ab / sqrt(aa * bb) : (aa == bb ? 1 : 0);
+}

@@ -38,6 +38,9 @@ ts_tensor tu_tensor(int n, int c, int h, int w);
 void tu_tensor_free(ts_tensor *t, const char *op, const char *name);
 
 /* ---- comparisons --------------------------------------------------------- */
+/* Cosine similarity of two vectors (1 when both are zero): the direction
+ * of a gradient, which is what mixed precision must keep. */
+double tu_cosine(const float *a, const float *b, size_t n);
 /* got[i] vs want[i] with |got - want| <= atol + rtol |want|. On failure prints
  * op, what, shape (if given: indices are decoded as n,c,h,w), the worst error,
  * its index and both values, and counts a failure. Returns 1 when close. */

@@ -46,6 +46,7 @@
 #include <limits.h>
 
 #include "cuda_internal.h"
+#include "cuda_ops.cuh"
 
 #define RED_THREADS 256
 #define RED_MAX_SLICES 64
@@ -108,38 +109,20 @@ static void apply_launch(const bn_geom *g, dim3 *grid, unsigned *threads)
     *grid = dim3((unsigned)((size_t)g->N * g->C), (unsigned)gy);
 }
 
-/* Device scratch for partial sums and per-channel coefficients: grow-only,
- * reused by every call (ops run in stream order, so one buffer suffices). */
-static void *g_scratch;
-static size_t g_scratch_bytes;
+/* Device scratch for partial sums and per-channel coefficients: the ops'
+ * grow-only buffer (cuda_ops.cuh), reused by every call (ops run in stream
+ * order, so one buffer suffices). */
+static ts_ops_scratch g_scratch;
 
 /* part: 2 * C * S doubles; coef: 2 * C floats after them. */
 static ts_status bn_scratch(int C, int S, double **part, float **coef)
 {
     const size_t part_bytes = 2 * (size_t)C * (size_t)S * sizeof(double);
-    const size_t bytes = part_bytes + 2 * (size_t)C * sizeof(float);
-    if (bytes > g_scratch_bytes) {
-        ts_cuda_state *s = ts_cuda_state_get();
-        /* Growing waits and allocates, which a CUDA graph cannot hold; a
-         * graph recorded with the old buffer is stale from now on. */
-        if (s->capturing)
-            return ts_error(TS_ERR_INVALID_ARG,
-                            "batch norm scratch: %zu bytes needed while a CUDA graph is being recorded; run the ops "
-                            "once without recording first",
-                            bytes);
-        s->workspace_generation++;
-        if (g_scratch) {
-            /* Kernels queued earlier may still use the old buffer. */
-            TS_CUDA_CHECK(cudaStreamSynchronize(s->stream));
-            TS_CUDA_CHECK(cudaFree(g_scratch));
-            g_scratch = NULL;
-            g_scratch_bytes = 0;
-        }
-        TS_CUDA_CHECK(cudaMalloc(&g_scratch, bytes));
-        g_scratch_bytes = bytes;
-    }
-    *part = (double *)g_scratch;
-    *coef = (float *)((char *)g_scratch + part_bytes);
+    void *p = NULL;
+    ts_status st = ts_ops_scratch_get(&g_scratch, part_bytes + 2 * (size_t)C * sizeof(float), &p);
+    if (st != TS_OK) return ts_error(st, "batch norm scratch: %s", ts_last_error());
+    *part = (double *)p;
+    *coef = (float *)((char *)p + part_bytes);
     return TS_OK;
 }
 

@@ -468,18 +468,6 @@ static void determinism(ts_ctx *gpu, ts_dtype prec)
 
 /* ---- (d) mixed precision: the CUDA training copy against the CPU's ---- */
 
-/* Cosine similarity of two gradient vectors: the direction an optimizer
- * follows, which is what mixed precision must keep (tests/test_mixed.c). */
-static double cosine(const float *a, const float *b, size_t n)
-{
-    double ab = 0, aa = 0, bb = 0;
-    for (size_t i = 0; i < n; i++) {
-        ab += (double)a[i] * b[i];
-        aa += (double)a[i] * a[i];
-        bb += (double)b[i] * b[i];
-    }
-    return aa > 0 && bb > 0 ? ab / sqrt(aa * bb) : (aa == bb ? 1 : 0);
-}
 
 static double max_abs_diff(const float *a, const float *b, size_t n)
 {
@@ -630,7 +618,7 @@ static double worst_cosine(const ts_unet *m, const float *a, const float *b, con
     for (int i = 0; i < m->n_params; i++) {
         const ts_param *p = &m->params[i];
         if (p->kind != TS_PARAM_WEIGHT || !p->used) continue;
-        double c = cosine(a + p->offset, b + p->offset, p->numel);
+        double c = tu_cosine(a + p->offset, b + p->offset, p->numel);
         ++*count;
         if (!(c >= worst)) {
             worst = c;
@@ -658,7 +646,7 @@ static void check_step1(const ts_unet *ref, const half_side *g, const half_side 
     int cnt, cnt_ref;
     const double cw = worst_cosine(ref, g->grads, c->grads, &wn, &cnt);
     const double cw_ref = worst_cosine(ref, c->grads, ref->grads, &wn_ref, &cnt_ref);
-    const double ca = cosine(g->grads, c->grads, ref->n_weights), ca_ref = cosine(c->grads, ref->grads, ref->n_weights);
+    const double ca = tu_cosine(g->grads, c->grads, ref->n_weights), ca_ref = tu_cosine(c->grads, ref->grads, ref->n_weights);
     const double bw = prec == TS_BF16 ? 0.75 : 0.95, ba = prec == TS_BF16 ? 0.9 : 0.98;
     printf("  %s gradient cosines: cuda vs cpu worst %.6f (%s) whole %.6f; cpu vs f32 worst %.6f (%s) whole %.6f\n",
            pn, cw, wn, ca, cw_ref, wn_ref, ca_ref);
