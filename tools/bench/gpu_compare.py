@@ -735,8 +735,8 @@ def header(a, tv, torch_side):
     out.append("  terraseg modes: " + ("; ".join(f"{TS_TITLES[m]} = {ts_modes[m]}" for m in a.ts_modes)
                                        or "none run"))
     out.append("  infer:    PyTorch: model.eval(), torch.inference_mode(), forward to logits, input already on the "
-               "GPU; terraseg: `terraseg bench model` eval fwd (BN folded, float32 batch upload and logits download "
-               "included, as predict)")
+               "GPU; terraseg: `terraseg bench model`'s resident column (BN folded, batch already on the GPU, logits "
+               "left there; its eval fwd column, which adds predict's copies, only for builds without it)")
     out.append("  train:    model.train(), zero_grad, forward, 0.5 CE + 0.5 per-image Dice (float32), backward, "
                "AdamW(lr 3e-4, wd 1e-4; PyTorch fused) step; terraseg: `terraseg bench train` (labels upload "
                "included)")
