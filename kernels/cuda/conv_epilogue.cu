@@ -54,6 +54,7 @@
 
 #include "conv_epilogue.h"
 #include "cuda_internal.h"
+#include "cuda_ops.cuh"
 
 #define RED_THREADS 256
 #define RED_MAX_SLICES 64
@@ -124,28 +125,16 @@ extern "C" ts_status ts_cuda_conv_epilogue(float *y, const float *bias, const fl
 
 /* ---- bias gradient ---------------------------------------------------------------- */
 
-/* Device scratch for the partial sums: grow-only, reused by every call. */
-static double *g_part;
-static size_t g_part_bytes;
-
+/* Device scratch for the partial sums: the ops' grow-only buffer
+ * (cuda_ops.cuh), which refuses to grow while a graph is recorded and marks
+ * recordings made before stale when it does. */
 static ts_status part_buffer(size_t bytes, double **out)
 {
-    if (bytes > g_part_bytes) {
-        ts_cuda_state *s = ts_cuda_state_get();
-        if (g_part) {
-            /* Kernels queued earlier may still read the old buffer. */
-            TS_CUDA_CHECK(cudaStreamSynchronize(s->stream));
-            TS_CUDA_CHECK(cudaFree(g_part));
-            g_part = NULL;
-            g_part_bytes = 0;
-        }
-        void *p = NULL;
-        TS_CUDA_CHECK(cudaMalloc(&p, bytes));
-        g_part = (double *)p;
-        g_part_bytes = bytes;
-    }
-    *out = g_part;
-    return TS_OK;
+    static ts_ops_scratch scratch;
+    void *p = NULL;
+    ts_status st = ts_ops_scratch_get(&scratch, bytes, &p);
+    *out = (double *)p;
+    return st;
 }
 
 /* Block (c, s): the double sum of slice s of channel c. Thread t adds values

@@ -107,6 +107,8 @@ ts_status ts_cuda_batchnorm_backward(ts_ctx *ctx, ts_tensor *dx, float *dgamma, 
                                      const float *save_invstd);
 
 /* elementwise.cu: relu, add, concat, zero, sum_squares, scale */
+/* Whether the build's kernels run on the current device (elementwise.cu). */
+cudaError_t ts_cuda_kernel_image_check(void);
 ts_status ts_cuda_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *x);
 ts_status ts_cuda_relu_backward(ts_ctx *ctx, ts_tensor *dx, const ts_tensor *dy, const ts_tensor *y);
 ts_status ts_cuda_add_forward(ts_ctx *ctx, ts_tensor *y, const ts_tensor *a, const ts_tensor *b);

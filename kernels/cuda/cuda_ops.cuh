@@ -36,6 +36,22 @@ static inline ts_status ts_ops_state(const char *op, ts_cuda_state **out)
     return TS_OK;
 }
 
+/* ts_ops_state for the ops that hand a result to the host (the losses,
+ * sum_squares) or wait for the device to report bad input (max-pool
+ * backward's index check): a CUDA graph cannot hold their copy or wait, so
+ * while one is being recorded they refuse at once, before queueing anything,
+ * as backend.h promises, instead of failing the recording halfway. */
+static inline ts_status ts_ops_state_host(const char *op, ts_cuda_state **out)
+{
+    ts_status st = ts_ops_state(op, out);
+    if (st == TS_OK && (*out)->capturing)
+        return ts_error(TS_ERR_INVALID_ARG,
+                        "%s: cannot be recorded in a CUDA graph (it returns a result to the host); call it outside "
+                        "the recording",
+                        op);
+    return st;
+}
+
 /* Blocks for a grid-stride loop over n items: enough to fill every SM, never
  * more than the items need, at least one. Results never depend on it: each
  * item is written by exactly one thread whatever the grid. */

@@ -47,7 +47,12 @@ ts_status ts_cuda_error(cudaError_t e, const char *call, const char *file, int l
 
 ts_status ts_cudnn_error(cudnnStatus_t e, const char *call, const char *file, int line)
 {
-    ts_status st = e == CUDNN_STATUS_ALLOC_FAILED ? TS_ERR_NOMEM : TS_ERR_BACKEND;
+    /* cuDNN 9 splits out-of-memory into host (4003, the old ALLOC_FAILED)
+     * and device (4004) allocations: both are memory the user can free up. */
+    ts_status st = e == CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED ||
+                           e == CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED
+                       ? TS_ERR_NOMEM
+                       : TS_ERR_BACKEND;
     return ts_error(st, "cuDNN: %s failed: %s (status %d) at %s:%d", call, cudnnGetErrorString(e), (int)e,
                     short_file(file), line);
 }
@@ -186,6 +191,16 @@ ts_status ts_cuda_backend(int device, const ts_backend **out)
                         "backend \"cuda\": terraseg was built against cuDNN %d.%d but loaded cuDNN %zu.%zu; install "
                         "cuDNN %d or rebuild, or use --device cpu",
                         CUDNN_MAJOR, CUDNN_MINOR, cudnn_loaded / 10000, cudnn_loaded % 10000 / 100, CUDNN_MAJOR);
+    /* cuDNN 9 ships one build per CUDA major version (cudnn-cuda-12,
+     * cudnn-cuda-13); the other one loads but fails at its first call. */
+    const size_t cudnn_cudart = cudnnGetCudartVersion();
+    if (cudnn_cudart / 1000 != CUDART_VERSION / 1000)
+        return ts_error(TS_ERR_UNSUPPORTED,
+                        "backend \"cuda\": the loaded cuDNN %zu.%zu was built for CUDA %zu, but terraseg for CUDA %d; "
+                        "install the cuDNN %d build for CUDA %d (or put its lib directory first in LD_LIBRARY_PATH), "
+                        "or use --device cpu",
+                        cudnn_loaded / 10000, cudnn_loaded % 10000 / 100, cudnn_cudart / 1000, CUDART_VERSION / 1000,
+                        CUDNN_MAJOR, CUDART_VERSION / 1000);
 
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
@@ -206,6 +221,18 @@ ts_status ts_cuda_backend(int device, const ts_backend **out)
         snprintf(call, sizeof call, "cudaSetDevice(%d)", device);
         return ts_cuda_error(e, call, __FILE__, __LINE__);
     }
+    e = ts_cuda_kernel_image_check();
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        int major = 0, minor = 0;
+        (void)cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+        (void)cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+        return ts_error(TS_ERR_UNSUPPORTED,
+                        "backend \"cuda:%d\": this build has no kernels the device can run (compute capability "
+                        "%d.%d; built for CUDA architectures %s): %s; rebuild with "
+                        "-DCMAKE_CUDA_ARCHITECTURES=%d%d, or use --device cpu",
+                        device, major, minor, TS_CUDA_ARCHS, cudaGetErrorString(e), major, minor);
+    }
     s->device = device;
     ts_status st = create_handles(s);
     if (st != TS_OK) {
@@ -223,10 +250,18 @@ ts_status ts_cuda_backend(int device, const ts_backend **out)
 
 /* ---- setters ------------------------------------------------------------------ */
 
-void ts_cuda_set_deterministic(int on) { g_state.deterministic = on != 0; }
+/* Both settings change which algorithm (and math type) a conv gets, and a
+ * recorded forward holds the old choice: a change makes every recording
+ * stale (graph_launch then says so and the caller records afresh). */
+void ts_cuda_set_deterministic(int on)
+{
+    if (g_state.deterministic != (on != 0)) g_state.workspace_generation++;
+    g_state.deterministic = on != 0;
+}
 
 void ts_cuda_set_tf32(int on)
 {
+    if (g_state.tf32 != (on != 0)) g_state.workspace_generation++;
     g_state.tf32 = on != 0;
     /* cuDNN reads the flag per conv (conv.c keys its algorithm cache on it);
      * cuBLAS keeps a mode in its handle, updated here. The setter has no
@@ -257,12 +292,26 @@ static ts_status need_init(const char *fn)
     return TS_OK;
 }
 
+/* The error of a call that allocates, copies or waits while ops are being
+ * recorded: none of them can be part of a graph, and CUDA would invalidate the
+ * whole recording with a less helpful message. */
+static ts_status capture_error(const char *fn)
+{
+    return ts_error(TS_ERR_INVALID_ARG,
+                    "%s: called while a CUDA graph is being recorded; allocations, copies and waits cannot be "
+                    "recorded (end the recording first)",
+                    fn);
+}
+
 ts_status ts_cuda_malloc(void **p, size_t bytes)
 {
     if (!p) return ts_error(TS_ERR_INVALID_ARG, "ts_cuda_malloc: p is NULL");
     *p = NULL;
     ts_status st = need_init("ts_cuda_malloc");
     if (st != TS_OK) return st;
+    /* cudaMalloc on the recording thread would invalidate the recording
+     * (and the graph would not hold the allocation anyway). */
+    if (g_state.capturing) return capture_error("ts_cuda_malloc");
     if (bytes == 0) return TS_OK;
     /* Plain cudaMalloc: allocations happen once per plan (the arena, the
      * parameter blocks), so the stream-ordered allocator would buy nothing,
@@ -286,19 +335,10 @@ void ts_cuda_free(void *p)
      * earlier asynchronous kernel error, which is sticky and surfaces again at
      * the next checked call. Either way it must not overwrite the message of
      * the failure a caller is usually cleaning up after, so its return code is
-     * deliberately dropped. */
+     * deliberately dropped. The backend's device is made current (a loader
+     * or writer thread may free), as need_init does for the other calls. */
+    if (g_state.initialized) (void)cudaSetDevice(g_state.device);
     (void)cudaFree(p);
-}
-
-/* The error of a call that waits for the device while ops are being
- * recorded: a wait cannot be part of a graph, and CUDA would invalidate the
- * whole recording with a less helpful message. */
-static ts_status capture_error(const char *fn)
-{
-    return ts_error(TS_ERR_INVALID_ARG,
-                    "%s: called while a CUDA graph is being recorded; copies and waits cannot be recorded (end the "
-                    "recording first)",
-                    fn);
 }
 
 /* A copy queued on the backend's stream (after the ops before it, before
@@ -360,6 +400,7 @@ ts_status ts_cuda_synchronize(void)
     /* Nothing can have been queued before the state exists. */
     if (!g_state.initialized) return TS_OK;
     if (g_state.capturing) return capture_error("ts_cuda_synchronize");
+    TS_CUDA_USE_DEVICE(g_state.device);
     TS_CUDA_CHECK(cudaStreamSynchronize(g_state.stream));
     return TS_OK;
 }
@@ -392,6 +433,7 @@ void ts_cuda_host_free(void *p)
     if (!p) return;
     /* As ts_cuda_free: the caller has no status to receive the error and is
      * often cleaning up after another failure whose message must stay. */
+    if (g_state.initialized) (void)cudaSetDevice(g_state.device);
     (void)cudaFreeHost(p);
 }
 
@@ -413,9 +455,12 @@ ts_status ts_cuda_fence_new(void **f)
     ts_status st = need_init("ts_cuda_fence_new");
     if (st != TS_OK) return st;
     if (g_state.capturing) return capture_error("ts_cuda_fence_new");
-    /* No timing: a timed event costs more to record and is not needed to wait. */
+    /* No timing: a timed event costs more to record and is not needed to
+     * wait. Blocking sync: a wait sleeps instead of spinning a core, which
+     * predict's GDAL readers and writer need while the host waits for a
+     * batch that takes milliseconds. */
     cudaEvent_t ev = NULL;
-    TS_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    TS_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming | cudaEventBlockingSync));
     *f = ev;
     return TS_OK;
 }
@@ -553,7 +598,14 @@ static ts_status graph_end(void **out)
      * capture mode; a capture that CUDA invalidated (an illegal call while
      * recording) fails here. */
     cudaGraph_t graph = NULL;
-    TS_CUDA_CHECK(cudaStreamEndCapture(g_state.stream, &graph));
+    cudaError_t ce = cudaStreamEndCapture(g_state.stream, &graph);
+    if (ce != cudaSuccess) {
+        /* Not sticky, but left in the runtime's last-error slot, where the
+         * next kernel launch's check (cudaGetLastError) would blame itself. */
+        (void)cudaGetLastError();
+        if (graph) (void)cudaGraphDestroy(graph);
+        return ts_cuda_error(ce, "cudaStreamEndCapture", __FILE__, __LINE__);
+    }
     cuda_graph *g = calloc(1, sizeof *g);
     if (!g) {
         (void)cudaGraphDestroy(graph); /* the out-of-memory error is the one to report */

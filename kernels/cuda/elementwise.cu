@@ -70,6 +70,16 @@ extern "C" ts_status ts_cuda_relu_forward(ts_ctx *ctx, ts_tensor *y, const ts_te
     return TS_OK;
 }
 
+/* cudaSuccess when this build holds code the current device can run (a
+ * cubin of its architecture, or PTX it can compile); otherwise
+ * cudaErrorNoKernelImageForDevice or the like, which ts_cuda_backend turns
+ * into an error before any op, instead of the first kernel launch failing. */
+extern "C" cudaError_t ts_cuda_kernel_image_check(void)
+{
+    cudaFuncAttributes a;
+    return cudaFuncGetAttributes(&a, (const void *)relu_forward_kernel<float>);
+}
+
 /* threshold_backward(grad, output, 0): output <= 0 ? 0 : grad, as a select
  * (an infinite dy at y == 0 gives 0, not NaN), added onto dx in float32 and
  * rounded once. An element the select drops keeps its bits. */
@@ -291,7 +301,7 @@ extern "C" ts_status ts_cuda_sum_squares(ts_ctx *ctx, double *sumsq, const float
     ts_status st = ts_sum_squares_check(sumsq, x, n); /* sets *sumsq = 0 */
     if (st != TS_OK || n == 0) return st;
     ts_cuda_state *cs;
-    if ((st = ts_ops_state("sum_squares", &cs)) != TS_OK) return st;
+    if ((st = ts_ops_state_host("sum_squares", &cs)) != TS_OK) return st;
     size_t blocks = (n + TS_OPS_THREADS - 1) / TS_OPS_THREADS;
     if (blocks > SUMSQ_BLOCKS) blocks = SUMSQ_BLOCKS;
     void *buf = NULL;
@@ -321,7 +331,7 @@ extern "C" ts_status ts_cuda_sum_squares_multi(ts_ctx *ctx, double *sumsq, const
     ts_status st = ts_sum_squares_multi_check(sumsq, x, n, count); /* sets every sumsq[i] = 0 */
     if (st != TS_OK || count == 0) return st;
     ts_cuda_state *cs;
-    if ((st = ts_ops_state("sum_squares_multi", &cs)) != TS_OK) return st;
+    if ((st = ts_ops_state_host("sum_squares_multi", &cs)) != TS_OK) return st;
     size_t total = (size_t)count;
     for (int i = 0; i < count; i++) {
         size_t blocks = (n[i] + TS_OPS_THREADS - 1) / TS_OPS_THREADS;

@@ -220,7 +220,7 @@ extern "C" ts_status ts_cuda_cross_entropy_forward(ts_ctx *ctx, double *loss, co
     ts_status st = ts_loss_check(op, logits, target, p, loss);
     if (st) return st;
     ts_cuda_state *cs;
-    if ((st = ts_ops_state(op, &cs))) return st;
+    if ((st = ts_ops_state_host(op, &cs))) return st;
     const int N = logits->n, C = logits->c;
     const size_t hw = (size_t)logits->h * logits->w;
     const size_t bpi = (hw + LOSS_BLOCK - 1) / LOSS_BLOCK, nblocks = (size_t)N * bpi;
@@ -272,7 +272,7 @@ extern "C" ts_status ts_cuda_cross_entropy_backward(ts_ctx *ctx, ts_tensor *dlog
     ts_status st = ts_loss_check(op, logits, target, p, dlogits);
     if (st || (st = ts_loss_dlogits_check(op, dlogits, logits))) return st;
     ts_cuda_state *cs;
-    if ((st = ts_ops_state(op, &cs))) return st;
+    if ((st = ts_ops_state_host(op, &cs))) return st;
     const int N = logits->n, C = logits->c;
     const size_t hw = (size_t)logits->h * logits->w, npix = (size_t)N * hw;
     const size_t bpi = (hw + LOSS_BLOCK - 1) / LOSS_BLOCK, nblocks = (size_t)N * bpi;
@@ -384,7 +384,7 @@ extern "C" ts_status ts_cuda_dice_forward(ts_ctx *ctx, double *loss, const ts_te
     ts_status st = ts_loss_check(op, logits, target, p, loss);
     if (st || (st = ts_dice_params_check(op, p, logits->c))) return st;
     ts_cuda_state *cs;
-    if ((st = ts_ops_state(op, &cs))) return st;
+    if ((st = ts_ops_state_host(op, &cs))) return st;
     const int N = logits->n, C = logits->c;
     double *host = (double *)malloc((1 + (size_t)N * C * TS_DICE_SUMS) * sizeof *host);
     if (!host) return ts_error(TS_ERR_NOMEM, "%s: out of memory", op);
@@ -433,7 +433,7 @@ extern "C" ts_status ts_cuda_dice_backward(ts_ctx *ctx, ts_tensor *dlogits, cons
     if (st || (st = ts_loss_dlogits_check(op, dlogits, logits)) || (st = ts_dice_params_check(op, p, logits->c)))
         return st;
     ts_cuda_state *cs;
-    if ((st = ts_ops_state(op, &cs))) return st;
+    if ((st = ts_ops_state_host(op, &cs))) return st;
     const int N = logits->n, C = logits->c;
     const size_t nc = (size_t)N * C;
     /* host: the flag and the sums, then gp and gi (the CPU's layout). */

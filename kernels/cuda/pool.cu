@@ -234,7 +234,7 @@ extern "C" ts_status ts_cuda_maxpool2d_backward(ts_ctx *ctx, ts_tensor *dx, cons
     if (st != TS_OK) return st;
     if (!index) return ts_error(TS_ERR_INVALID_ARG, "%s: index must not be NULL", op);
     ts_cuda_state *cs;
-    if ((st = ts_ops_state(op, &cs)) != TS_OK) return st;
+    if ((st = ts_ops_state_host(op, &cs)) != TS_OK) return st;
     void *buf = NULL;
     if ((st = ts_ops_scratch_get(&scratch, sizeof(unsigned), &buf)) != TS_OK) return st;
     unsigned *bad_dev = (unsigned *)buf;
