@@ -511,24 +511,50 @@ static ts_status relu_descriptor(cudnnActivationDescriptor_t *out)
  * so plain counters do. */
 static long g_fused_calls, g_unfused_calls;
 
+/* The first refusal of the fused call in this process, for the benchmarks
+ * and the GPU tests to print: which status, for which plan. */
+static char g_first_refusal[512];
+
 void ts_cuda_conv_fusion_stats(long *fused, long *unfused)
 {
     if (fused) *fused = g_fused_calls;
     if (unfused) *unfused = g_unfused_calls;
 }
 
-/* "conv2d_forward: x [..], w [..] dtype, stride (..), pad (..): " + the
- * pending message, for a failure of the fused call (with_add: it took the
- * fused add as z). */
+const char *ts_cuda_conv_fusion_refusal(void) { return g_first_refusal[0] ? g_first_refusal : NULL; }
+
+/* "x [..], w [..] dtype, stride (..), pad (..), bias and ReLU fused" for a
+ * plan's fused call (with_add: it took the fused add as z). */
+static void fused_desc(const conv_plan *pl, int with_add, char *buf, size_t n)
+{
+    const conv_geom *g = &pl->key.g;
+    snprintf(buf, n, "x [%d,%d,%d,%d], w [%d,%d,%d,%d] %s, stride (%d,%d), pad (%d,%d), %s fused", g->n, g->cin, g->h,
+             g->w, g->cout, g->cin, g->kh, g->kw, layout_name(pl->key.dtype), g->sh, g->sw, g->ph, g->pw,
+             with_add ? "bias, add (as cuDNN's z) and ReLU" : "bias and ReLU");
+}
+
+/* "conv2d_forward: <fused_desc>: " + the pending message, for a failure of
+ * the fused call. */
 static ts_status forward_error(ts_status st, const conv_plan *pl, int with_add)
 {
-    char msg[1024];
+    char msg[1024], desc[256];
     snprintf(msg, sizeof msg, "%s", ts_last_error());
-    const conv_geom *g = &pl->key.g;
-    return ts_error(st,
-                    "conv2d_forward: x [%d,%d,%d,%d], w [%d,%d,%d,%d] %s, stride (%d,%d), pad (%d,%d), %s fused: %s",
-                    g->n, g->cin, g->h, g->w, g->cout, g->cin, g->kh, g->kw, layout_name(pl->key.dtype), g->sh, g->sw,
-                    g->ph, g->pw, with_add ? "bias, add (as cuDNN's z) and ReLU" : "bias and ReLU", msg);
+    fused_desc(pl, with_add, desc, sizeof desc);
+    return ts_error(st, "conv2d_forward: %s: %s", desc, msg);
+}
+
+/* Statuses of the fused call that mean "not this call for this plan": cuDNN
+ * 9's NOT_SUPPORTED category (its sub-codes: _SHAPE, _DATA_TYPE, _LAYOUT,
+ * ...), its BAD_PARAM category (the documented refusals of this legacy call
+ * for a bias type, an activation or a z it does not take come as either,
+ * depending on the version), and a runtime-compiled engine that failed to
+ * compile. The two passes then run the same convolution through
+ * cudnnConvolutionForward, whose own errors are real errors. */
+static int fused_refused(cudnnStatus_t e)
+{
+    const int category = CUDNN_STATUS_CATEGORY(e);
+    return category == CUDNN_STATUS_NOT_SUPPORTED || category == CUDNN_STATUS_BAD_PARAM ||
+           e == CUDNN_STATUS_INTERNAL_ERROR_COMPILATION_FAILED;
 }
 
 /* y = relu(conv(x, w) + bias [+ add]) in one cuDNN call. *done = 1 when it
@@ -555,9 +581,14 @@ static ts_status forward_fused(conv_plan *pl, ts_tensor *y, const ts_tensor *x, 
         ts_cuda_state_get()->cudnn, &one, pl->x, dev(x), pl->w, dev(w), pl->conv, (cudnnConvolutionFwdAlgo_t)pl->algo,
         ws, pl->workspace, add ? &one : &zero, pl->y, z, pl->bias, bias16 ? bias16 : (const void *)bias, relu, pl->y,
         dev(y));
-    /* cuDNN 9's statuses carry a sub-code (NOT_SUPPORTED_SHAPE, _DATA_TYPE,
-     * _LAYOUT, ...): the whole category means "not this call for this plan". */
-    if (CUDNN_STATUS_CATEGORY(e) == CUDNN_STATUS_NOT_SUPPORTED) {
+    if (fused_refused(e)) {
+        if (!g_first_refusal[0]) {
+            char desc[256];
+            fused_desc(pl, add != NULL, desc, sizeof desc);
+            snprintf(g_first_refusal, sizeof g_first_refusal,
+                     "cudnnConvolutionBiasActivationForward: %s (status %d) for %s", cudnnGetErrorString(e), (int)e,
+                     desc);
+        }
         if (add)
             pl->fused_add_unsupported = 1;
         else

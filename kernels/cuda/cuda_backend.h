@@ -68,5 +68,8 @@ void ts_cuda_set_workspace_limit(size_t bytes);
  * into a CUDA graph counts once, however often the graph is replayed.
  * Either pointer may be NULL. */
 void ts_cuda_conv_fusion_stats(long *fused, long *unfused);
+/* Why the fused call was first refused in this process (cuDNN's status and
+ * the plan), or NULL if it never was: a refused plan runs the two passes. */
+const char *ts_cuda_conv_fusion_refusal(void);
 
 #endif

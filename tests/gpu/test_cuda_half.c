@@ -1512,6 +1512,13 @@ static void test_errors(void)
 
 /* ---- main ------------------------------------------------------------------------ */
 
+/* For the fusion checks' messages: why cuDNN first refused the fused call. */
+static const char *refusal(void)
+{
+    const char *r = ts_cuda_conv_fusion_refusal();
+    return r ? r : "none";
+}
+
 int main(void)
 {
     char name[64];
@@ -1586,8 +1593,8 @@ int main(void)
         const long ncases = (long)(sizeof conv_cases / sizeof conv_cases[0]);
         check(fused1 - fused0 > 0 && (fused1 - fused0) + (unfused1 - unfused0) == 2 * ncases,
               "%s conv2d forward: %ld of %ld bias + ReLU calls ran as cuDNN's fused conv + bias + ReLU, %ld calls ran "
-              "two passes (%ld with a bias alone); process totals: %ld fused, %ld two-pass",
-              ts_dtype_name(dt), fused1 - fused0, ncases, unfused1 - unfused0, ncases, fused1, unfused1);
+              "two passes (%ld with a bias alone); process totals: %ld fused, %ld two-pass; first refusal: %s",
+              ts_dtype_name(dt), fused1 - fused0, ncases, unfused1 - unfused0, ncases, fused1, unfused1, refusal());
         ts_cuda_conv_fusion_stats(&fused0, &unfused0);
         for (size_t i = 0; i < sizeof conv_cases / sizeof conv_cases[0]; i++) test_conv_add(dt, &conv_cases[i]);
         ts_cuda_conv_fusion_stats(&fused1, &unfused1);
@@ -1597,8 +1604,9 @@ int main(void)
         check(fused1 - fused0 > 0 && fused1 - fused0 <= ncases &&
                   (fused1 - fused0) + (unfused1 - unfused0) == 4 * ncases,
               "%s conv2d forward +add: %ld of %ld bias + add + ReLU calls ran as cuDNN's fused call with z, %ld calls "
-              "ran two passes (%ld lacking the bias, the ReLU or both); process totals: %ld fused, %ld two-pass",
-              ts_dtype_name(dt), fused1 - fused0, ncases, unfused1 - unfused0, 3 * ncases, fused1, unfused1);
+              "ran two passes (%ld lacking the bias, the ReLU or both); process totals: %ld fused, %ld two-pass; "
+              "first refusal: %s",
+              ts_dtype_name(dt), fused1 - fused0, ncases, unfused1 - unfused0, 3 * ncases, fused1, unfused1, refusal());
         test_conv_half_bias(dt);
         for (size_t i = 0; i < sizeof bn_shapes / sizeof bn_shapes[0]; i++)
             test_batchnorm(dt, bn_shapes[i][0], bn_shapes[i][1], bn_shapes[i][2], bn_shapes[i][3]);

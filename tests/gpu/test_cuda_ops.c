@@ -1581,6 +1581,13 @@ static void test_errors(void)
 
 /* ---- main ------------------------------------------------------------------ */
 
+/* For the fusion checks' messages: why cuDNN first refused the fused call. */
+static const char *refusal(void)
+{
+    const char *r = ts_cuda_conv_fusion_refusal();
+    return r ? r : "none";
+}
+
 int main(void)
 {
     char name[64];
@@ -1608,8 +1615,8 @@ int main(void)
     const long ncases = (long)(sizeof conv_cases / sizeof conv_cases[0]);
     check(fused1 - fused0 > 0 && (fused1 - fused0) + (unfused1 - unfused0) == 2 * ncases,
           "conv2d forward float32: %ld of %ld bias + ReLU calls ran as cuDNN's fused conv + bias + ReLU, %ld calls "
-          "ran two passes (%ld with a bias alone); process totals: %ld fused, %ld two-pass",
-          fused1 - fused0, ncases, unfused1 - unfused0, ncases, fused1, unfused1);
+          "ran two passes (%ld with a bias alone); process totals: %ld fused, %ld two-pass; first refusal: %s",
+          fused1 - fused0, ncases, unfused1 - unfused0, ncases, fused1, unfused1, refusal());
 
     ts_cuda_conv_fusion_stats(&fused0, &unfused0);
     for (size_t i = 0; i < sizeof conv_add_cases / sizeof conv_add_cases[0]; i++) test_conv_add(&conv_add_cases[i]);
@@ -1620,8 +1627,9 @@ int main(void)
     const long nadd = (long)(sizeof conv_add_cases / sizeof conv_add_cases[0]);
     check(fused1 - fused0 > 0 && fused1 - fused0 <= nadd && (fused1 - fused0) + (unfused1 - unfused0) == 4 * nadd,
           "conv2d forward float32 +add: %ld of %ld bias + add + ReLU calls ran as cuDNN's fused call with z, %ld "
-          "calls ran two passes (%ld lacking the bias, the ReLU or both); process totals: %ld fused, %ld two-pass",
-          fused1 - fused0, nadd, unfused1 - unfused0, 3 * nadd, fused1, unfused1);
+          "calls ran two passes (%ld lacking the bias, the ReLU or both); process totals: %ld fused, %ld two-pass; "
+          "first refusal: %s",
+          fused1 - fused0, nadd, unfused1 - unfused0, 3 * nadd, fused1, unfused1, refusal());
 
     static const int bn_shapes[][4] = {{3, 7, 13, 11}, {3, 64, 1, 1}, {2, 3, 67, 71}, {1, 7, 5, 3}, {2, 64, 16, 16}};
     for (size_t i = 0; i < sizeof bn_shapes / sizeof bn_shapes[0]; i++)
