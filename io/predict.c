@@ -906,6 +906,10 @@ ts_status ts_predict_run(ts_unet *m, ts_ctx *ctx, const ts_predict_opts *o, ts_p
             fns.free_in = pinned_free;
         }
         st = ts_stitch_run(&sp, &fns);
+        const char *graph_error = p.on_device ? ts_unet_device_graph_error(&p.dev) : NULL;
+        if (!st && graph_error)
+            warnf(o, "the forward could not be recorded as a CUDA graph, so its ops were called one by one "
+                     "(the same result, more launch overhead): %s", graph_error);
     }
     st = close_ds(&p.cls, o->out, st);
     st = close_ds(&p.probs, o->probabilities, st);

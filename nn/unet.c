@@ -1620,6 +1620,12 @@ void ts_unet_device_set_graphs(ts_unet_device *d, int on)
     if (!d) return;
     graph_drop(d);
     d->graphs_off = !on;
+    d->graph_error[0] = 0;
+}
+
+const char *ts_unet_device_graph_error(const ts_unet_device *d)
+{
+    return d && d->graph_error[0] ? d->graph_error : NULL;
 }
 
 static ts_unet_graph_key graph_key_of(const ts_unet_device *d, const ts_tensor *x)
@@ -1680,19 +1686,34 @@ static ts_status device_infer(ts_unet_device *d, ts_ctx *ctx, const ts_tensor *x
     /* Record this key (dropping the recording of another), then launch it. */
     if (d->graph) G->free(d->graph);
     d->graph = NULL;
-    st = G->begin();
-    if (st != TS_OK) return ts_error(st, "unet forward: starting a recording: %s", ts_last_error());
-    ts_tensor out;
-    const ts_status run = run_forward(&e, ctx, x, 0, 1, &out);
     char why[1024] = "";
-    if (run != TS_OK) snprintf(why, sizeof why, "%s", ts_last_error());
     void *graph = NULL;
-    st = G->end(&graph); /* also after a failed op: the backend must stop recording */
-    if (run != TS_OK) {
-        G->free(graph);
-        return ts_error(run, "%s (while recording the forward)", why);
+    ts_tensor out;
+    st = G->begin();
+    if (st != TS_OK) {
+        snprintf(why, sizeof why, "starting the recording: %s", ts_last_error());
+    } else {
+        const ts_status run = run_forward(&e, ctx, x, 0, 1, &out);
+        if (run != TS_OK) snprintf(why, sizeof why, "an op while recording: %s", ts_last_error());
+        st = G->end(&graph); /* also after a failed op: the backend must stop recording */
+        if (run == TS_OK && st != TS_OK) snprintf(why, sizeof why, "ending the recording: %s", ts_last_error());
+        if (run != TS_OK) {
+            G->free(graph);
+            graph = NULL;
+            st = run;
+        }
     }
-    if (st != TS_OK) return ts_error(st, "unet forward: ending the recording: %s", ts_last_error());
+    if (st != TS_OK) {
+        /* The same forward ran directly just before (d->warm), so what failed
+         * is the recording itself: a call the backend or a library it uses
+         * makes that a graph cannot hold. Nothing of this forward ran. The
+         * copy stops recording, keeps why (ts_unet_device_graph_error: the
+         * benchmarks and predict print it) and runs the ops directly, now
+         * and from now on: the same logits, only without the one launch. */
+        snprintf(d->graph_error, sizeof d->graph_error, "%s", why);
+        d->graphs_off = 1;
+        return run_forward(&e, ctx, x, 0, 1, logits);
+    }
     d->graph = graph;
     d->graph_key = key;
     d->graph_logits = out;

@@ -165,6 +165,7 @@ typedef struct ts_unet_device {
     int warm;               /* warm_key has run directly (plans and workspace exist) */
     ts_unet_graph_key warm_key;
     long graph_records, graph_launches; /* counts, for tests and benchmarks */
+    char graph_error[1024]; /* why recording failed and graphs_off was set, or "" */
 } ts_unet_device;
 
 /* Folds m's BN as ts_unet_fold_bn does (from its current weights and running
@@ -211,6 +212,11 @@ void ts_unet_device_free(ts_unet_device *d);
  * Off: every forward calls the ops one by one (for comparisons and
  * debugging). Training copies always call the ops directly. */
 void ts_unet_device_set_graphs(ts_unet_device *d, int on);
+/* A recording that fails (the backend or a library it calls does something
+ * a graph cannot hold) turns graphs off for the copy: that forward and every
+ * later one run the ops directly, with the same logits. This returns why, or
+ * NULL while graphs work (or were never tried); set_graphs clears it. */
+const char *ts_unet_device_graph_error(const ts_unet_device *d);
 
 /* ---- training on a backend ---------------------------------------------
  * A training copy keeps the trainable weights, their gradients and the BN

@@ -730,6 +730,12 @@ static ts_status g_end(void **out)
     *out = NULL;
     if (!recording) return ts_error(TS_ERR_INVALID_ARG, "fake-device: end without begin");
     recording = 0;
+    /* As CUDA's end of a capture that a library invalidated: recording
+     * stops, nothing is kept. */
+    if (tu_fake.fail_graph_end_at > 0 && --tu_fake.fail_graph_end_at == 0) {
+        rec_n = 0;
+        return ts_error(TS_ERR_BACKEND, "fake-device: ending the recording failed on purpose");
+    }
     fake_graph *g = calloc(1, sizeof *g);
     if (!g) return ts_error(TS_ERR_NOMEM, "fake-device: out of memory ending a recording");
     g->n = rec_n;

@@ -69,6 +69,7 @@ typedef struct tu_fake_stats {
      * the host then waits for the next batch's compute too). */
     long fence_waits_idle, fence_waits_multi;
     long fail_fence_wait_at;       /* > 0: the fail_fence_wait_at-th fence_wait from now fails */
+    long fail_graph_end_at;        /* > 0: the fail_graph_end_at-th graph end from now fails (recording stops) */
 } tu_fake_stats;
 
 extern tu_fake_stats tu_fake;

@@ -553,6 +553,29 @@ static void test_pipelined(ts_unet *m, ts_ctx *cpu)
         tu_expect(bad == 0, "predict, %s equals predict on the cpu byte for byte (%d bands differ)", names[i], bad);
     }
 
+    /* A recording that fails (on CUDA: a library call the capture cannot
+     * hold): predict carries on with the ops called directly, gives the
+     * same bytes, and warns once with the reason. */
+    tu_fake_device_set_async(1);
+    tu_fake_reset_counts();
+    tu_fake.fail_graph_end_at = 1;
+    warnings = 0;
+    last_warning[0] = 0;
+    char *gc = strdup(tu_path("pipe_nograph.tif")), *gp = strdup(tu_path("pipe_nograph_probs.tif"));
+    ts_predict_opts go = {.scene = sp, .out = gc, .probabilities = gp, .overlap = 13, .batch = 5, .readers = 1,
+                          .blend = TS_BLEND_GAUSSIAN, .warn = count_warning};
+    if (tu_expect_ok(ts_predict_run(m, &dev, &go, NULL), "pipelined predict, the recording fails")) {
+        tu_expect(warnings == 1 && strstr(last_warning, "CUDA graph") && strstr(last_warning, "on purpose"),
+                  "a failed recording: one warning with the reason (%d: %s)", warnings, last_warning);
+        tu_expect(tu_fake.graph_begins == 1 && tu_fake.graph_launches == 0,
+                  "a failed recording is not tried again (%ld recordings, %ld launches)", tu_fake.graph_begins,
+                  tu_fake.graph_launches);
+        const int bad = bands_differ(c[CPU], pr[CPU], gc, gp);
+        tu_expect(bad == 0, "a failed recording: the same bytes as predict on the cpu (%d bands differ)", bad);
+    }
+    free(gc);
+    free(gp);
+
     /* A fence wait failing at the second batch: the error comes back, every
      * pinned buffer, fence and device buffer is freed, no file is left. */
     tu_fake_device_set_async(1);

@@ -643,9 +643,12 @@ static void check_logits(const ts_backend *b, const ts_tensor *ld, const float *
  *     the host folded forward bit for bit, on new data in the same buffer
  *     too (a replay reads memory at launch time);
  *   - a resident input buffer, a new batch shape, a shape coming back after
- *     another, a stale recording, a failure while recording, graphs turned
- *     off and on, and a precision change each take the direct path first and
- *     give the same bits; every pointer a replayed op gets is live;
+ *     another, a stale recording, graphs turned off and on, and a
+ *     precision change each take the direct path first and give the same
+ *     bits; every pointer a replayed op gets is live;
+ *   - a failure while recording runs that forward and every later one
+ *     directly, with the same bits, and the copy says why, until
+ *     set_graphs turns graphs on again;
  *   - free releases the recording. */
 static void test_graphs(ts_ctx *cpu, ts_ctx *dev)
 {
@@ -731,15 +734,35 @@ static void test_graphs(ts_ctx *cpu, ts_ctx *dev)
               "%s: a stale recording is dropped and the ops run directly (%ld launches, %ld live)", name,
               tu_fake.graph_launches, tu_fake.graph_live);
 
-    /* A failure while recording: an error, recording over, nothing kept. */
+    /* A failure while recording: nothing of that forward ran, so it runs
+     * directly (the same bits), the recording is freed, the copy keeps why
+     * and runs every later forward directly, until set_graphs clears it. */
+    tu_expect(ts_unet_device_graph_error(&d) == NULL, "%s: no graph error while recordings work", name);
     tu_fake.fail_op_at = 3;
-    tu_expect_error(ts_unet_device_forward(&d, dev, &x1, &l), TS_ERR_BACKEND, "an op fails while recording",
-                    "on purpose", "while recording", NULL);
-    tu_expect(tu_fake.graph_live == 0 && d.graph == NULL, "%s: a failed recording is freed (%ld live)", name,
-              tu_fake.graph_live);
-    if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x2, &l), "after a failed recording"))
-        bits_equal(l.data, r2, nl, "after a failed recording");
-    tu_expect(tu_fake.graph_live == 1, "%s: the next call records again (%ld live)", name, tu_fake.graph_live);
+    const long direct_before = tu_fake.ops_direct;
+    if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x1, &l), "an op fails while recording"))
+        bits_equal(l.data, r1, nl, "a failed recording, run directly");
+    const char *why = ts_unet_device_graph_error(&d);
+    tu_expect(why && strstr(why, "on purpose") && strstr(why, "while recording"),
+              "%s: the copy says why recording failed (%s)", name, why ? why : "NULL");
+    tu_expect(tu_fake.graph_live == 0 && d.graph == NULL && tu_fake.ops_direct > direct_before,
+              "%s: a failed recording is freed and the forward runs directly (%ld live, %ld direct ops)", name,
+              tu_fake.graph_live, tu_fake.ops_direct - direct_before);
+    tu_fake_reset_counts();
+    for (int i = 0; i < 3; i++)
+        if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x2, &l), "after a failed recording"))
+            bits_equal(l.data, r2, nl, "after a failed recording");
+    tu_expect(tu_fake.graph_begins == 0 && tu_fake.graph_launches == 0 && tu_fake.ops_direct > 0,
+              "%s: after a failed recording every forward runs directly (%ld recordings, %ld launches)", name,
+              tu_fake.graph_begins, tu_fake.graph_launches);
+    ts_unet_device_set_graphs(&d, 1);
+    tu_expect(ts_unet_device_graph_error(&d) == NULL, "%s: set_graphs clears the graph error", name);
+    tu_fake_reset_counts();
+    for (int i = 0; i < 2; i++)
+        if (tu_expect_ok(ts_unet_device_forward(&d, dev, &x2, &l), "graphs on again"))
+            bits_equal(l.data, r2, nl, "graphs on again");
+    tu_expect(tu_fake.graph_live == 1 && tu_fake.graph_records == 1,
+              "%s: turned on again, the copy records again (%ld live)", name, tu_fake.graph_live);
 
     /* Off, then on again. */
     ts_unet_device_set_graphs(&d, 0);

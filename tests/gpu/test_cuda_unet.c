@@ -184,7 +184,8 @@ static void half_case(ts_unet *m, ts_ctx *cpu, ts_ctx *gpu, ts_unet_device *d, t
  * the same kernels on the same data, so the same bits (deterministic
  * algorithms, so both pick the same ones). Direct first, then recorded and
  * launched, then launched on new data in the same input buffer; and the
- * copy reports one recording and two launches. */
+ * copy reports one recording and three launches. A TF32 change then makes
+ * the recording stale. */
 static void graph_case(ts_unet *m, ts_ctx *gpu, ts_unet_device *d, const char *name)
 {
     char what[128];
@@ -211,9 +212,20 @@ static void graph_case(ts_unet *m, ts_ctx *gpu, ts_unet_device *d, const char *n
         tu_expect(bad == 0, "%s: call %d (%s) equals the direct forward bit for bit (%zu of %zu differ)", what, i + 1,
                   i == 0 ? "direct" : i == 1 ? "recorded" : "replayed", bad, nl);
     }
+    const char *graph_error = ts_unet_device_graph_error(d);
     tu_expect(d->graph_records - records == 1 && d->graph_launches - launches == 3,
-              "%s: 1 recording and 3 launches (%ld, %ld)", what, d->graph_records - records,
-              d->graph_launches - launches);
+              "%s: 1 recording and 3 launches (%ld, %ld; recording failed: %s)", what, d->graph_records - records,
+              d->graph_launches - launches, graph_error ? graph_error : "no");
+    /* A setting that changes the convs' algorithms (TF32) makes the
+     * recording stale: the next forward runs directly, the one after is
+     * recorded afresh (else the old algorithms would keep replaying). */
+    const long records2 = d->graph_records, launches2 = d->graph_launches;
+    ts_cuda_set_tf32(1);
+    for (int i = 0; ok && i < 2; i++) tu_expect_ok(ts_unet_device_forward(d, gpu, &x[0], &l), "after a TF32 change");
+    ts_cuda_set_tf32(0);
+    tu_expect(d->graph_records - records2 == 1 && d->graph_launches - launches2 == 1,
+              "%s: a TF32 change: the old recording is not replayed, a new one is made (%ld recordings, %ld launches)",
+              what, d->graph_records - records2, d->graph_launches - launches2);
     ts_cuda_set_deterministic(0);
     for (int i = 0; i < 2; i++) {
         tu_tensor_free(&x[i], SUITE, "x");

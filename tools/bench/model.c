@@ -56,6 +56,7 @@ typedef struct bench_model {
     const ts_backend *b;
     ts_ctx ctx;
     ts_unet m;
+    char graph_error[512]; /* why an eval forward could not be recorded, or "" */
 } bench_model;
 
 static int open_model(bench_model *bm, const ts_bench_opts *o, const char *what)
@@ -194,6 +195,8 @@ static int time_model(bench_model *bm, const ts_tensor *x, int mode, const ts_be
     rc = 0;
 out:
     if (rc) fprintf(stderr, "bench model: %s\n", ts_last_error());
+    const char *graph_error = ts_unet_device_graph_error(&d);
+    if (graph_error && !bm->graph_error[0]) snprintf(bm->graph_error, sizeof bm->graph_error, "%s", graph_error);
     B->memory->free(dl_dev);
     ts_unet_device_free(&d);
     ts_tensor_free(&logits);
@@ -243,6 +246,9 @@ int ts_bench_model(const ts_bench_opts *o)
         }
         ts_tensor_free(&x);
     }
+    if (bm.graph_error[0])
+        printf("\nthe eval forward could not be recorded as a graph, so its ops were called one by one: %s\n",
+               bm.graph_error);
 #ifdef TERRASEG_HAVE_CUDA
     if (rc == 0 && ts_bench_is_cuda(o)) {
         /* Whether cuDNN took the fused conv + bias + ReLU (kernels/cuda/conv.c)
@@ -252,6 +258,8 @@ int ts_bench_model(const ts_bench_opts *o)
         printf("\nconv forwards with a bias or ReLU (direct calls and recordings): %ld as one cuDNN call "
                "(conv + bias + ReLU), %ld as two passes\n",
                fused, unfused);
+        const char *why = ts_cuda_conv_fusion_refusal();
+        if (why) printf("first refusal of the fused call: %s\n", why);
     }
 #endif
     close_model(&bm);
