@@ -21,11 +21,12 @@
 #     conv|model|train --device cuda` with TF32 off and on and model|train
 #     with --precision bf16 (and fp16), a CUDA demo (train + predict +
 #     evaluate on a synthetic scene) and tools/bench/gpu_compare.py against
-#     that machine's PyTorch, and writes at most 7 files to OUTDIR:
+#     that machine's PyTorch, and writes at most 8 files to OUTDIR:
 #     summary.txt (versions, each step's exit status, the tests' tallies, the
 #     benchmark rows, the done-when verdicts), tests.log, bench.txt, demo.log,
-#     gpu_compare.md, gpu_compare.csv, gpu_compare.log. In 10-minute calls:
-#     STEPS="tests bench demo", then STEPS=compare (docs/gpu.md).
+#     gpu_compare.md, gpu_compare.csv, gpu_compare.log (and sanitize.log
+#     for STEPS=sanitize: the tests under compute-sanitizer). In 10-minute
+#     calls: STEPS="tests bench demo", then STEPS=compare (docs/gpu.md).
 # gpukit/ is ignored by git (.gitignore): it is made for one session, not
 # committed. About 45 MB; with the repository (6 MB) it stays under the
 # 64 MiB a device call carries.

@@ -6,8 +6,8 @@
 # step's exit status (and the benchmarks' result rows and gpu_compare's two
 # done-when verdicts), and the script exits non-zero if any step failed.
 #
-# STEPS picks the parts (default "tests bench demo compare"), so that each
-# call stays inside a time limit. On the lent machines a call may run 10
+# STEPS picks the parts (default "tests bench demo compare"; "sanitize" on
+# request), so that each call stays inside a time limit. On the lent machines a call may run 10
 # minutes, so the whole kit takes two calls (docs/gpu.md):
 #   STEPS="tests bench demo" sh gpukit/run.sh "$OUT"
 #   STEPS="compare" sh gpukit/run.sh "$OUT"
@@ -157,6 +157,22 @@ if want compare; then
     n=$(grep -c ',skipped,' "$out/gpu_compare.csv" 2>/dev/null)
     [ "${n:-0}" -gt 0 ] && echo "gpu_compare: $n cells skipped (time budget or interrupted): another call with" \
         "GPU_COMPARE_RESUME=<this gpu_compare.csv> runs them" >>"$sum"
+fi
+
+# 5. On request (STEPS=sanitize, not in the default: 10-100x slower): the
+# GPU tests under compute-sanitizer, memcheck (out-of-bounds and misaligned
+# device accesses, device memory leaked) for each, racecheck (shared-memory
+# races of the block reductions) for the op tests. Seen working on the lent
+# H100 (Firecracker), refused on gVisor machines ("Device not supported").
+san=$(command -v compute-sanitizer 2>/dev/null || echo /usr/local/cuda/bin/compute-sanitizer)
+if want sanitize; then
+    for t in "$kit"/bin/test_cuda_*; do
+        step "memcheck $(basename "$t")" "$out/sanitize.log" "$san" --tool memcheck --leak-check full \
+            --error-exitcode 99 "$t"
+    done
+    for t in test_cuda_ops test_cuda_half; do
+        step "racecheck $t" "$out/sanitize.log" "$san" --tool racecheck --error-exitcode 99 "$kit/bin/$t"
+    done
 fi
 
 echo "done: $( [ "$failed" -eq 0 ] && echo 'every step passed' || echo 'SOME STEPS FAILED' ) (details in $out)" | tee -a "$sum"
