@@ -28,8 +28,8 @@
 #     for STEPS=sanitize: the tests under compute-sanitizer). In 10-minute
 #     calls: STEPS="tests bench demo", then STEPS=compare (docs/gpu.md).
 # gpukit/ is ignored by git (.gitignore): it is made for one session, not
-# committed. About 45 MB; with the repository (6 MB) it stays under the
-# 64 MiB a device call carries.
+# committed. About 54 MiB; with the repository (6 MiB) it stays under the
+# 64 MiB a device call carries (checked at the end).
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -65,7 +65,8 @@ extra=$(mktemp)
 while read -r l; do readlink -f "$l"; done <"$libs" >"$extra"
 # PROJ's database (not its grids: the demo and the tests need no datum shift) and GDAL's data.
 for f in /usr/share/proj/proj.db /usr/share/proj/proj.ini /usr/share/gdal; do [ -e "$f" ] && echo "$f"; done >>"$extra"
-cat "$libs" "$extra" | sort -u | tar -cf - -T - 2>/dev/null | xz -T0 -6 >"$kit/libs.tar.xz"
+# -9e: a few MB smaller than -6 (2 minutes more here), which the size check below needs.
+cat "$libs" "$extra" | sort -u | tar -cf - -T - 2>/dev/null | xz -T0 -9e >"$kit/libs.tar.xz"
 rm -f "$libs" "$extra"
 
 # segmentation-models-pytorch for the PyTorch side of gpu_compare.py: a
@@ -76,4 +77,13 @@ if ! python3 -m pip download -q --no-deps --only-binary=:all: -d "$kit/wheels" \
 fi
 cp tools/gpu_kit_run.sh "$kit/run.sh"
 du -sh "$kit"
+# A device call carries the tracked files and the kit, 64 MiB in all.
+tracked=$(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {print s + 0}')
+kitb=$(find "$kit" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+total=$((tracked + kitb))
+echo "gpu_kit: repository $((tracked / 1048576)) MiB + kit $((kitb / 1048576)) MiB = $((total / 1048576)) MiB of the 64 MiB a device call carries"
+if [ "$total" -gt $((64 * 1048576)) ]; then
+    echo "gpu_kit: too large to carry: leave the wheels out or strip more" >&2
+    exit 1
+fi
 echo "gpu_kit: wrote $kit/; on the GPU machine run: sh $kit/run.sh"
