@@ -129,8 +129,8 @@ out:
 /* Median of iters timed runs after two warm-ups. mode 0: the inference copy's
  * forward (host batch in, host logits out, as predict: on a backend with
  * asynchronous copies pipelined as predict pipelines it, see time_pipelined).
- * mode 1: the training
- * copy's train forward + backward (dlogits constant, in backend memory).
+ * mode 1: the training copy's train forward + backward (dlogits constant, in
+ * backend memory).
  * mode 2: the inference copy's forward on a batch already in the backend's
  * memory, logits left there, then a sync (as PyTorch benchmarks time it). */
 static int time_model(bench_model *bm, const ts_tensor *x, int mode, const ts_bench_opts *o, double *median_s)
