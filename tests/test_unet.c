@@ -35,15 +35,6 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static ts_unet_config make_cfg(int in, int k, int depth, const int *dec, int use_bn)
-{
-    ts_unet_config c = ts_unet_default_config(in, k);
-    c.encoder_depth = depth;
-    for (int i = 0; i < TS_UNET_MAX_DEPTH; i++) c.decoder_channels[i] = i < depth ? dec[i] : 0;
-    c.decoder_use_batchnorm = use_bn;
-    return c;
-}
-
 /* ---- configuration ----------------------------------------------------- */
 
 static void test_config(void)
@@ -177,7 +168,7 @@ static void test_table(void)
         {4, 6, 4, d4b, 266, 23457222}, {4, 6, 3, d3, 254, 21489574},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        ts_unet_config cfg = make_cfg(cases[c].in, cases[c].k, cases[c].depth, cases[c].dec, 1);
+        ts_unet_config cfg = tu_unet_config(cases[c].in, cases[c].k, cases[c].depth, cases[c].dec, 1);
         ts_unet m;
         if (!tu_expect_ok(ts_unet_init(&m, &cfg), "ts_unet_init")) continue;
         char what[64];
@@ -194,7 +185,7 @@ static void test_table(void)
 
     /* in 3 / classes 2 against SMP's key list, plus spot checks that say
      * which entry is wrong if the hash ever differs. */
-    ts_unet_config cfg = make_cfg(3, 2, 5, d5, 1);
+    ts_unet_config cfg = tu_unet_config(3, 2, 5, d5, 1);
     ts_unet m;
     if (tu_expect_ok(ts_unet_init(&m, &cfg), "ts_unet_init(in 3, k 2)")) {
         uint64_t h = table_hash(&m);
@@ -216,7 +207,7 @@ static void test_table(void)
         ts_unet_free(&m);
     }
     /* no decoder BN: conv1.0.{weight,bias}, conv2.0.{weight,bias} */
-    cfg = make_cfg(3, 6, 4, d4, 0);
+    cfg = tu_unet_config(3, 6, 4, d4, 0);
     if (tu_expect_ok(ts_unet_init(&m, &cfg), "ts_unet_init(no BN)")) {
         tu_expect(m.n_params == 216 + 4 * 4 + 2, "no BN depth 4: %d entries, want 234", m.n_params);
         expect_param(&m, 216, "decoder.blocks.0.conv1.0.weight", TS_PARAM_WEIGHT, 4, 128, 384, 3, 3);
@@ -234,7 +225,7 @@ static void test_table(void)
 static void test_init_random(void)
 {
     static const int d5[5] = {256, 128, 64, 32, 16};
-    ts_unet_config cfg = make_cfg(4, 6, 5, d5, 1);
+    ts_unet_config cfg = tu_unet_config(4, 6, 5, d5, 1);
     ts_unet m;
     if (!tu_expect_ok(ts_unet_init(&m, &cfg), "ts_unet_init")) return;
     tu_expect_ok(ts_unet_init_random(&m, 42), "init_random");
@@ -279,7 +270,7 @@ static void test_init_random(void)
 static void test_errors(ts_ctx *ctx)
 {
     static const int d3[3] = {8, 8, 8}, d5[5] = {8, 8, 8, 8, 8};
-    ts_unet_config cfg = make_cfg(2, 3, 3, d3, 1);
+    ts_unet_config cfg = tu_unet_config(2, 3, 3, d3, 1);
     ts_unet m;
     if (!tu_expect_ok(ts_unet_init(&m, &cfg), "ts_unet_init")) return;
     ts_unet_init_random(&m, 1);
@@ -307,7 +298,7 @@ static void test_errors(ts_ctx *ctx)
 
     /* depth 5, one 32x32 image: f5 is 1x1, so layer4's first BN sees one value
      * per channel in training; eval mode works. */
-    cfg = make_cfg(2, 3, 5, d5, 1);
+    cfg = tu_unet_config(2, 3, 5, d5, 1);
     if (!tu_expect_ok(ts_unet_init(&m, &cfg), "ts_unet_init(depth 5)")) return;
     ts_unet_init_random(&m, 1);
     x = tu_tensor(1, 2, 32, 32);
@@ -486,7 +477,7 @@ static void test_gradcheck(ts_ctx *ctx)
         "decoder.blocks.1.conv2.0.weight", "decoder.blocks.2.conv2.1.bias",
         "segmentation_head.0.weight",    "segmentation_head.0.bias",
     };
-    ts_unet_config cfg = make_cfg(2, 3, 3, d3, 1);
+    ts_unet_config cfg = tu_unet_config(2, 3, 3, d3, 1);
     gradcheck_model(ctx, &cfg, 2, 20, 12, bn_names, (int)(sizeof bn_names / sizeof bn_names[0]), 8);
     static const char *const nobn_names[] = {
         "encoder.conv1.weight",          "encoder.layer3.0.downsample.0.weight",
@@ -495,7 +486,7 @@ static void test_gradcheck(ts_ctx *ctx)
         "decoder.blocks.3.conv2.0.bias", "segmentation_head.0.weight",
         "segmentation_head.0.bias",
     };
-    cfg = make_cfg(3, 2, 4, d4, 0);
+    cfg = tu_unet_config(3, 2, 4, d4, 0);
     gradcheck_model(ctx, &cfg, 2, 32, 24, nobn_names, (int)(sizeof nobn_names / sizeof nobn_names[0]), 8);
 }
 
@@ -504,7 +495,7 @@ static void test_gradcheck(ts_ctx *ctx)
 static void test_plans(ts_ctx *ctx)
 {
     static const int d5[5] = {32, 16, 16, 8, 8};
-    ts_unet_config cfg = make_cfg(3, 4, 5, d5, 1);
+    ts_unet_config cfg = tu_unet_config(3, 4, 5, d5, 1);
     ts_unet m;
     if (!tu_expect_ok(ts_unet_init(&m, &cfg), "ts_unet_init(plans)")) return;
     ts_unet_init_random(&m, 3);
@@ -671,7 +662,7 @@ static void parity_case(ts_ctx *ctx, const char *cs)
         return;
     }
     const int32_t *c = rc->data;
-    ts_unet_config cfg = make_cfg(c[0], c[1], c[2], c + 3, c[8]);
+    ts_unet_config cfg = tu_unet_config(c[0], c[1], c[2], c + 3, c[8]);
     const int N = c[9], H = c[10], Wd = c[11], K = c[1];
     ts_unet m;
     if (!tu_expect_ok(ts_unet_init(&m, &cfg), "ts_unet_init(parity)")) {

@@ -53,15 +53,6 @@
 #include "train/loss.h"
 #include "train/optim.h"
 
-static ts_unet_config make_cfg(int in, int k, int depth, const int *dec, int use_bn)
-{
-    ts_unet_config c = ts_unet_default_config(in, k);
-    c.encoder_depth = depth;
-    for (int i = 0; i < TS_UNET_MAX_DEPTH; i++) c.decoder_channels[i] = i < depth ? dec[i] : 0;
-    c.decoder_use_batchnorm = use_bn;
-    return c;
-}
-
 /* Random weights and running statistics, so folding matters. */
 static int make_model(ts_unet *m, const ts_unet_config *cfg, uint64_t seed)
 {
@@ -210,7 +201,7 @@ out:
 static void test_errors(ts_ctx *cpu, ts_ctx *dev)
 {
     static const int dec[3] = {16, 8, 8};
-    ts_unet_config cfg = make_cfg(3, 2, 3, dec, 1);
+    ts_unet_config cfg = tu_unet_config(3, 2, 3, dec, 1);
     ts_unet m;
     if (!make_model(&m, &cfg, 5)) return;
     const int N = 2, H = 21, W = 19;
@@ -316,7 +307,7 @@ static void test_cpu_memory(ts_ctx *cpu)
     tu_expect(!ts_backend_is_host(tu_fake_device_backend()), "the fake backend's memory is not");
     tu_expect_ok(ts_backend_check(tu_fake_device_backend()), "the fake backend is complete");
     static const int dec[4] = {16, 16, 8, 8};
-    ts_unet_config cfg = make_cfg(2, 3, 4, dec, 1);
+    ts_unet_config cfg = tu_unet_config(2, 3, 4, dec, 1);
     ts_unet m;
     if (!make_model(&m, &cfg, 8)) return;
     tu_expect_ok(ts_unet_fold_bn(&m), "fold_bn");
@@ -535,7 +526,7 @@ static void test_train_copy(ts_ctx *cpu, ts_ctx *dev, const ts_unet_config *cfg,
     {
         ts_unet other;
         static const int d3[3] = {8, 8, 8};
-        ts_unet_config oc3 = make_cfg(C, K, 3, d3, 1);
+        ts_unet_config oc3 = tu_unet_config(C, K, 3, d3, 1);
         ts_tensor lg;
         if (make_model(&other, &oc3, 5)) {
             tu_expect_error(ts_unet_device_download_params(&d, &other), TS_ERR_INVALID_ARG, "download into another model", "not the one", NULL);
@@ -586,7 +577,7 @@ out:
 static void test_train_init_failures(ts_ctx *dev)
 {
     static const int d3[3] = {8, 8, 8};
-    ts_unet_config cfg = make_cfg(2, 3, 3, d3, 1);
+    ts_unet_config cfg = tu_unet_config(2, 3, 3, d3, 1);
     ts_unet m;
     if (!make_model(&m, &cfg, 3)) return;
     const long live0 = tu_fake.live;
@@ -654,7 +645,7 @@ static void test_graphs(ts_ctx *cpu, ts_ctx *dev)
 {
     static const char *name = "graphs";
     static const int d3[3] = {16, 8, 8};
-    const ts_unet_config cfg = make_cfg(3, 2, 3, d3, 1);
+    const ts_unet_config cfg = tu_unet_config(3, 2, 3, d3, 1);
     const ts_backend *B = dev->backend;
     ts_unet m;
     if (!make_model(&m, &cfg, 23)) return;
@@ -823,7 +814,7 @@ static void test_forward_start(ts_ctx *cpu, ts_ctx *dev)
 {
     static const char *name = "forward_start";
     static const int d3[3] = {16, 8, 8};
-    const ts_unet_config cfg = make_cfg(3, 2, 3, d3, 1);
+    const ts_unet_config cfg = tu_unet_config(3, 2, 3, d3, 1);
     const ts_backend *B = dev->backend;
     const ts_backend_memory *M = B->memory;
     ts_unet m;
@@ -957,7 +948,7 @@ int main(void)
     cpu.backend = ts_backend_cpu();
     tu_expect_ok(ts_ctx_init(&dev, tu_fake_device_backend()), "fake device context");
     static const int d5[5] = {32, 16, 16, 8, 8}, d3[3] = {16, 16, 8};
-    ts_unet_config bn = make_cfg(3, 4, 5, d5, 1), nobn = make_cfg(4, 1, 3, d3, 0);
+    ts_unet_config bn = tu_unet_config(3, 4, 5, d5, 1), nobn = tu_unet_config(4, 1, 3, d3, 0);
     test_equal(&cpu, &dev, &bn, "depth 5, decoder BN");
     test_equal(&cpu, &dev, &nobn, "depth 3, no decoder BN, 1 class");
     test_errors(&cpu, &dev);

@@ -336,3 +336,12 @@ double tu_cosine(const float *a, const float *b, size_t n)
     }
     return aa > 0 && bb > 0 ? ab / sqrt(aa * bb) : (aa == bb ? 1 : 0);
 }
+
+ts_unet_config tu_unet_config(int in, int k, int depth, const int *dec, int use_bn)
+{
+    ts_unet_config c = ts_unet_default_config(in, k);
+    c.encoder_depth = depth;
+    for (int i = 0; i < TS_UNET_MAX_DEPTH; i++) c.decoder_channels[i] = i < depth ? dec[i] : 0;
+    c.decoder_use_batchnorm = use_bn;
+    return c;
+}

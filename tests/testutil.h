@@ -12,6 +12,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/tensor.h"
+#include "nn/unet.h"
 
 /* ---- random numbers (splitmix64; the same sequence on every machine) ---- */
 typedef struct tu_rng {
@@ -36,6 +37,11 @@ void tu_free(void *p, const char *op, const char *buffer);
 /* A tensor whose data is a guarded buffer (zero-filled). */
 ts_tensor tu_tensor(int n, int c, int h, int w);
 void tu_tensor_free(ts_tensor *t, const char *op, const char *name);
+
+/* A small U-Net for the model tests: SMP's defaults for in bands and k
+ * classes, with encoder_depth and the first `depth` decoder channels of dec,
+ * and the decoder's BN on or off. */
+ts_unet_config tu_unet_config(int in, int k, int depth, const int *dec, int use_bn);
 
 /* ---- comparisons --------------------------------------------------------- */
 /* Cosine similarity of two vectors (1 when both are zero): the direction

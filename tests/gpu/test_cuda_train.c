@@ -50,15 +50,6 @@
 
 #define SUITE "cuda_train"
 
-static ts_unet_config make_cfg(int in, int k, int depth, const int *dec, int use_bn)
-{
-    ts_unet_config c = ts_unet_default_config(in, k);
-    c.encoder_depth = depth;
-    for (int i = 0; i < TS_UNET_MAX_DEPTH; i++) c.decoder_channels[i] = i < depth ? dec[i] : 0;
-    c.decoder_use_batchnorm = use_bn;
-    return c;
-}
-
 static double rel_max(const float *got, const float *ref, size_t n)
 {
     double md = 0, mr = 0;
@@ -152,7 +143,7 @@ static void parity(ts_ctx *cpu, ts_ctx *gpu, const char *cs)
         return;
     }
     const int32_t *c = rc->data;
-    ts_unet_config cfg = make_cfg(c[0], c[1], c[2], c + 3, c[8]);
+    ts_unet_config cfg = tu_unet_config(c[0], c[1], c[2], c + 3, c[8]);
     const int N = c[9], H = c[10], W = c[11], K = c[1];
     const size_t npix = (size_t)N * H * W, nl = npix * (size_t)K;
     ts_unet m, back;
@@ -371,7 +362,7 @@ static void determinism(ts_ctx *gpu, ts_dtype prec)
     const char *pn = ts_dtype_name(prec);
     char what[96];
     static const int dec[5] = {64, 32, 32, 16, 16};
-    ts_unet_config cfg = make_cfg(4, 5, 5, dec, 1);
+    ts_unet_config cfg = tu_unet_config(4, 5, 5, dec, 1);
     run_data rd = {.n = 3, .k = 5, .h = 96, .w = 80};
     ts_unet m;
     if (!tu_expect_ok(ts_unet_init(&m, &cfg), "unet init")) return;
@@ -668,7 +659,7 @@ static void half_vs_cpu(ts_ctx *cpu, ts_ctx *gpu, ts_dtype prec)
 {
     const char *pn = ts_dtype_name(prec);
     static const int dec[3] = {16, 8, 8};
-    const ts_unet_config cfg = make_cfg(3, 4, 3, dec, 1);
+    const ts_unet_config cfg = tu_unet_config(3, 4, 3, dec, 1);
     const int N = 2, K = cfg.classes, H = 67, W = 64;
     const size_t npix = (size_t)N * H * W, nl = npix * (size_t)K;
     ts_unet m;

@@ -33,15 +33,6 @@
 
 #define SUITE "cuda_unet"
 
-static ts_unet_config make_cfg(int in, int k, int depth, const int *dec, int use_bn)
-{
-    ts_unet_config c = ts_unet_default_config(in, k);
-    c.encoder_depth = depth;
-    for (int i = 0; i < TS_UNET_MAX_DEPTH; i++) c.decoder_channels[i] = i < depth ? dec[i] : 0;
-    c.decoder_use_batchnorm = use_bn;
-    return c;
-}
-
 static void compare(ts_unet *m, ts_ctx *cpu, ts_ctx *gpu, ts_unet_device *d, int n, int h, int w, const char *name)
 {
     tu_rng rng;
@@ -345,7 +336,7 @@ int main(void)
     ts_cuda_set_tf32(0);
     ts_ctx_init(&gpu, b);
     static const int d5[5] = {32, 16, 16, 8, 8}, d3[3] = {16, 16, 8};
-    ts_unet_config bn = make_cfg(3, 4, 5, d5, 1), nobn = make_cfg(4, 1, 3, d3, 0);
+    ts_unet_config bn = tu_unet_config(3, 4, 5, d5, 1), nobn = tu_unet_config(4, 1, 3, d3, 0);
     run_case(&cpu, &gpu, &bn, "depth 5, decoder BN");
     run_case(&cpu, &gpu, &nobn, "depth 3, no decoder BN, 1 class");
     ts_ctx_free(&gpu);
