@@ -107,6 +107,8 @@ expect 2 "--device cuda:x: .*cuda:N with N a device index" demo --device cuda:x
 expect 2 "--device gpu: unknown backend \"gpu\"" bench conv --device gpu
 expect 2 "write cuda or cuda:N" bench conv --device cuda:x
 expect 2 "--tf32 applies to --device cuda only" bench conv --tf32
+expect 2 "--cudnn-benchmark applies to --device cuda only" bench model --cudnn-benchmark
+expect 2 "--cudnn-benchmark applies to --device cuda only" bench conv --cudnn-benchmark --device cpu
 # windows filters and tile: option checks that fire before any file is read.
 expect 0 "--drop-background +filter: drop windows" windows --help
 expect 0 "--max-nodata FRACTION" windows --help

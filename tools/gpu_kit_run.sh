@@ -118,6 +118,12 @@ want bench && {
         bench "bench train $s --precision bf16" train --device cuda --batch 16 --size $s --iters 10 --precision bf16
     done
     bench "bench train 512 --precision fp16" train --device cuda --batch 16 --size 512 --iters 10 --precision fp16
+    # cuDNN's heuristic ranking (the default) against its timed search
+    # (--cudnn-benchmark, what PyTorch's cudnn.benchmark does), bf16 at 512.
+    for b in model train; do
+        bench "bench $b 512 --precision bf16 --cudnn-benchmark" $b --device cuda --batch 16 --size 512 --iters 10 \
+            --precision bf16 --cudnn-benchmark
+    done
     # What the CUDA graphs buy where launches dominate: batch 1 (and 4),
     # replayed against every op called directly.
     bench "bench model 256 --batch 1 --precision bf16" model --device cuda --batch 1 --size 256 --iters 20 \

@@ -82,6 +82,10 @@ static cli_option bench_options[] = {
      "cpu, cuda or cuda:N: the backend conv, model and train run on", 0, 0},
     {"tf32", 0, CLI_FLAG, &bench_opts.tf32, NULL, "with --device cuda: TF32 tensor-core math for fp32 convs and GEMMs",
      0, 0},
+    {"cudnn-benchmark", 0, CLI_FLAG, &bench_opts.cudnn_benchmark, NULL,
+     "with --device cuda: choose each conv's algorithm by timing cuDNN's candidates on first use "
+     "(torch.backends.cudnn.benchmark) instead of cuDNN's heuristic ranking",
+     0, 0},
     {"precision", 0, CLI_STRING, &bench_precision, "P",
      "model and train: fp32, or bf16 / fp16 mixed precision (half activations; emulated and slow on the CPU)", 0, 0},
     {"no-graphs", 0, CLI_FLAG, &bench_opts.no_graphs, NULL,
@@ -125,14 +129,16 @@ static int run_bench(int argc, char **argv)
         fprintf(stderr, "%s bench %s: --no-graphs applies to bench model (its eval forward)\n", prog, what);
         return 2;
     }
-    /* --device and --tf32 are refused here, before anything is printed or run. */
+    /* --device, --tf32 and --cudnn-benchmark are refused here, before anything is printed or run. */
     int rc = ts_bench_check_device(&bench_opts, what);
     if (rc) return rc;
     int threads = ts_threads_init(bench_threads);
-    printf("terraseg bench %s: %dx%d synthetic tile, batch %d, %d in, %d classes, %d threads, %d iterations%s%s%s%s%s\n",
+    printf("terraseg bench %s: %dx%d synthetic tile, batch %d, %d in, %d classes, %d threads, %d "
+           "iterations%s%s%s%s%s%s\n",
            what, bench_opts.size, bench_opts.size, bench_opts.batch, bench_opts.in_channels, bench_opts.classes,
            threads, bench_opts.iters, ts_bench_is_cuda(&bench_opts) ? ", device " : "",
            ts_bench_is_cuda(&bench_opts) ? bench_opts.device : "", bench_opts.tf32 ? " (TF32)" : "",
+           bench_opts.cudnn_benchmark ? " (cuDNN benchmark)" : "",
            bench_opts.precision != TS_F32 ? ", precision " : "", bench_opts.precision != TS_F32 ? bench_precision : "");
     if (strcmp(what, "conv") == 0) return ts_bench_conv(&bench_opts);
     if (strcmp(what, "model") == 0) return ts_bench_model(&bench_opts);

@@ -73,11 +73,15 @@
  * limit, so changing a setting makes new plans instead of running a plan
  * chosen under the old one.
  *
- * Choosing the algorithm. We take cuDNN's heuristic ranking
+ * Choosing the algorithm. By default we take cuDNN's heuristic ranking
  * (cudnnGet*Algorithm_v7, PyTorch's choice when cudnn.benchmark is off), not
- * a timed search (cudnnFind*): the ranking depends only on the shapes, the
- * device and the cuDNN version, so a resumed run picks the same algorithms and
- * therefore the same bits, and nothing is benchmarked on the first step. The
+ * a timed search: the ranking depends only on the shapes, the device and the
+ * cuDNN version, so a resumed run picks the same algorithms and therefore the
+ * same bits, and nothing is benchmarked on the first step. In benchmark mode
+ * (ts_cuda_set_benchmark, PyTorch's cudnn.benchmark; never with determinism
+ * on) the list is cudnnFind*'s instead: every candidate run once on buffers
+ * cuDNN allocates itself (the caller's are not touched, so an accumulating
+ * backward op keeps what it holds), ranked by measured time. Either way the
  * first candidate in ranked order is taken that
  *  - reports CUDNN_STATUS_SUCCESS,
  *  - needs no more workspace than the limit (asked again with
@@ -143,6 +147,7 @@ typedef struct conv_key {
     ts_dtype dtype; /* of x, w and y alike (ts_conv2d_check) */
     conv_geom g;
     int tf32, deterministic; /* tf32 is 0 for a half dtype */
+    int benchmark;           /* cudnnFind* ranking; 0 whenever deterministic */
     size_t workspace_limit;
 } conv_key;
 
@@ -178,7 +183,7 @@ static int key_equal(const conv_key *a, const conv_key *b)
 {
     const conv_geom *p = &a->g, *q = &b->g;
     return a->kind == b->kind && a->dtype == b->dtype && a->tf32 == b->tf32 && a->deterministic == b->deterministic &&
-           a->workspace_limit == b->workspace_limit && p->n == q->n && p->cin == q->cin && p->h == q->h &&
+           a->benchmark == b->benchmark && a->workspace_limit == b->workspace_limit && p->n == q->n && p->cin == q->cin && p->h == q->h &&
            p->w == q->w && p->cout == q->cout && p->kh == q->kh && p->kw == q->kw && p->ho == q->ho &&
            p->wo == q->wo && p->sh == q->sh && p->sw == q->sw && p->ph == q->ph && p->pw == q->pw;
 }
@@ -274,9 +279,14 @@ typedef struct conv_candidate {
  * the lists are ranked, so the first 16 are all we could want. */
 #define MAX_CANDIDATES 16
 
+/* The candidates in cuDNN's order: its heuristic ranking, or in benchmark
+ * mode the measured one (cudnnFind*: each candidate run and timed on buffers
+ * cuDNN allocates, which waits for the device; plans are only made by calls
+ * run directly, never while a graph is recorded). */
 static ts_status ranked_candidates(const conv_plan *pl, conv_candidate *out, int *count)
 {
     cudnnHandle_t h = ts_cuda_state_get()->cudnn;
+    const int find = pl->key.benchmark;
     int max = 0, got = 0;
     *count = 0;
     switch ((conv_kind)pl->key.kind) {
@@ -285,7 +295,10 @@ static ts_status ranked_candidates(const conv_plan *pl, conv_candidate *out, int
         TS_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithmMaxCount(h, &max));
         if (max > MAX_CANDIDATES) max = MAX_CANDIDATES;
         if (max < 1) break;
-        TS_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithm_v7(h, pl->x, pl->w, pl->conv, pl->y, max, &got, perf));
+        if (find)
+            TS_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithm(h, pl->x, pl->w, pl->conv, pl->y, max, &got, perf));
+        else
+            TS_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithm_v7(h, pl->x, pl->w, pl->conv, pl->y, max, &got, perf));
         for (int i = 0; i < got && i < max; i++)
             out[i] = (conv_candidate){(int)perf[i].algo, perf[i].status, perf[i].memory, perf[i].determinism,
                                       perf[i].mathType};
@@ -296,8 +309,12 @@ static ts_status ranked_candidates(const conv_plan *pl, conv_candidate *out, int
         TS_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithmMaxCount(h, &max));
         if (max > MAX_CANDIDATES) max = MAX_CANDIDATES;
         if (max < 1) break;
-        TS_CUDNN_CHECK(
-            cudnnGetConvolutionBackwardDataAlgorithm_v7(h, pl->w, pl->y, pl->conv, pl->x, max, &got, perf));
+        if (find)
+            TS_CUDNN_CHECK(
+                cudnnFindConvolutionBackwardDataAlgorithm(h, pl->w, pl->y, pl->conv, pl->x, max, &got, perf));
+        else
+            TS_CUDNN_CHECK(
+                cudnnGetConvolutionBackwardDataAlgorithm_v7(h, pl->w, pl->y, pl->conv, pl->x, max, &got, perf));
         for (int i = 0; i < got && i < max; i++)
             out[i] = (conv_candidate){(int)perf[i].algo, perf[i].status, perf[i].memory, perf[i].determinism,
                                       perf[i].mathType};
@@ -308,8 +325,12 @@ static ts_status ranked_candidates(const conv_plan *pl, conv_candidate *out, int
         TS_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(h, &max));
         if (max > MAX_CANDIDATES) max = MAX_CANDIDATES;
         if (max < 1) break;
-        TS_CUDNN_CHECK(
-            cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, pl->x, pl->y, pl->conv, pl->w, max, &got, perf));
+        if (find)
+            TS_CUDNN_CHECK(
+                cudnnFindConvolutionBackwardFilterAlgorithm(h, pl->x, pl->y, pl->conv, pl->w, max, &got, perf));
+        else
+            TS_CUDNN_CHECK(
+                cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, pl->x, pl->y, pl->conv, pl->w, max, &got, perf));
         for (int i = 0; i < got && i < max; i++)
             out[i] = (conv_candidate){(int)perf[i].algo, perf[i].status, perf[i].memory, perf[i].determinism,
                                       perf[i].mathType};
@@ -407,12 +428,12 @@ static ts_status plan_choose(conv_plan *pl)
     const conv_geom *g = &k->g;
     return ts_error(TS_ERR_UNSUPPORTED,
                     "%s: x [%d,%d,%d,%d], w [%d,%d,%d,%d] %s, stride (%d,%d), pad (%d,%d): no cuDNN algorithm "
-                    "fits (deterministic %s, %s, workspace limit %zu bytes); cuDNN ranked: %s. Raise the workspace "
+                    "fits (deterministic %s, %s, workspace limit %zu bytes); cuDNN %s: %s. Raise the workspace "
                     "limit or turn determinism off",
                     kind_name[k->kind], g->n, g->cin, g->h, g->w, g->cout, g->cin, g->kh, g->kw,
                     layout_name(k->dtype), g->sh, g->sw, g->ph, g->pw, k->deterministic ? "on" : "off",
                     half ? "tensor-op math" : k->tf32 ? "TF32 on" : "TF32 off", k->workspace_limit,
-                    count ? skipped : "nothing");
+                    k->benchmark ? "measured" : "ranked", count ? skipped : "nothing");
 }
 
 /* The cached plan for (kind, dtype, g, current settings), made on first use. */
@@ -433,6 +454,7 @@ static ts_status get_plan(conv_kind kind, ts_dtype dtype, const conv_geom *g, co
     key.g = *g;
     key.tf32 = dtype == TS_F32 && s->tf32 != 0; /* TF32 is a float32 setting */
     key.deterministic = s->deterministic != 0;
+    key.benchmark = s->benchmark != 0 && !key.deterministic;
     key.workspace_limit = s->workspace_limit;
     for (int i = 0; i < PLAN_CACHE; i++)
         if (g_plans[i].used && key_equal(&g_plans[i].key, &key)) {

@@ -53,6 +53,13 @@ void ts_cuda_set_deterministic(int on);
 /* TF32 tensor-core math for fp32 convolutions and GEMMs (off by default: fp32
  * results then match the CPU backend to float rounding). */
 void ts_cuda_set_tf32(int on);
+/* cuDNN's benchmark mode (torch.backends.cudnn.benchmark): each conv shape's
+ * algorithm is chosen by timing cuDNN's candidates on its first call
+ * (cudnnFind*) instead of taking cuDNN's heuristic ranking. Off by default:
+ * timings vary, so two runs may pick different algorithms and differ in the
+ * last bits. Ignored while determinism is on, whose bit-exact resume needs
+ * the same choice in every process. */
+void ts_cuda_set_benchmark(int on);
 /* Upper bound of the cuDNN workspace in bytes (default 256 MiB): algorithms
  * needing more are not chosen. */
 void ts_cuda_set_workspace_limit(size_t bytes);

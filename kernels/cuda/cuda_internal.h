@@ -31,6 +31,7 @@ typedef struct ts_cuda_state {
     size_t workspace_limit;
     int deterministic;
     int tf32;
+    int benchmark; /* cudnnFind* instead of the heuristic ranking (conv.c) */
     int sm_count; /* multiprocessors: sizes grid-stride launches */
     int capturing; /* between graphs->begin and ->end: ops are recorded, not run */
     /* Bumped whenever the workspace or an op's scratch buffer is replaced:

@@ -250,9 +250,10 @@ ts_status ts_cuda_backend(int device, const ts_backend **out)
 
 /* ---- setters ------------------------------------------------------------------ */
 
-/* Both settings change which algorithm (and math type) a conv gets, and a
- * recorded forward holds the old choice: a change makes every recording
- * stale (graph_launch then says so and the caller records afresh). */
+/* These settings (and the benchmark mode below) change which algorithm
+ * (and math type) a conv gets, and a recorded forward holds the old choice:
+ * a change makes every recording stale (graph_launch then says so and the
+ * caller records afresh). */
 void ts_cuda_set_deterministic(int on)
 {
     if (g_state.deterministic != (on != 0)) g_state.workspace_generation++;
@@ -272,6 +273,12 @@ void ts_cuda_set_tf32(int on)
         cublasStatus_t be = cublasSetMathMode(g_state.cublas, cublas_math(g_state.tf32));
         if (be != CUBLAS_STATUS_SUCCESS) (void)ts_cublas_error(be, "cublasSetMathMode", __FILE__, __LINE__);
     }
+}
+
+void ts_cuda_set_benchmark(int on)
+{
+    if (g_state.benchmark != (on != 0)) g_state.workspace_generation++;
+    g_state.benchmark = on != 0;
 }
 
 void ts_cuda_set_workspace_limit(size_t bytes) { g_state.workspace_limit = bytes; }

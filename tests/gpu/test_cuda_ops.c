@@ -10,8 +10,9 @@
  * Forward outputs are prefilled with NaN on both sides: a forward that reads
  * its output instead of overwriting it shows up.
  *
- * Then: determinism (ts_cuda_set_deterministic(1): the same ops twice give
- * the same bits), and errors (a shape mismatch is an error status naming the
+ * Convolutions also run in cuDNN's benchmark mode (algorithms timed by
+ * cudnnFind*). Then: determinism (ts_cuda_set_deterministic(1): the same ops
+ * twice give the same bits), and errors (a shape mismatch is an error status naming the
  * op, not a crash or a kernel fault).
  *
  * Every device buffer has guard bytes on both sides, checked when it is
@@ -1630,6 +1631,21 @@ int main(void)
           "calls ran two passes (%ld lacking the bias, the ReLU or both); process totals: %ld fused, %ld two-pass; "
           "first refusal: %s",
           fused1 - fused0, nadd, unfused1 - unfused0, 3 * nadd, fused1, unfused1, refusal());
+
+    /* Benchmark mode (ts_cuda_set_benchmark: cudnnFind* times the candidates
+     * on buffers cuDNN allocates): new plans with the measured algorithms,
+     * the same results. The backward ops' outputs are prefilled, so a search
+     * that wrote into the caller's buffers would show. */
+    ts_cuda_set_benchmark(1);
+    static const size_t bench_cases[] = {1, 4, 6, 12, 13};
+    for (size_t i = 0; i < sizeof bench_cases / sizeof bench_cases[0]; i++) {
+        conv_case cc = conv_cases[bench_cases[i]];
+        char name[96];
+        snprintf(name, sizeof name, "%s, cuDNN benchmark mode", cc.name);
+        cc.name = name;
+        test_conv(&cc);
+    }
+    ts_cuda_set_benchmark(0);
 
     static const int bn_shapes[][4] = {{3, 7, 13, 11}, {3, 64, 1, 1}, {2, 3, 67, 71}, {1, 7, 5, 3}, {2, 64, 16, 16}};
     for (size_t i = 0; i < sizeof bn_shapes / sizeof bn_shapes[0]; i++)

@@ -18,16 +18,18 @@ typedef struct ts_bench_opts {
     const char *csv; /* if not NULL: also write one row per measurement to this file */
     const char *device; /* "cpu" (or NULL), "cuda" or "cuda:N" */
     int tf32;           /* CUDA only: TF32 tensor-core math for fp32 convs and GEMMs (ts_cuda_set_tf32) */
+    int cudnn_benchmark; /* CUDA only: conv algorithms chosen by timing (ts_cuda_set_benchmark) */
     ts_dtype precision; /* model and train: the activations (TS_F32, or TS_BF16 / TS_F16 mixed precision) */
     int no_graphs;      /* model: every op called directly, no recorded forward (ts_unet_device_set_graphs) */
 } ts_bench_opts;
 
-/* Checks o->device and o->tf32 for benchmark `what` ("conv", "model",
- * "train") before anything runs; touches no GPU. 0 if the benchmark can run
- * on that device, else prints why to stderr and returns 2: an unknown device
- * name, a build without CUDA, --tf32 on the CPU. */
+/* Checks o->device, o->tf32 and o->cudnn_benchmark for benchmark `what`
+ * ("conv", "model", "train") before anything runs; touches no GPU. 0 if the
+ * benchmark can run on that device, else prints why to stderr and returns 2:
+ * an unknown device name, a build without CUDA, --tf32 or
+ * --cudnn-benchmark on the CPU. */
 int ts_bench_check_device(const ts_bench_opts *o, const char *what);
-/* ts_bench_check_device, then the backend (CUDA: TF32 set first): 0, or 1
+/* ts_bench_check_device, then the backend (CUDA: TF32 and the benchmark mode set first): 0, or 1
  * (the device could not be opened) / 2 with the reason on stderr. */
 struct ts_backend;
 int ts_bench_backend(const ts_bench_opts *o, const char *what, const struct ts_backend **b);

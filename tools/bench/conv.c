@@ -557,6 +557,7 @@ static int dev_open(bench_dev *d, const ts_bench_opts *o, const ts_backend **bac
     d->cuda = 1;
     d->tf32 = o->tf32;
     ts_cuda_set_tf32(o->tf32); /* before the backend exists: its first plans already see it */
+    ts_cuda_set_benchmark(o->cudnn_benchmark);
     if (ts_backend_get(o->device, backend) != TS_OK) {
         fprintf(stderr, "bench conv: %s\n", ts_last_error());
         return 1;

@@ -33,6 +33,11 @@ int ts_bench_check_device(const ts_bench_opts *o, const char *what)
             fprintf(stderr, "bench %s: --tf32 applies to --device cuda only (a tensor-core mode of the GPU)\n", what);
             return 2;
         }
+        if (o->cudnn_benchmark) {
+            fprintf(stderr, "bench %s: --cudnn-benchmark applies to --device cuda only (cuDNN's algorithm search)\n",
+                    what);
+            return 2;
+        }
         return 0;
     }
     if (!valid_cuda_name(d)) {
@@ -68,6 +73,7 @@ int ts_bench_backend(const ts_bench_opts *o, const char *what, const ts_backend 
     }
 #ifdef TERRASEG_HAVE_CUDA
     ts_cuda_set_tf32(o->tf32); /* before the backend exists: its first plans already see it */
+    ts_cuda_set_benchmark(o->cudnn_benchmark);
 #endif
     if (ts_backend_get(o->device, b) != TS_OK) {
         fprintf(stderr, "bench %s: %s\n", what, ts_last_error());
@@ -86,7 +92,9 @@ void ts_bench_describe(const ts_bench_opts *o, const ts_backend *b, char *buf, s
 #ifdef TERRASEG_HAVE_CUDA
     char d[448];
     ts_cuda_describe(d, sizeof d);
-    snprintf(buf, size, "device %s; %s; fp32 convs through cuDNN, TF32 %s", o->device, d, o->tf32 ? "on" : "off");
+    snprintf(buf, size, "device %s; %s; fp32 convs through cuDNN, TF32 %s; conv algorithms %s", o->device, d,
+             o->tf32 ? "on" : "off",
+             o->cudnn_benchmark ? "timed by cuDNN on first use (--cudnn-benchmark)" : "by cuDNN's heuristics");
 #else
     snprintf(buf, size, "backend %s", b->name);
 #endif
