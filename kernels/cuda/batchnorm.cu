@@ -531,6 +531,7 @@ __device__ static void for_slice_nhwc(int c, int C, size_t rows, size_t len, F f
     if (c >= C) return;
     const size_t r0 = (size_t)blockIdx.y * len;
     const size_t r1 = r0 + len < rows ? r0 + len : rows;
+    TS_RED_UNROLL
     for (size_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) f(r * (size_t)C + (size_t)c);
 }
 

@@ -322,8 +322,10 @@ __global__ static void bias_grad_partial_nhwc(const uint16_t *dy, int C, size_t 
     const size_t r0 = (size_t)s * len;
     const size_t r1 = r0 + len < pixels ? r0 + len : pixels;
     double acc = 0.0;
-    if (c < C)
+    if (c < C) {
+        TS_RED_UNROLL
         for (size_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) acc += (double)H::load(dy[r * (size_t)C + c]);
+    }
     acc = column_sum(acc); /* every thread, the idle lanes too: it synchronizes */
     if (threadIdx.y == 0 && c < C) part[(size_t)c * S + s] = acc;
 }

@@ -52,6 +52,14 @@ static inline ts_status ts_ops_state_host(const char *op, ts_cuda_state **out)
     return st;
 }
 
+/* For the half (NHWC) reductions' row loops, whose body is one load and
+ * one add: unrolled, each thread has several loads in flight (the adds keep
+ * their order, so their bits, but a load no longer waits for the add before
+ * it). That matters where a layer's few channels give the reduction few
+ * blocks: at most 256 when C <= 32 (decoder blocks 4 and 5, the head). The
+ * NCHW loops' wrap-around branches would keep the loads apart anyway. */
+#define TS_RED_UNROLL _Pragma("unroll 4")
+
 /* Blocks for a grid-stride loop over n items: enough to fill every SM, never
  * more than the items need, at least one. Results never depend on it: each
  * item is written by exactly one thread whatever the grid. */
