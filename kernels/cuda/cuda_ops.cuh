@@ -60,12 +60,18 @@ static inline ts_status ts_ops_state_host(const char *op, ts_cuda_state **out)
  * NCHW loops' wrap-around branches would keep the loads apart anyway. */
 #define TS_RED_UNROLL _Pragma("unroll 4")
 
-/* Blocks for a grid-stride loop over n items: enough to fill every SM, never
- * more than the items need, at least one. Results never depend on it: each
- * item is written by exactly one thread whatever the grid. */
+/* Blocks for a grid-stride loop over n items: enough to fill every SM (the
+ * blocks of TS_OPS_THREADS that fit at once), never more than the items
+ * need, at least one. Results never depend on it: each item is written by
+ * exactly one thread whatever the grid. */
+static inline size_t ts_ops_resident_blocks(const ts_cuda_state *s)
+{
+    return (size_t)(s->sm_count > 0 ? s->sm_count : 1) * TS_OPS_BLOCKS_PER_SM;
+}
+
 static inline unsigned ts_ops_grid(const ts_cuda_state *s, size_t n)
 {
-    size_t cap = (size_t)(s->sm_count > 0 ? s->sm_count : 1) * TS_OPS_BLOCKS_PER_SM;
+    size_t cap = ts_ops_resident_blocks(s);
     size_t blocks = (n + TS_OPS_THREADS - 1) / TS_OPS_THREADS;
     if (blocks > cap) blocks = cap;
     return blocks ? (unsigned)blocks : 1u;

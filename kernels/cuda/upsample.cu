@@ -26,6 +26,7 @@
  * the element (what kernels/cpu/half.c's widen, copy, round gives, and a NaN
  * keeps its bits); backward widens dx, adds the same dy elements in the same
  * order in float32, and rounds once. */
+#include <limits.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -79,28 +80,29 @@ static __device__ int up_first_dst(int v, up_axis a)
 
 /* ---- forward ------------------------------------------------------------- */
 
-/* One thread per output element, in y's memory order:
- * y[n, c, oh, ow] = x[n, c, src(oh), src(ow)]. In NCHW the thread's (n, c)
- * plane is o / out_plane; in NHWC, c = o % C and the pixel is o / C, and
- * pixel steps are C elements. The element is copied, not rounded. */
+/* y[n, c, oh, ow] = x[n, c, src(oh), src(ow)], by output rows: a row is
+ * (n, c, oh) of out_w elements in NCHW, or (n, oh) of out_w * C elements in
+ * NHWC, contiguous in y either way. Block rows take output rows
+ * (blockIdx.y, strided), so a row's source row is found once, and threads
+ * stride over the row's elements: none of the per-element divisions the
+ * flat index would need (three, 64-bit in the worst case, which made this
+ * copy bound by integer work), but one 32-bit one in NHWC for (ow, c). The
+ * element is copied, not rounded. */
 template <typename T>
-static __global__ void upsample_forward_kernel(T *y, const T *x, up_axis ah, up_axis aw, int C, size_t total)
+static __global__ void upsample_forward_kernel(T *y, const T *x, up_axis ah, up_axis aw, int C, size_t rows)
 {
-    const size_t out_plane = (size_t)ah.out * aw.out, in_plane = (size_t)ah.in * aw.in;
-    for (size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += (size_t)gridDim.x * blockDim.x) {
-        size_t r, base, cs;
-        if constexpr (ts_el_nhwc<T>::value) {
-            const size_t c = o % (size_t)C, pix = o / (size_t)C;
-            r = pix % out_plane;
-            base = (pix / out_plane) * in_plane * C + c;
-            cs = (size_t)C;
-        } else {
-            r = o % out_plane;
-            base = (o / out_plane) * in_plane;
-            cs = 1;
+    const unsigned cs = ts_el_nhwc<T>::value ? (unsigned)C : 1u; /* elements from one pixel to the next */
+    const unsigned len = (unsigned)aw.out * cs;                  /* elements per output row (checked) */
+    const size_t in_row = (size_t)aw.in * cs;
+    for (size_t r = blockIdx.y; r < rows; r += gridDim.y) {
+        const size_t plane = r / (size_t)ah.out; /* (n, c) in NCHW, n in NHWC */
+        const int oh = (int)(r - plane * (size_t)ah.out);
+        const T *src = x + (plane * (size_t)ah.in + (size_t)up_src(oh, ah)) * in_row;
+        T *dst = y + r * (size_t)len;
+        for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < len; j += gridDim.x * blockDim.x) {
+            const unsigned ow = cs == 1u ? j : j / cs, c = j - ow * cs;
+            dst[j] = src[(size_t)up_src((int)ow, aw) * cs + c];
         }
-        const int oh = (int)(r / (size_t)aw.out), ow = (int)(r % (size_t)aw.out);
-        y[o] = x[base + ((size_t)up_src(oh, ah) * aw.in + up_src(ow, aw)) * cs];
     }
 }
 
@@ -112,11 +114,30 @@ extern "C" ts_status ts_cuda_upsample_nearest_forward(ts_ctx *ctx, ts_tensor *y,
     if (st != TS_OK) return st;
     ts_cuda_state *cs;
     if ((st = ts_ops_state(op, &cs)) != TS_OK) return st;
-    const size_t total = ts_tensor_numel(y);
     const up_axis ah = up_axis_of(x->h, y->h), aw = up_axis_of(x->w, y->w);
-#define LAUNCH(T)                                                                          \
-    upsample_forward_kernel<T><<<ts_ops_grid(cs, total), TS_OPS_THREADS, 0, cs->stream>>>( \
-        ts_el_ptr<T>(y), ts_el_ptr<T>(x), ah, aw, x->c, total)
+    const int nhwc = x->dtype != TS_F32;
+    const size_t len = (size_t)y->w * (nhwc ? (size_t)y->c : 1u);
+    const size_t rows = (size_t)y->n * (nhwc ? 1u : (size_t)y->c) * (size_t)y->h;
+    if (len > UINT_MAX) {
+        char s[TS_SHAPE_STR];
+        return ts_error(TS_ERR_UNSUPPORTED, "%s: y %s has 2^32 or more elements per row; use a narrower tile", op,
+                        ts_shape_str(y, s));
+    }
+    /* Threads across a row (a warp multiple, no wider than the row), block
+     * rows down the rows: about one full wave of resident threads, as
+     * ts_ops_grid sizes the flat loops. Any grid gives the same copy. */
+    const unsigned threads = len >= TS_OPS_THREADS ? TS_OPS_THREADS : (unsigned)((len + 31) / 32 * 32);
+    const size_t cap = ts_ops_resident_blocks(cs) * (size_t)(TS_OPS_THREADS / threads);
+    size_t gx = (len + threads - 1) / threads;
+    if (gx > cap) gx = cap;
+    size_t gy = cap / gx;
+    if (gy > rows) gy = rows;
+    if (gy > 65535) gy = 65535;
+    if (gy < 1) gy = 1;
+    const dim3 grid((unsigned)gx, (unsigned)gy);
+#define LAUNCH(T)                                                                                                  \
+    upsample_forward_kernel<T><<<grid, threads, 0, cs->stream>>>(ts_el_ptr<T>(y), ts_el_ptr<T>(x), ah, aw, x->c, \
+                                                                 rows)
     TS_EL_DISPATCH(x->dtype, LAUNCH)
 #undef LAUNCH
     TS_CUDA_LAUNCH_CHECK();
