@@ -76,6 +76,13 @@ if ! python3 -m pip download -q --no-deps --only-binary=:all: -d "$kit/wheels" \
     echo "gpu_kit: could not download the segmentation-models-pytorch wheel: gpu_compare will say so there" >&2
 fi
 cp tools/gpu_kit_run.sh "$kit/run.sh"
+# The commit the programs were built from (with -dirty for uncommitted
+# changes): run.sh puts it in the summary beside the working tree's.
+{
+    c=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+    git diff --quiet HEAD 2>/dev/null || c="$c-dirty"
+    echo "$c"
+} >"$kit/built-from"
 du -sh "$kit"
 # A device call carries the tracked files and the kit, 64 MiB in all.
 tracked=$(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {print s + 0}')

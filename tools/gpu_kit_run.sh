@@ -90,6 +90,12 @@ want() { case "$steps" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
     "$T" version 2>&1
     git log -1 --format='commit %h %s' 2>/dev/null
+    built=$(cat "$kit/built-from" 2>/dev/null || echo unknown)
+    echo "kit built from: $built"
+    case "$built" in
+    "$(git rev-parse --short=12 HEAD 2>/dev/null)") ;;
+    *) echo "WARNING: the kit was not built from this working tree's commit: rebuild it (tools/gpu_kit.sh)" ;;
+    esac
 } >>"$sum"
 
 # 1. The GPU tests (the same programs tools/test_gpu.sh runs through ctest).
