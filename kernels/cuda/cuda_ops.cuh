@@ -159,7 +159,7 @@ static __global__ void ts_reduce_partials_kernel(const double *part, double *out
 #endif
 
 /* ---- element types of the half paths (kernels/tensor.h) ------------------- */
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(TS_CUDA_EMU) /* nvcc, or the host build of tests/cuda_emu */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
