@@ -3,6 +3,8 @@
 #   build/       Release, warnings as errors, CUDA when nvcc and cuDNN are found (the CUDA code and the
 #                GPU tests are compiled and linked; the GPU tests run only in tools/test_gpu.sh)
 #   build-asan/  Debug with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only)
+#   build-emu/   the CUDA backend on tests/cuda_emu, a CPU emulation of CUDA, cuDNN and cuBLAS: the GPU
+#                tests without a GPU (tools/test_emu.sh)
 # Usage: tools/test.sh            (from anywhere; .ci/run calls it)
 set -eu
 cd "$(dirname "$0")/.."
@@ -22,3 +24,11 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DTERRASEG_SANITIZE=ON -DTERRA
 cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir build-asan --output-on-failure
+
+echo "== CUDA backend on the emulator (tests/cuda_emu)"
+# It needs the CUDA and cuDNN headers (not a GPU, not nvcc), as the Release build's CUDA code does.
+if [ -f /usr/local/cuda/include/cuda_runtime_api.h ] && [ -f /usr/local/cuda/include/cudnn.h ]; then
+    tools/test_emu.sh --no-setup
+else
+    echo "test: the CUDA emulator stage did not run: no CUDA and cuDNN headers under /usr/local/cuda/include" >&2
+fi
