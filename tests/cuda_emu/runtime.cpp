@@ -201,7 +201,8 @@ bool capture_forbids(const char *call)
 {
     if (!g_capturing) return false;
     g_capturing->invalidated = true;
-    complain(cudaErrorStreamCaptureUnsupported, "%s while a stream is being captured: the capture is invalidated", call);
+    complain(cudaErrorStreamCaptureUnsupported, "%s while a stream is being captured: the capture is invalidated",
+             call);
     return true;
 }
 
@@ -437,7 +438,8 @@ void print_profile(void)
 {
     std::vector<std::pair<std::string, kernel_profile>> v(g_profile->begin(), g_profile->end());
     std::sort(v.begin(), v.end(), [](const auto &a, const auto &b) { return a.second.seconds > b.second.seconds; });
-    fprintf(stderr, "cuda-emu profile: %-40s %10s %12s %14s %10s\n", "kernel", "launches", "blocks", "threads", "seconds");
+    fprintf(stderr, "cuda-emu profile: %-40s %10s %12s %14s %10s\n", "kernel", "launches", "blocks", "threads",
+            "seconds");
     for (const auto &e : v)
         fprintf(stderr, "cuda-emu profile: %-40s %10lu %12lu %14lu %10.3f\n", e.first.c_str(), e.second.launches,
                 e.second.blocks, e.second.threads, e.second.seconds);
@@ -784,7 +786,8 @@ cudaError_t CUDARTAPI cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph)
 {
     LOCK();
     *graph = nullptr;
-    if (!s || !s->capturing) return complain(cudaErrorIllegalState, "cudaStreamEndCapture: the stream is not capturing");
+    if (!s || !s->capturing)
+        return complain(cudaErrorIllegalState, "cudaStreamEndCapture: the stream is not capturing");
     std::unique_ptr<std::vector<op>> ops(s->graph);
     s->graph = nullptr;
     s->capturing = false;
@@ -795,7 +798,8 @@ cudaError_t CUDARTAPI cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph)
         return cudaErrorStreamCaptureInvalidated;
     }
     for (const op &o : *ops)
-        if (o.event) return complain(cudaErrorStreamCaptureUnsupported, "an event record inside a capture is not emulated");
+        if (o.event)
+            return complain(cudaErrorStreamCaptureUnsupported, "an event record inside a capture is not emulated");
     *graph = new CUgraph_st;
     (*graph)->ops = std::move(*ops);
     return cudaSuccess;
@@ -1102,6 +1106,18 @@ template <typename Perf> void fill_perf(const conv_problem &p, conv_dir d, bool 
 
 } // namespace
 
+/* The descriptors and the handle: plain structs here. */
+template <typename T> cudnnStatus_t create_obj(T **out)
+{
+    *out = new T;
+    return CUDNN_STATUS_SUCCESS;
+}
+template <typename T> cudnnStatus_t destroy_obj(T *p)
+{
+    delete p;
+    return CUDNN_STATUS_SUCCESS;
+}
+
 extern "C" {
 
 size_t CUDNNWINAPI cudnnGetVersion(void) { return CUDNN_VERSION; }
@@ -1118,32 +1134,16 @@ const char *CUDNNWINAPI cudnnGetErrorString(cudnnStatus_t s)
     }
 }
 
-cudnnStatus_t CUDNNWINAPI cudnnCreate(cudnnHandle_t *h)
-{
-    *h = new cudnnContext;
-    return CUDNN_STATUS_SUCCESS;
-}
-cudnnStatus_t CUDNNWINAPI cudnnDestroy(cudnnHandle_t h)
-{
-    delete h;
-    return CUDNN_STATUS_SUCCESS;
-}
+cudnnStatus_t CUDNNWINAPI cudnnCreate(cudnnHandle_t *h) { return create_obj(h); }
+cudnnStatus_t CUDNNWINAPI cudnnDestroy(cudnnHandle_t h) { return destroy_obj(h); }
 cudnnStatus_t CUDNNWINAPI cudnnSetStream(cudnnHandle_t h, cudaStream_t s)
 {
     h->stream = s;
     return CUDNN_STATUS_SUCCESS;
 }
 
-cudnnStatus_t CUDNNWINAPI cudnnCreateTensorDescriptor(cudnnTensorDescriptor_t *d)
-{
-    *d = new cudnnTensorStruct;
-    return CUDNN_STATUS_SUCCESS;
-}
-cudnnStatus_t CUDNNWINAPI cudnnDestroyTensorDescriptor(cudnnTensorDescriptor_t d)
-{
-    delete d;
-    return CUDNN_STATUS_SUCCESS;
-}
+cudnnStatus_t CUDNNWINAPI cudnnCreateTensorDescriptor(cudnnTensorDescriptor_t *d) { return create_obj(d); }
+cudnnStatus_t CUDNNWINAPI cudnnDestroyTensorDescriptor(cudnnTensorDescriptor_t d) { return destroy_obj(d); }
 cudnnStatus_t CUDNNWINAPI cudnnSetTensor4dDescriptor(cudnnTensorDescriptor_t d, cudnnTensorFormat_t format,
                                                      cudnnDataType_t type, int n, int c, int h, int w)
 {
@@ -1161,16 +1161,8 @@ cudnnStatus_t CUDNNWINAPI cudnnSetTensor4dDescriptor(cudnnTensorDescriptor_t d, 
     return CUDNN_STATUS_SUCCESS;
 }
 
-cudnnStatus_t CUDNNWINAPI cudnnCreateFilterDescriptor(cudnnFilterDescriptor_t *d)
-{
-    *d = new cudnnFilterStruct;
-    return CUDNN_STATUS_SUCCESS;
-}
-cudnnStatus_t CUDNNWINAPI cudnnDestroyFilterDescriptor(cudnnFilterDescriptor_t d)
-{
-    delete d;
-    return CUDNN_STATUS_SUCCESS;
-}
+cudnnStatus_t CUDNNWINAPI cudnnCreateFilterDescriptor(cudnnFilterDescriptor_t *d) { return create_obj(d); }
+cudnnStatus_t CUDNNWINAPI cudnnDestroyFilterDescriptor(cudnnFilterDescriptor_t d) { return destroy_obj(d); }
 cudnnStatus_t CUDNNWINAPI cudnnSetFilter4dDescriptor(cudnnFilterDescriptor_t d, cudnnDataType_t type,
                                                      cudnnTensorFormat_t format, int k, int c, int h, int w)
 {
@@ -1180,16 +1172,8 @@ cudnnStatus_t CUDNNWINAPI cudnnSetFilter4dDescriptor(cudnnFilterDescriptor_t d, 
     return CUDNN_STATUS_SUCCESS;
 }
 
-cudnnStatus_t CUDNNWINAPI cudnnCreateConvolutionDescriptor(cudnnConvolutionDescriptor_t *d)
-{
-    *d = new cudnnConvolutionStruct;
-    return CUDNN_STATUS_SUCCESS;
-}
-cudnnStatus_t CUDNNWINAPI cudnnDestroyConvolutionDescriptor(cudnnConvolutionDescriptor_t d)
-{
-    delete d;
-    return CUDNN_STATUS_SUCCESS;
-}
+cudnnStatus_t CUDNNWINAPI cudnnCreateConvolutionDescriptor(cudnnConvolutionDescriptor_t *d) { return create_obj(d); }
+cudnnStatus_t CUDNNWINAPI cudnnDestroyConvolutionDescriptor(cudnnConvolutionDescriptor_t d) { return destroy_obj(d); }
 cudnnStatus_t CUDNNWINAPI cudnnSetConvolution2dDescriptor(cudnnConvolutionDescriptor_t d, int ph, int pw, int sh,
                                                           int sw, int dh, int dw, cudnnConvolutionMode_t mode,
                                                           cudnnDataType_t compute)
@@ -1217,16 +1201,8 @@ cudnnStatus_t CUDNNWINAPI cudnnGetConvolution2dForwardOutputDim(const cudnnConvo
     return CUDNN_STATUS_SUCCESS;
 }
 
-cudnnStatus_t CUDNNWINAPI cudnnCreateActivationDescriptor(cudnnActivationDescriptor_t *d)
-{
-    *d = new cudnnActivationStruct;
-    return CUDNN_STATUS_SUCCESS;
-}
-cudnnStatus_t CUDNNWINAPI cudnnDestroyActivationDescriptor(cudnnActivationDescriptor_t d)
-{
-    delete d;
-    return CUDNN_STATUS_SUCCESS;
-}
+cudnnStatus_t CUDNNWINAPI cudnnCreateActivationDescriptor(cudnnActivationDescriptor_t *d) { return create_obj(d); }
+cudnnStatus_t CUDNNWINAPI cudnnDestroyActivationDescriptor(cudnnActivationDescriptor_t d) { return destroy_obj(d); }
 cudnnStatus_t CUDNNWINAPI cudnnSetActivationDescriptor(cudnnActivationDescriptor_t d, cudnnActivationMode_t mode,
                                                        cudnnNanPropagation_t nan, double coef)
 {
@@ -1265,116 +1241,100 @@ cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(cud
         if (s_ != CUDNN_STATUS_SUCCESS) return s_;      \
     }
 
-cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionForwardAlgorithm_v7(cudnnHandle_t h, const cudnnTensorDescriptor_t x,
+} // extern "C"
+
+namespace {
+/* The six algorithm lists (heuristic _v7 and measured Find, per direction)
+ * and the three workspace queries differ only in their argument order. */
+template <typename Perf>
+cudnnStatus_t list_algos(const cudnnTensorStruct *x, const cudnnFilterStruct *w, const cudnnConvolutionStruct *cv,
+                         const cudnnTensorStruct *y, conv_dir d, const char *find_call, int req, int *got, Perf *perf)
+{
+    LOCK();
+    if (find_call && capture_forbids(find_call)) return CUDNN_STATUS_BAD_PARAM; /* Find runs and waits */
+    PROBLEM_OR_RETURN(x, w, cv, y);
+    fill_perf(p, d, find_call != nullptr, req, got, perf);
+    return CUDNN_STATUS_SUCCESS;
+}
+
+cudnnStatus_t workspace_query(const cudnnTensorStruct *x, const cudnnFilterStruct *w, const cudnnConvolutionStruct *cv,
+                              const cudnnTensorStruct *y, int algo, size_t *bytes)
+{
+    PROBLEM_OR_RETURN(x, w, cv, y);
+    if (algo < 0 || algo >= N_ALGOS) return CUDNN_STATUS_NOT_SUPPORTED;
+    *bytes = algo_workspace(p, algo);
+    return CUDNN_STATUS_SUCCESS;
+}
+} // namespace
+
+extern "C" {
+
+cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionForwardAlgorithm_v7(cudnnHandle_t, const cudnnTensorDescriptor_t x,
                                                                  const cudnnFilterDescriptor_t w,
                                                                  const cudnnConvolutionDescriptor_t cv,
                                                                  const cudnnTensorDescriptor_t y, const int req,
                                                                  int *got, cudnnConvolutionFwdAlgoPerf_t *perf)
 {
-    (void)h;
-    PROBLEM_OR_RETURN(x, w, cv, y);
-    fill_perf(p, DIR_FWD, false, req, got, perf);
-    return CUDNN_STATUS_SUCCESS;
+    return list_algos(x, w, cv, y, DIR_FWD, nullptr, req, got, perf);
 }
-cudnnStatus_t CUDNNWINAPI cudnnFindConvolutionForwardAlgorithm(cudnnHandle_t h, const cudnnTensorDescriptor_t x,
+cudnnStatus_t CUDNNWINAPI cudnnFindConvolutionForwardAlgorithm(cudnnHandle_t, const cudnnTensorDescriptor_t x,
                                                                const cudnnFilterDescriptor_t w,
                                                                const cudnnConvolutionDescriptor_t cv,
                                                                const cudnnTensorDescriptor_t y, const int req,
                                                                int *got, cudnnConvolutionFwdAlgoPerf_t *perf)
 {
-    LOCK();
-    (void)h;
-    if (capture_forbids("cudnnFindConvolutionForwardAlgorithm")) return CUDNN_STATUS_BAD_PARAM;
-    PROBLEM_OR_RETURN(x, w, cv, y);
-    fill_perf(p, DIR_FWD, true, req, got, perf);
-    return CUDNN_STATUS_SUCCESS;
+    return list_algos(x, w, cv, y, DIR_FWD, "cudnnFindConvolutionForwardAlgorithm", req, got, perf);
 }
 cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionBackwardDataAlgorithm_v7(
-    cudnnHandle_t h, const cudnnFilterDescriptor_t w, const cudnnTensorDescriptor_t dy,
+    cudnnHandle_t, const cudnnFilterDescriptor_t w, const cudnnTensorDescriptor_t dy,
     const cudnnConvolutionDescriptor_t cv, const cudnnTensorDescriptor_t dx, const int req, int *got,
     cudnnConvolutionBwdDataAlgoPerf_t *perf)
 {
-    (void)h;
-    PROBLEM_OR_RETURN(dx, w, cv, dy);
-    fill_perf(p, DIR_BWD_DATA, false, req, got, perf);
-    return CUDNN_STATUS_SUCCESS;
+    return list_algos(dx, w, cv, dy, DIR_BWD_DATA, nullptr, req, got, perf);
 }
-cudnnStatus_t CUDNNWINAPI cudnnFindConvolutionBackwardDataAlgorithm(cudnnHandle_t h,
-                                                                    const cudnnFilterDescriptor_t w,
-                                                                    const cudnnTensorDescriptor_t dy,
-                                                                    const cudnnConvolutionDescriptor_t cv,
-                                                                    const cudnnTensorDescriptor_t dx, const int req,
-                                                                    int *got, cudnnConvolutionBwdDataAlgoPerf_t *perf)
+cudnnStatus_t CUDNNWINAPI cudnnFindConvolutionBackwardDataAlgorithm(
+    cudnnHandle_t, const cudnnFilterDescriptor_t w, const cudnnTensorDescriptor_t dy,
+    const cudnnConvolutionDescriptor_t cv, const cudnnTensorDescriptor_t dx, const int req, int *got,
+    cudnnConvolutionBwdDataAlgoPerf_t *perf)
 {
-    LOCK();
-    (void)h;
-    if (capture_forbids("cudnnFindConvolutionBackwardDataAlgorithm")) return CUDNN_STATUS_BAD_PARAM;
-    PROBLEM_OR_RETURN(dx, w, cv, dy);
-    fill_perf(p, DIR_BWD_DATA, true, req, got, perf);
-    return CUDNN_STATUS_SUCCESS;
+    return list_algos(dx, w, cv, dy, DIR_BWD_DATA, "cudnnFindConvolutionBackwardDataAlgorithm", req, got, perf);
 }
 cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionBackwardFilterAlgorithm_v7(
-    cudnnHandle_t h, const cudnnTensorDescriptor_t x, const cudnnTensorDescriptor_t dy,
+    cudnnHandle_t, const cudnnTensorDescriptor_t x, const cudnnTensorDescriptor_t dy,
     const cudnnConvolutionDescriptor_t cv, const cudnnFilterDescriptor_t dw, const int req, int *got,
     cudnnConvolutionBwdFilterAlgoPerf_t *perf)
 {
-    (void)h;
-    PROBLEM_OR_RETURN(x, dw, cv, dy);
-    fill_perf(p, DIR_BWD_FILTER, false, req, got, perf);
-    return CUDNN_STATUS_SUCCESS;
+    return list_algos(x, dw, cv, dy, DIR_BWD_FILTER, nullptr, req, got, perf);
 }
 cudnnStatus_t CUDNNWINAPI cudnnFindConvolutionBackwardFilterAlgorithm(
-    cudnnHandle_t h, const cudnnTensorDescriptor_t x, const cudnnTensorDescriptor_t dy,
+    cudnnHandle_t, const cudnnTensorDescriptor_t x, const cudnnTensorDescriptor_t dy,
     const cudnnConvolutionDescriptor_t cv, const cudnnFilterDescriptor_t dw, const int req, int *got,
     cudnnConvolutionBwdFilterAlgoPerf_t *perf)
 {
-    LOCK();
-    (void)h;
-    if (capture_forbids("cudnnFindConvolutionBackwardFilterAlgorithm")) return CUDNN_STATUS_BAD_PARAM;
-    PROBLEM_OR_RETURN(x, dw, cv, dy);
-    fill_perf(p, DIR_BWD_FILTER, true, req, got, perf);
-    return CUDNN_STATUS_SUCCESS;
+    return list_algos(x, dw, cv, dy, DIR_BWD_FILTER, "cudnnFindConvolutionBackwardFilterAlgorithm", req, got, perf);
 }
 
-cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionForwardWorkspaceSize(cudnnHandle_t h, const cudnnTensorDescriptor_t x,
+cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionForwardWorkspaceSize(cudnnHandle_t, const cudnnTensorDescriptor_t x,
                                                                   const cudnnFilterDescriptor_t w,
                                                                   const cudnnConvolutionDescriptor_t cv,
                                                                   const cudnnTensorDescriptor_t y,
                                                                   cudnnConvolutionFwdAlgo_t algo, size_t *bytes)
 {
-    (void)h;
-    PROBLEM_OR_RETURN(x, w, cv, y);
-    if ((int)algo < 0 || (int)algo >= N_ALGOS) return CUDNN_STATUS_NOT_SUPPORTED;
-    *bytes = algo_workspace(p, (int)algo);
-    return CUDNN_STATUS_SUCCESS;
+    return workspace_query(x, w, cv, y, (int)algo, bytes);
 }
-cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionBackwardDataWorkspaceSize(cudnnHandle_t h,
-                                                                       const cudnnFilterDescriptor_t w,
-                                                                       const cudnnTensorDescriptor_t dy,
-                                                                       const cudnnConvolutionDescriptor_t cv,
-                                                                       const cudnnTensorDescriptor_t dx,
-                                                                       cudnnConvolutionBwdDataAlgo_t algo,
-                                                                       size_t *bytes)
+cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionBackwardDataWorkspaceSize(
+    cudnnHandle_t, const cudnnFilterDescriptor_t w, const cudnnTensorDescriptor_t dy,
+    const cudnnConvolutionDescriptor_t cv, const cudnnTensorDescriptor_t dx, cudnnConvolutionBwdDataAlgo_t algo,
+    size_t *bytes)
 {
-    (void)h;
-    PROBLEM_OR_RETURN(dx, w, cv, dy);
-    if ((int)algo < 0 || (int)algo >= N_ALGOS) return CUDNN_STATUS_NOT_SUPPORTED;
-    *bytes = algo_workspace(p, (int)algo);
-    return CUDNN_STATUS_SUCCESS;
+    return workspace_query(dx, w, cv, dy, (int)algo, bytes);
 }
-cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionBackwardFilterWorkspaceSize(cudnnHandle_t h,
-                                                                         const cudnnTensorDescriptor_t x,
-                                                                         const cudnnTensorDescriptor_t dy,
-                                                                         const cudnnConvolutionDescriptor_t cv,
-                                                                         const cudnnFilterDescriptor_t dw,
-                                                                         cudnnConvolutionBwdFilterAlgo_t algo,
-                                                                         size_t *bytes)
+cudnnStatus_t CUDNNWINAPI cudnnGetConvolutionBackwardFilterWorkspaceSize(
+    cudnnHandle_t, const cudnnTensorDescriptor_t x, const cudnnTensorDescriptor_t dy,
+    const cudnnConvolutionDescriptor_t cv, const cudnnFilterDescriptor_t dw, cudnnConvolutionBwdFilterAlgo_t algo,
+    size_t *bytes)
 {
-    (void)h;
-    PROBLEM_OR_RETURN(x, dw, cv, dy);
-    if ((int)algo < 0 || (int)algo >= N_ALGOS) return CUDNN_STATUS_NOT_SUPPORTED;
-    *bytes = algo_workspace(p, (int)algo);
-    return CUDNN_STATUS_SUCCESS;
+    return workspace_query(x, dw, cv, dy, (int)algo, bytes);
 }
 
 /* ---- the convolutions: checked now, computed when the stream runs them ---- */
