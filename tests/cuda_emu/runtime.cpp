@@ -41,7 +41,10 @@
 #include <sys/mman.h>
 #include <time.h>
 #if !defined(__x86_64__)
-#include <ucontext.h>
+#error "tests/cuda_emu switches between CUDA threads with an x86-64 routine (runtime.cpp); port ts_emu_switch"
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
 #endif
 
 #include <cblas.h>
@@ -211,16 +214,13 @@ bool capture_forbids(const char *call)
 /* A CUDA thread's own stack and saved context. Switching is the emulator's
  * hot loop (a reduction's block passes a dozen barriers), so on x86-64 it is
  * ts_emu_switch below: the callee-saved registers, about as costly as a
- * call. swapcontext would also save the signal mask
- * with a system call each time, ten times slower; it remains the portable
- * fallback. */
+ * call (swapcontext would also save the signal mask with a system call each
+ * time, ten times slower). Under AddressSanitizer every switch is announced
+ * to it, so that it knows which stack is live. */
 enum fiber_state { FIBER_READY, FIBER_BARRIER, FIBER_DONE };
 struct fiber {
-#if defined(__x86_64__)
-    void *sp;
-#else
-    ucontext_t ctx;
-#endif
+    void *sp = nullptr;
+    void *asan_fake_stack = nullptr; /* AddressSanitizer's bookkeeping of this stack */
     char *stack = nullptr;
     size_t size = 0; /* of the stack, less a stagger (run_kernel) */
     fiber_state state = FIBER_DONE;
@@ -234,7 +234,6 @@ ts_emu_body *g_body = nullptr;
 unsigned long g_launches = 0;
 const char *g_kernel_name = "";
 
-#if defined(__x86_64__)
 } // namespace
 /* ts_emu_switch(&save, to): pushes the callee-saved registers, stores the
  * stack pointer in *save, loads `to` and pops the same from there (System V
@@ -254,10 +253,34 @@ asm(".text\n"
 namespace {
 void *g_sched_sp;
 
+#if defined(__SANITIZE_ADDRESS__)
+void *g_sched_fake_stack;
+const void *g_sched_bottom;
+size_t g_sched_size;
+/* Around a switch from the scheduler to f, and back in the scheduler. */
+void asan_to_fiber(fiber &f) { __sanitizer_start_switch_fiber(&g_sched_fake_stack, f.stack, f.size); }
+void asan_in_scheduler(void) { __sanitizer_finish_switch_fiber(g_sched_fake_stack, nullptr, nullptr); }
+/* Around a switch from f to the scheduler (f_ends: f will not run again
+ * before it is restarted), and back in f. */
+void asan_to_scheduler(fiber &f, bool f_ends)
+{
+    __sanitizer_start_switch_fiber(f_ends ? nullptr : &f.asan_fake_stack, g_sched_bottom, g_sched_size);
+}
+void asan_in_fiber(fiber &f) { __sanitizer_finish_switch_fiber(f.asan_fake_stack, &g_sched_bottom, &g_sched_size); }
+#else
+void asan_to_fiber(fiber &) {}
+void asan_in_scheduler(void) {}
+void asan_to_scheduler(fiber &, bool) {}
+void asan_in_fiber(fiber &) {}
+#endif
+
 [[noreturn]] void fiber_main(void)
 {
+    g_cur->asan_fake_stack = nullptr;
+    asan_in_fiber(*g_cur);
     g_body->run();
     g_cur->state = FIBER_DONE;
+    asan_to_scheduler(*g_cur, true);
     ts_emu_switch(&g_cur->sp, g_sched_sp); /* a finished fiber is never resumed, only restarted */
     die("a finished thread was resumed");
 }
@@ -273,37 +296,18 @@ void fiber_init(fiber &f)
     for (int i = 0; i < 6; i++) *--top = 0; /* rbp rbx r12 r13 r14 r15 */
     f.sp = top;
 }
-void to_fiber(fiber &f) { ts_emu_switch(&g_sched_sp, f.sp); }
-void to_scheduler(fiber &f) { ts_emu_switch(&f.sp, g_sched_sp); }
-#else
-ucontext_t g_sched;
-
-void fiber_main(void)
+void to_fiber(fiber &f)
 {
-    g_body->run();
-    g_cur->state = FIBER_DONE;
-    /* returns to uc_link, the scheduler */
+    asan_to_fiber(f);
+    ts_emu_switch(&g_sched_sp, f.sp);
+    asan_in_scheduler();
 }
-
-/* getcontext and swapcontext return twice: in functions of their own, the
- * callers' locals need not survive that. */
-__attribute__((noinline)) void fiber_init(fiber &f)
+void to_scheduler(fiber &f)
 {
-    if (getcontext(&f.ctx) != 0) die("getcontext failed");
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = f.size;
-    f.ctx.uc_link = &g_sched;
-    makecontext(&f.ctx, fiber_main, 0);
+    asan_to_scheduler(f, false);
+    ts_emu_switch(&f.sp, g_sched_sp);
+    asan_in_fiber(f);
 }
-__attribute__((noinline)) void to_fiber(fiber &f)
-{
-    if (swapcontext(&g_sched, &f.ctx) != 0) die("swapcontext failed");
-}
-__attribute__((noinline)) void to_scheduler(fiber &f)
-{
-    if (swapcontext(&f.ctx, &g_sched) != 0) die("swapcontext failed");
-}
-#endif
 
 /* Runs f until it returns or reaches a barrier. */
 void resume(fiber &f)
