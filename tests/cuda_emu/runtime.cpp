@@ -38,7 +38,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/types.h>
 #include <time.h>
 #if !defined(__x86_64__)
 #error "tests/cuda_emu switches between CUDA threads with an x86-64 routine (runtime.cpp); port ts_emu_switch"
@@ -109,8 +111,89 @@ int g_device = 0;
 struct alloc_info {
     size_t bytes;
     bool device; /* cudaMalloc; else cudaHostAlloc */
+    char *map;   /* the device allocation's mapping (see device_map), or NULL */
+    size_t map_bytes, data_bytes;
 };
 std::map<char *, alloc_info> g_allocs;
+
+/* Device memory is the host's, but the host may not touch it: outside the
+ * work a stream runs (kernels, copies, cuDNN), every device allocation is
+ * PROT_NONE, so host code that dereferences a device pointer faults here as
+ * it would crash on a GPU, and fault_handler names the allocation. Each
+ * allocation also ends at a page that is never accessible, so a kernel that
+ * runs off its end (by more than the 256-byte rounding) faults too. Under
+ * AddressSanitizer device memory is plain malloc instead: its redzones
+ * catch the overruns, and it does not follow protected mappings. */
+#if defined(__SANITIZE_ADDRESS__)
+const bool k_protect = false;
+#else
+const bool k_protect = true;
+#endif
+const size_t k_page = 4096;
+int g_device_open = 0; /* nesting count of device_scope */
+
+void protect_all(int prot)
+{
+    for (auto &e : g_allocs)
+        if (e.second.map && mprotect(e.second.map, e.second.data_bytes, prot) != 0) die("mprotect failed");
+}
+
+/* While one exists, device memory is accessible: the stream work runs. */
+struct device_scope {
+    device_scope()
+    {
+        if (k_protect && g_device_open++ == 0) protect_all(PROT_READ | PROT_WRITE);
+    }
+    ~device_scope()
+    {
+        if (k_protect && --g_device_open == 0) protect_all(PROT_NONE);
+    }
+};
+
+void fault_handler(int sig, siginfo_t *si, void *)
+{
+    const char *a = (const char *)si->si_addr;
+    for (const auto &e : g_allocs) {
+        const alloc_info &i = e.second;
+        if (!i.map || a < i.map || a >= i.map + i.map_bytes) continue;
+        if (a >= e.first && a < e.first + i.bytes)
+            fprintf(stderr, "cuda-emu: FATAL: the host touched device memory at %p (byte %zu of a %zu-byte cudaMalloc "
+                            "allocation at %p) outside the stream's work: on a GPU that is a crash too\n",
+                    (const void *)a, (size_t)(a - e.first), i.bytes, (void *)e.first);
+        else
+            fprintf(stderr, "cuda-emu: FATAL: an access at %p, %zd bytes past the end of the %zu-byte cudaMalloc "
+                            "allocation at %p\n",
+                    (const void *)a, (ssize_t)(a - (e.first + i.bytes)), i.bytes, (void *)e.first);
+        abort();
+    }
+    signal(sig, SIG_DFL); /* not ours: the default action, when the access repeats */
+}
+
+/* A device allocation of `bytes`: at the end of its own pages (rounded to
+ * 256 bytes, cudaMalloc's alignment), a never-accessible page after them. */
+char *device_map(size_t bytes, alloc_info *info)
+{
+    static bool handler;
+    if (!handler) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = fault_handler;
+        sa.sa_flags = SA_SIGINFO;
+        sigaction(SIGSEGV, &sa, nullptr);
+        handler = true;
+    }
+    const size_t rounded = (bytes + 255) / 256 * 256;
+    const size_t data = (rounded + k_page - 1) / k_page * k_page;
+    void *m = mmap(nullptr, data + k_page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    *info = alloc_info{bytes, true, (char *)m, data + k_page, data};
+    /* Filled while accessible, then as closed as the rest. */
+    if (mprotect(m, data, PROT_READ | PROT_WRITE) != 0) die("mprotect failed");
+    char *p = (char *)m + data - rounded;
+    memset(p, 0xff, rounded);
+    if (!g_device_open && mprotect(m, data, PROT_NONE) != 0) die("mprotect failed");
+    return p;
+}
 
 /* The allocation holding [p, p + n), or NULL. */
 const alloc_info *find_alloc(const void *p, size_t n, char **base)
@@ -161,6 +244,7 @@ CUstream_st *g_capturing = nullptr; /* the stream being captured (one at a time 
 
 void run_op(op &o)
 {
+    device_scope open;
     if (o.event)
         o.event->done = true;
     else
@@ -169,6 +253,7 @@ void run_op(op &o)
 
 void flush(CUstream_st *s)
 {
+    device_scope open; /* once for the whole queue (run_op's own is then a count) */
     while (!s->queue.empty()) {
         op o = std::move(s->queue.front());
         s->queue.pop_front();
@@ -178,6 +263,7 @@ void flush(CUstream_st *s)
 
 void flush_all(void)
 {
+    device_scope open;
     for (CUstream_st *s : g_streams) flush(s);
 }
 
@@ -608,11 +694,17 @@ cudaError_t CUDARTAPI cudaMalloc(void **p, size_t bytes)
     LOCK();
     *p = nullptr;
     if (capture_forbids("cudaMalloc")) return cudaErrorStreamCaptureUnsupported;
-    /* At least one byte, so every allocation has its own address. */
-    char *m = (char *)malloc(bytes ? bytes : 1);
+    alloc_info info{bytes, true, nullptr, 0, 0};
+    char *m;
+    if (k_protect) {
+        m = device_map(bytes, &info);
+    } else {
+        /* At least one byte, so every allocation has its own address. */
+        m = (char *)malloc(bytes ? bytes : 1);
+        if (m) memset(m, 0xff, bytes);
+    }
     if (!m) return cudaErrorMemoryAllocation;
-    memset(m, 0xff, bytes);
-    g_allocs[m] = alloc_info{bytes, true};
+    g_allocs[m] = info;
     *p = m;
     return cudaSuccess;
 }
@@ -628,8 +720,12 @@ static cudaError_t free_common(void *p, bool device, const char *call)
                         device ? "cudaMalloc" : "cudaHostAlloc");
     /* cudaFree waits for the device: queued work may still use the memory. */
     flush_all();
+    const alloc_info info = it->second;
     g_allocs.erase(it);
-    free(p);
+    if (info.map)
+        munmap(info.map, info.map_bytes);
+    else
+        free(p);
     return cudaSuccess;
 }
 
@@ -644,7 +740,7 @@ cudaError_t CUDARTAPI cudaHostAlloc(void **p, size_t bytes, unsigned int flags)
     char *m = (char *)malloc(bytes ? bytes : 1);
     if (!m) return cudaErrorMemoryAllocation;
     memset(m, 0xff, bytes);
-    g_allocs[m] = alloc_info{bytes, false};
+    g_allocs[m] = alloc_info{bytes, false, nullptr, 0, 0};
     *p = m;
     return cudaSuccess;
 }
