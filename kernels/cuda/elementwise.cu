@@ -29,7 +29,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#define TS_OPS_WANT_REDUCE
 #include "cuda_ops.cuh"
 
 /* The grid-stride loop of every kernel here. */
@@ -277,84 +276,131 @@ extern "C" ts_status ts_cuda_zero(ts_ctx *ctx, float *p, size_t n)
 
 /* The reduction's grid is a function of n alone, never of the GPU (the
  * sm_count sizing of the other ops would change the partition, and so the
- * bits, from one device to another): at most SUMSQ_BLOCKS blocks, thread t of
- * the grid adding x[t], x[t + G], x[t + 2G], ... (G = blocks x threads) in
- * that order, then each block's fixed tree, then one fixed tree over the
- * block partials. No atomics. 1024 x 256 threads keep an H100 busy. */
+ * bits, from one device to another): a tensor of n floats gets
+ * B = min(ceil(n / threads), SUMSQ_BLOCKS) blocks, thread t of those B x
+ * threads adding x[t], x[t + G], x[t + 2G], ... (G = B x threads) in that
+ * order, then each block's fixed tree, then one fixed tree over the tensor's
+ * B block partials. No atomics. 1024 x 256 threads keep an H100 busy.
+ *
+ * Gradient clipping asks for one sum per parameter tensor (140 for the U-Net),
+ * so the kernels take a batch of tensors per launch, as PyTorch's
+ * multi_tensor_apply does: the tensors' pointers, sizes and first blocks
+ * travel in the launch's parameters, tensor j owning blocks
+ * [first[j], first[j + 1]) of the grid. Each block runs exactly what it would
+ * run in a launch of that one tensor, so batching does not change a bit, and
+ * sum_squares is the batch of one. */
 #define SUMSQ_BLOCKS 1024
+#define SUMSQ_BATCH 128 /* tensors per launch: the arguments fit the classic 4 KB of kernel parameters */
 
-static __global__ void sumsq_kernel(double *part, const float *x, size_t n)
+struct sumsq_batch {
+    const float *x[SUMSQ_BATCH];
+    size_t n[SUMSQ_BATCH];
+    unsigned first[SUMSQ_BATCH + 1]; /* first[count]: the launch's grid */
+    int count;
+};
+static_assert(sizeof(sumsq_batch) <= 4096, "sumsq_batch must fit the 4 KB kernel parameter space");
+
+static size_t sumsq_blocks(size_t n)
+{
+    size_t b = (n + TS_OPS_THREADS - 1) / TS_OPS_THREADS;
+    return b > SUMSQ_BLOCKS ? SUMSQ_BLOCKS : b;
+}
+
+/* part[b] = the sum of block b of the grid (b - first[j] of tensor j's). */
+static __global__ void sumsq_kernel(double *part, const sumsq_batch a)
 {
     __shared__ double red[TS_OPS_THREADS];
+    /* The tensor owning this block: the last j with first[j] <= blockIdx.x
+     * (the empty tensors own no block and are never found). */
+    int lo = 0, hi = a.count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (a.first[mid] <= blockIdx.x) lo = mid;
+        else hi = mid - 1;
+    }
+    const float *x = a.x[lo];
+    const size_t n = a.n[lo], nb = a.first[lo + 1] - a.first[lo], G = nb * TS_OPS_THREADS;
     double s = 0;
     /* (double)x * x is exact (24-bit mantissas, 48-bit product), so whether
      * nvcc fuses the multiply into the add does not change a bit. */
-    EW_LOOP(i, n) s += (double)x[i] * (double)x[i];
+    for (size_t i = (size_t)(blockIdx.x - a.first[lo]) * TS_OPS_THREADS + threadIdx.x; i < n; i += G)
+        s += (double)x[i] * (double)x[i];
     s = ts_block_sum(s, red);
     if (threadIdx.x == 0) part[blockIdx.x] = s;
 }
 
-extern "C" ts_status ts_cuda_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_t n)
+/* out[j] = the fixed tree over tensor j's block partials: block j, thread t
+ * adding partials t, t + threads, ... in order (ts_reduce_partials_kernel's
+ * order, per tensor). */
+static __global__ void sumsq_reduce_kernel(const double *part, double *out, const sumsq_batch a)
 {
-    static ts_ops_scratch scratch; /* [0]: the result; [1, 1 + blocks): block partials */
-    (void)ctx;
-    ts_status st = ts_sum_squares_check(sumsq, x, n); /* sets *sumsq = 0 */
-    if (st != TS_OK || n == 0) return st;
-    ts_cuda_state *cs;
-    if ((st = ts_ops_state_host("sum_squares", &cs)) != TS_OK) return st;
-    size_t blocks = (n + TS_OPS_THREADS - 1) / TS_OPS_THREADS;
-    if (blocks > SUMSQ_BLOCKS) blocks = SUMSQ_BLOCKS;
-    void *buf = NULL;
-    if ((st = ts_ops_scratch_get(&scratch, (1 + blocks) * sizeof(double), &buf)) != TS_OK) return st;
-    double *out = (double *)buf, *part = out + 1;
-    sumsq_kernel<<<(unsigned)blocks, TS_OPS_THREADS, 0, cs->stream>>>(part, x, n);
-    TS_CUDA_LAUNCH_CHECK();
-    ts_reduce_partials_kernel<<<1, TS_OPS_THREADS, 0, cs->stream>>>(part, out, blocks, 1);
-    TS_CUDA_LAUNCH_CHECK();
-    double host = 0;
-    TS_CUDA_CHECK(cudaMemcpyAsync(&host, out, sizeof host, cudaMemcpyDeviceToHost, cs->stream));
-    TS_CUDA_CHECK(cudaStreamSynchronize(cs->stream));
-    *sumsq = host;
-    return TS_OK;
+    __shared__ double red[TS_OPS_THREADS];
+    const unsigned j = blockIdx.x, b0 = a.first[j], nb = a.first[j + 1] - b0;
+    double acc = 0;
+    for (unsigned b = threadIdx.x; b < nb; b += TS_OPS_THREADS) acc += part[b0 + b];
+    acc = ts_block_sum(acc, red);
+    if (threadIdx.x == 0) out[j] = acc;
 }
 
-/* The same kernels per tensor (so the same bits as sum_squares), each
- * tensor's result into its own slot of one device array, then one copy and
- * one synchronization for all of them. The block partials of every tensor
- * get their own region of the scratch, since all the launches are queued
- * before any result is read. */
-extern "C" ts_status ts_cuda_sum_squares_multi(ts_ctx *ctx, double *sumsq, const float *const *x, const size_t *n,
-                                               int count)
+/* sumsq[i] for the count tensors, SUMSQ_BATCH consecutive ones per launch
+ * pair (the empty ones own no block but keep their slot): all the launches
+ * queued, then one copy and one synchronization. The results sit in [0,
+ * count) of the scratch, cleared to 0 first (the result of an empty tensor
+ * and of an all-empty batch, which launches nothing); the block partials
+ * after them, one region that every batch reuses, since the stream runs a
+ * batch's reduction before the next batch's partial sums. */
+static ts_status sum_squares_batched(const char *op, double *sumsq, const float *const *x, const size_t *n, int count)
 {
-    static ts_ops_scratch scratch; /* [0, count): results; then each tensor's block partials */
-    (void)ctx;
-    ts_status st = ts_sum_squares_multi_check(sumsq, x, n, count); /* sets every sumsq[i] = 0 */
-    if (st != TS_OK || count == 0) return st;
+    static ts_ops_scratch scratch;
     ts_cuda_state *cs;
-    if ((st = ts_ops_state_host("sum_squares_multi", &cs)) != TS_OK) return st;
-    size_t total = (size_t)count;
-    for (int i = 0; i < count; i++) {
-        size_t blocks = (n[i] + TS_OPS_THREADS - 1) / TS_OPS_THREADS;
-        total += blocks > SUMSQ_BLOCKS ? SUMSQ_BLOCKS : blocks;
+    ts_status st = ts_ops_state_host(op, &cs);
+    if (st != TS_OK) return st;
+    size_t most = 0; /* the largest batch's blocks */
+    for (int i0 = 0; i0 < count; i0 += SUMSQ_BATCH) {
+        size_t blocks = 0;
+        for (int i = i0; i < count && i < i0 + SUMSQ_BATCH; i++) blocks += sumsq_blocks(n[i]);
+        if (blocks > most) most = blocks;
     }
     void *buf = NULL;
-    if ((st = ts_ops_scratch_get(&scratch, total * sizeof(double), &buf)) != TS_OK) return st;
+    if ((st = ts_ops_scratch_get(&scratch, ((size_t)count + most) * sizeof(double), &buf)) != TS_OK) return st;
     double *out = (double *)buf, *part = out + count;
-    /* An empty tensor's result is 0: cleared once for all. */
     TS_CUDA_CHECK(cudaMemsetAsync(out, 0, (size_t)count * sizeof(double), cs->stream));
-    for (int i = 0; i < count; i++) {
-        if (n[i] == 0) continue;
-        size_t blocks = (n[i] + TS_OPS_THREADS - 1) / TS_OPS_THREADS;
-        if (blocks > SUMSQ_BLOCKS) blocks = SUMSQ_BLOCKS;
-        sumsq_kernel<<<(unsigned)blocks, TS_OPS_THREADS, 0, cs->stream>>>(part, x[i], n[i]);
+    for (int i0 = 0; i0 < count; i0 += SUMSQ_BATCH) {
+        sumsq_batch a = {};
+        unsigned blocks = 0;
+        for (int i = i0; i < count && a.count < SUMSQ_BATCH; i++, a.count++) {
+            a.x[a.count] = x[i];
+            a.n[a.count] = n[i];
+            a.first[a.count] = blocks;
+            blocks += (unsigned)sumsq_blocks(n[i]);
+        }
+        a.first[a.count] = blocks;
+        if (blocks == 0) continue;
+        sumsq_kernel<<<blocks, TS_OPS_THREADS, 0, cs->stream>>>(part, a);
         TS_CUDA_LAUNCH_CHECK();
-        ts_reduce_partials_kernel<<<1, TS_OPS_THREADS, 0, cs->stream>>>(part, out + i, blocks, 1);
+        sumsq_reduce_kernel<<<(unsigned)a.count, TS_OPS_THREADS, 0, cs->stream>>>(part, out + i0, a);
         TS_CUDA_LAUNCH_CHECK();
-        part += blocks;
     }
     TS_CUDA_CHECK(cudaMemcpyAsync(sumsq, out, (size_t)count * sizeof(double), cudaMemcpyDeviceToHost, cs->stream));
     TS_CUDA_CHECK(cudaStreamSynchronize(cs->stream));
     return TS_OK;
+}
+
+extern "C" ts_status ts_cuda_sum_squares(ts_ctx *ctx, double *sumsq, const float *x, size_t n)
+{
+    (void)ctx;
+    ts_status st = ts_sum_squares_check(sumsq, x, n); /* sets *sumsq = 0 */
+    if (st != TS_OK || n == 0) return st;
+    return sum_squares_batched("sum_squares", sumsq, &x, &n, 1);
+}
+
+extern "C" ts_status ts_cuda_sum_squares_multi(ts_ctx *ctx, double *sumsq, const float *const *x, const size_t *n,
+                                               int count)
+{
+    (void)ctx;
+    ts_status st = ts_sum_squares_multi_check(sumsq, x, n, count); /* sets every sumsq[i] = 0 */
+    if (st != TS_OK || count == 0) return st;
+    return sum_squares_batched("sum_squares_multi", sumsq, x, n, count);
 }
 
 /* x *= a in float32 (torch's Tensor.mul_ with a float scalar): one rounded

@@ -1147,6 +1147,45 @@ static void test_zero(size_t n)
     pair_free(&b, op, "buffer");
 }
 
+/* The GPU's reduction order, as kernels/cuda/elementwise.cu fixes it from n
+ * alone: B = min(ceil(n / 256), 1024) blocks of 256 threads, thread t adding
+ * x[t], x[t + 256 B], ... in order, a tree within each block (s = 128, 64,
+ * ..., 1: red[t] += red[t + s]), then one block of 256 threads adding the B
+ * partials strided the same way and the same tree. Its sum must match the
+ * GPU's bit for bit: that is the determinism the backend promises on any
+ * GPU, whichever batch of a multi-tensor call a tensor lands in. */
+static double tree256(double *red)
+{
+    for (int s = 128; s > 0; s >>= 1)
+        for (int t = 0; t < s; t++) red[t] += red[t + s];
+    return red[0];
+}
+
+static double sumsq_gpu_order(const float *x, size_t n)
+{
+    if (n == 0) return 0;
+    size_t B = (n + 255) / 256;
+    if (B > 1024) B = 1024;
+    const size_t G = B * 256;
+    double *part = malloc(B * sizeof *part), red[256];
+    if (!part) return NAN;
+    for (size_t b = 0; b < B; b++) {
+        for (size_t t = 0; t < 256; t++) {
+            double acc = 0;
+            for (size_t i = b * 256 + t; i < n; i += G) acc += (double)x[i] * (double)x[i];
+            red[t] = acc;
+        }
+        part[b] = tree256(red);
+    }
+    for (size_t t = 0; t < 256; t++) {
+        double acc = 0;
+        for (size_t b = t; b < B; b += 256) acc += part[b];
+        red[t] = acc;
+    }
+    free(part);
+    return tree256(red);
+}
+
 /* Every x^2 is exact in double and both sides sum in double, so the results
  * agree to double rounding over n terms; 1e-7 also admits squares rounded to
  * float (2^-24 relative each) but not a float accumulator over a long vector. */
@@ -1158,34 +1197,58 @@ static void test_sum_squares(size_t n)
     for (size_t i = 0; i < n; i += 1009) b.h.data[i] = (float)tu_uniform(&rng, -300, 300); /* a few large ones */
     pair_sync(&b);
     double sc = NAN, sg = NAN;
-    if (cpu_ok(cpu->sum_squares(&cctx, &sc, b.h.data, n), op) && gpu_ok(gpu->sum_squares(&gctx, &sg, b.d.data, n), op))
+    if (cpu_ok(cpu->sum_squares(&cctx, &sc, b.h.data, n), op) && gpu_ok(gpu->sum_squares(&gctx, &sg, b.d.data, n), op)) {
         cmp_double(op, "sum", sg, sc, 0, 1e-7);
+        const double want = sumsq_gpu_order(b.h.data, n);
+        check(memcmp(&sg, &want, sizeof sg) == 0, "%s: the bits of the documented GPU order (cuda %.17g, model %.17g)",
+              op, sg, want);
+    }
     pair_free(&b, op, "x");
 }
 
 /* sum_squares_multi on the GPU: the bits of the GPU's own sum_squares per
- * tensor (the same kernels, one synchronization), close to the CPU's. */
+ * tensor, and of the documented order, close to the CPU's. 300 tensors (back
+ * to back in one buffer, as a model's gradients are): the kernels take 128
+ * per launch, so three batches, with empty tensors inside a batch, at a
+ * batch's start, at the end and in a run across the second boundary, and
+ * sizes on both sides of the 1024-block cap (262144 floats). */
 static void test_sum_squares_multi(void)
 {
     const char *op = "sum_squares_multi";
-    enum { M = 4 };
-    const size_t n[M] = {5, 0, 300007, 1};
-    pair b[M];
-    const float *xd[M], *xh[M];
-    double sg[M], sc[M], one[M];
-    for (int i = 0; i < M; i++) {
-        b[i] = vec_rand(n[i] ? n[i] : 1, -2, 2);
-        pair_sync(&b[i]);
-        xd[i] = n[i] ? b[i].d.data : NULL;
-        xh[i] = n[i] ? b[i].h.data : NULL;
+    enum { M = 300 };
+    static size_t n[M];
+    static const float *xd[M], *xh[M];
+    static double sg[M], sc[M], one[M];
+    for (int i = 0; i < M; i++) n[i] = 1 + (size_t)tu_uniform(&rng, 0, 3000);
+    const size_t big[] = {262143, 262144, 262145, 300007, 700001};
+    for (int i = 0; i < 5; i++) n[10 + 50 * i] = big[i];
+    n[0] = n[1] = n[7] = n[128] = 0; /* at a batch's start and inside one */
+    for (int i = 250; i < 262; i++) n[i] = 0; /* across the boundary at 256 */
+    n[M - 1] = 0;                             /* at the end */
+    n[M - 2] = 1;                             /* (n[127], a batch's last, is not empty) */
+    size_t total = 0;
+    for (int i = 0; i < M; i++) total += n[i];
+    pair b = vec_rand(total, -2, 2);
+    pair_sync(&b);
+    for (int i = 0, off = 0; i < M; off += (int)n[i], i++) {
+        xd[i] = n[i] ? b.d.data + off : NULL;
+        xh[i] = n[i] ? b.h.data + off : NULL;
         one[i] = -1;
         gpu_ok(gpu->sum_squares(&gctx, &one[i], xd[i], n[i]), op);
     }
     if (gpu_ok(gpu->sum_squares_multi(&gctx, sg, xd, n, M), op) && cpu_ok(cpu->sum_squares_multi(&cctx, sc, xh, n, M), op)) {
         check(memcmp(sg, one, sizeof sg) == 0, "%s: equals %d single sum_squares on the GPU bit for bit", op, M);
-        for (int i = 0; i < M; i++) cmp_double(op, "sum", sg[i], sc[i], 0, 1e-7);
+        int off = 0, first = -1;
+        for (int i = 0; i < M; i++) {
+            const double want = sumsq_gpu_order(xh[i], n[i]);
+            if (memcmp(&sg[i], &want, sizeof want) != 0 && first < 0) first = i;
+            off += memcmp(&sg[i], &want, sizeof want) != 0;
+            cmp_double(op, "sum", sg[i], sc[i], 0, 1e-7);
+        }
+        check(off == 0, "%s: every tensor has the bits of the documented GPU order (%d of %d off, first %d)", op, off,
+              M, first);
     }
-    for (int i = 0; i < M; i++) pair_free(&b[i], op, "x");
+    pair_free(&b, op, "x");
 }
 
 static void test_scale(size_t n, float a)
