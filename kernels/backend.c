@@ -86,6 +86,22 @@ ts_status ts_backend_get(const char *name, const ts_backend **out)
 #endif
 }
 
+ts_status ts_device_math_set(const ts_device_math *m)
+{
+    if (!m) return ts_error(TS_ERR_INVALID_ARG, "device math settings: NULL");
+#ifdef TERRASEG_HAVE_CUDA
+    ts_cuda_set_deterministic(m->deterministic);
+    ts_cuda_set_tf32(m->tf32);
+    ts_cuda_set_benchmark(m->benchmark);
+    return TS_OK;
+#else
+    if (m->deterministic || m->tf32 || m->benchmark)
+        return ts_error(TS_ERR_UNSUPPORTED, "deterministic, TF32 and cuDNN benchmark settings are for the CUDA backend, "
+                                            "and this terraseg was built without CUDA");
+    return TS_OK;
+#endif
+}
+
 ts_status ts_backend_check(const ts_backend *b)
 {
     char missing[1024] = "";

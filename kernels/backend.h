@@ -495,6 +495,19 @@ ts_status ts_device_parse(const char *name, int *cuda, int *index);
 /* Looks a backend up by name (ts_device_parse's forms); an unknown or
  * unbuilt one is an error that says which backends this build has. */
 ts_status ts_backend_get(const char *name, const ts_backend **out);
+/* How a GPU backend does its math, process-wide like torch.backends.cudnn's
+ * flags (and read by every later op, so set them before a run): deterministic
+ * algorithms only (the same bits on every run, a resumed run continuing bit
+ * for bit), TF32 tensor-core math for float32 convolutions and GEMMs, and
+ * cuDNN's benchmark mode (algorithms chosen by timing; ignored under
+ * determinism). All 0 is the default. The CPU backend is always
+ * deterministic and exact float32, so all 0 is TS_OK in any build; anything
+ * else in a build without CUDA is an error saying so. */
+typedef struct ts_device_math {
+    int deterministic, tf32, benchmark;
+} ts_device_math;
+ts_status ts_device_math_set(const ts_device_math *m);
+
 /* TS_OK if every op of the table and the memory interface are implemented,
  * else an error listing the missing ones. */
 ts_status ts_backend_check(const ts_backend *b);

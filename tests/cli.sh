@@ -109,6 +109,8 @@ expect 2 "write cuda or cuda:N" bench conv --device cuda:x
 expect 2 "--tf32 applies to --device cuda only" bench conv --tf32
 expect 2 "--cudnn-benchmark applies to --device cuda only" bench model --cudnn-benchmark
 expect 2 "--cudnn-benchmark applies to --device cuda only" bench conv --cudnn-benchmark --device cpu
+expect 2 "predict: --tf32 is for --device cuda" predict m.safetensors s.tif o.tif --tf32
+expect 2 "predict: --cudnn-benchmark is for --device cuda" predict m.safetensors s.tif o.tif --cudnn-benchmark --device cpu
 # windows filters and tile: option checks that fire before any file is read.
 expect 0 "--drop-background +filter: drop windows" windows --help
 expect 0 "--max-nodata FRACTION" windows --help

@@ -504,6 +504,22 @@ static void test_validate(void)
     expect_invalid("schedule.warmup_steps: 100\n", "'schedule.warmup_steps' (t.yaml line 7) counts optimizer steps",
                    "schedule.interval (the default) is epoch", NULL);
     expect_invalid("loss.class_weights: [0, 0]\n", "'loss.class_weights' (t.yaml line 7) are all 0", NULL, NULL);
+    /* The GPU math settings: tf32 and cudnn_benchmark would be silently
+     * ignored on the CPU, so they are refused there; deterministic is not
+     * (the CPU always is). */
+    expect_invalid("tf32: true\n", "'tf32' (t.yaml line 7) is for device cuda", "'device' (the default) is cpu", NULL);
+    expect_invalid("device: cpu\ncudnn_benchmark: true\n", "'cudnn_benchmark' (t.yaml line 8) is for device cuda",
+                   "'device' (t.yaml line 7) is cpu", NULL);
+    {
+        const char *ok[] = {"deterministic: true\n",
+                            "device: cuda\ntf32: true\ncudnn_benchmark: true\ndeterministic: true\n"};
+        for (int i = 0; i < 2; i++) {
+            ts_train_config c;
+            if (tu_expect_ok(parse_with(ok[i], &c), ok[i]))
+                tu_expect_ok(ts_train_config_validate(&c), ok[i]);
+            ts_train_config_free(&c);
+        }
+    }
     /* classes: ids 0..K-1, unique ids and names, K >= 2 */
     {
         const char *cases[][2] = {

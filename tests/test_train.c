@@ -28,6 +28,8 @@
  *       activations, labels and dlogits all live in "device" memory) gives a
  *       bit-identical model, and so does a stop + resume on it; no op gets a
  *       host pointer and nothing is left allocated.
+ * Built again as the GPU test test_cuda_trainer (TEST_TRAIN_CUDA), it runs
+ * only (j), test_cuda_resume below: the trainer on the CUDA backend.
  * TEST_TRAIN_KEEP=1 keeps the folder. */
 #include <ftw.h>
 #include <cpl_conv.h>
@@ -715,6 +717,76 @@ static void test_precision(void)
               tu_fake.foreign_ptrs);
 }
 
+/* (j) built as test_cuda_trainer (TEST_TRAIN_CUDA; a GPU test): the trainer
+ * on the real CUDA backend, as `terraseg train --device cuda` runs it, with
+ * deterministic: true. A stop at step 3 and a resume end bit-identical to the
+ * uninterrupted run, in fp32 and in fp16 (the loss scaler's state through the
+ * checkpoint); the fp32 run learns; and tf32: true reaches the backend (the
+ * same run with it gives other weights: TF32 rounds the conv products). */
+static void test_cuda_resume(void)
+{
+    const char *extra = "train.accumulate: 2\ntrain.checkpoint_steps: 2\nschedule.kind: cosine\n"
+                        "schedule.interval: step\ndevice: cuda\ndeterministic: true\n";
+    const char *prec[] = {"fp32", "fp16"};
+    for (int p = 0; p < 2; p++) {
+        char ex[512], full[64], stop[64], what[128];
+        snprintf(ex, sizeof ex, "%sprecision: %s\n", extra, prec[p]);
+        snprintf(full, sizeof full, "run_cuda_%s", prec[p]);
+        snprintf(stop, sizeof stop, "run_cuda_%s_stop", prec[p]);
+        ts_train_config c;
+        ts_train_result r;
+        ts_train_run_opts o = quiet_opts();
+        if (!tu_expect(resolve(&c, full, 3, 0, ex), "config %s", full)) return;
+        if (!tu_expect_ok(ts_train_run(&c, &o, &r), full)) {
+            ts_train_config_free(&c);
+            return;
+        }
+        const int64_t total = r.global_step;
+        printf("cuda %s run: %lld steps, train loss %.4f, val mIoU %.4f, %.1f s\n", prec[p], (long long)total,
+               r.train_loss, r.miou, r.seconds);
+        tu_expect(r.best_miou > 0.6, "cuda %s: val mIoU %.4f above chance (> 0.6)", prec[p], r.best_miou);
+        ts_train_config_free(&c);
+        if (!tu_expect(resolve(&c, stop, 3, 0, ex), "config %s", stop)) return;
+        o.stop_after_steps = 3;
+        tu_expect_ok(ts_train_run(&c, &o, &r), stop);
+        tu_expect(r.interrupted == SIGINT && r.global_step == 3, "cuda %s: stopped at step 3", prec[p]);
+        o.stop_after_steps = 0;
+        o.resume = tpath(strcat(strcpy(what, stop), "/last.safetensors"));
+        tu_expect_ok(ts_train_run(&c, &o, &r), "resumed cuda run");
+        tu_expect(r.interrupted == 0 && r.global_step == total, "cuda %s: resumed run ends at step %lld", prec[p],
+                  (long long)r.global_step);
+        char a[600], b[600];
+        snprintf(a, sizeof a, "%s/model.safetensors", tpath(full));
+        snprintf(b, sizeof b, "%s/model.safetensors", tpath(stop));
+        snprintf(what, sizeof what, "cuda %s deterministic: stop + resume vs uninterrupted", prec[p]);
+        same_model(a, b, what);
+        ts_train_config_free(&c);
+    }
+    /* tf32: true, otherwise run_cuda_fp32's configuration. */
+    char ex[512];
+    snprintf(ex, sizeof ex, "%sprecision: fp32\ntf32: true\n", extra);
+    ts_train_config c;
+    ts_train_result r;
+    ts_train_run_opts o = quiet_opts();
+    if (!tu_expect(resolve(&c, "run_cuda_tf32", 3, 0, ex), "config tf32")) return;
+    if (tu_expect_ok(ts_train_run(&c, &o, &r), "cuda tf32 run")) {
+        ts_unet ma, mb;
+        memset(&ma, 0, sizeof ma);
+        memset(&mb, 0, sizeof mb);
+        if (tu_expect_ok(ts_model_load(tpath("run_cuda_fp32/model.safetensors"), &ma, NULL), "fp32 model") &&
+            tu_expect_ok(ts_model_load(tpath("run_cuda_tf32/model.safetensors"), &mb, NULL), "tf32 model")) {
+            size_t diff = 0;
+            for (size_t i = 0; i < ma.n_weights && i < mb.n_weights; i++)
+                diff += memcmp(&ma.weights[i], &mb.weights[i], 4) != 0;
+            tu_expect(diff > 0, "tf32: true changes the weights (%zu of %zu differ from the fp32 run)", diff,
+                      ma.n_weights);
+        }
+        ts_unet_free(&ma);
+        ts_unet_free(&mb);
+    }
+    ts_train_config_free(&c);
+}
+
 static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
 {
     (void)sb, (void)flag, (void)ftw;
@@ -729,7 +801,14 @@ int main(void)
         return 1;
     }
     ts_gdal_init();
-    if (tu_expect(make_data(), "write the synthetic data")) {
+#ifdef TEST_TRAIN_CUDA
+    const int cuda_only = 1;
+#else
+    const int cuda_only = 0;
+#endif
+    if (tu_expect(make_data(), "write the synthetic data") && cuda_only) {
+        test_cuda_resume();
+    } else if (!cuda_only) {
         test_learns();
         test_resume();
         test_device();

@@ -19,7 +19,7 @@
 #include "weights/smp.h"
 
 static int pr_tile = 0, pr_overlap = -1, pr_batch = 4, pr_cog = 0, pr_overwrite = 0, pr_threads = 0;
-static int pr_quicklook_size = 1024, pr_quiet = 0, pr_cache_mb = 256, pr_readers = 0;
+static int pr_quicklook_size = 1024, pr_quiet = 0, pr_cache_mb = 256, pr_readers = 0, pr_tf32 = 0, pr_benchmark = 0;
 static const char *pr_blend = "gaussian", *pr_tta = "none", *pr_bands = NULL, *pr_nodata = NULL;
 static const char *pr_probs = NULL, *pr_conf = NULL, *pr_quicklook = NULL, *pr_device = "cpu";
 static const char *pr_precision = "fp32";
@@ -54,6 +54,14 @@ cli_option predict_options[] = {
     {"device", 0, CLI_STRING, &pr_device, "DEV",
      "where the model runs: cpu, or cuda / cuda:N (a GPU of a CUDA build; reading, blending and writing stay on the "
      "CPU)",
+     0, 0},
+    {"tf32", 0, CLI_FLAG, &pr_tf32, NULL,
+     "with --device cuda and fp32: TF32 tensor-core math for the convolutions (torch.backends.cudnn.allow_tf32): "
+     "faster, products rounded to 10-bit mantissas",
+     0, 0},
+    {"cudnn-benchmark", 0, CLI_FLAG, &pr_benchmark, NULL,
+     "with --device cuda: choose each convolution's algorithm by timing cuDNN's candidates on first use "
+     "(torch.backends.cudnn.benchmark)",
      0, 0},
     {"threads", 0, CLI_INT, &pr_threads, "N", "compute threads (default: TERRASEG_THREADS or every core)", 0, 4096},
     {"readers", 0, CLI_INT, &pr_readers, "N",
@@ -181,6 +189,13 @@ int run_predict(int argc, char **argv)
     /* The device before the model: a name that is wrong is a usage error, and
      * a GPU that is missing should be said before a large model is read. */
     const ts_backend *backend = ts_backend_cpu();
+    if (strcmp(pr_device, "cpu") == 0 && (pr_tf32 || pr_benchmark)) {
+        fprintf(stderr,
+                "terraseg predict: %s is for --device cuda; the CPU computes in exact float32 and times nothing\n",
+                pr_tf32 ? "--tf32" : "--cudnn-benchmark");
+        free(bands);
+        return 2;
+    }
     if (strcmp(pr_device, "cpu") != 0) {
         if (strncmp(pr_device, "cuda", 4) != 0 || (pr_device[4] != 0 && pr_device[4] != ':')) {
             fprintf(stderr, "terraseg predict: --device %s: unknown device (cpu, cuda or cuda:N)\n", pr_device);
@@ -188,6 +203,9 @@ int run_predict(int argc, char **argv)
             return 2;
         }
         ts_status bs = ts_backend_get(pr_device, &backend);
+        /* Process-wide, as torch.backends.cudnn's flags, before the first plan. */
+        const ts_device_math dm = {0, pr_tf32, pr_benchmark};
+        if (bs == TS_OK) bs = ts_device_math_set(&dm);
         if (bs != TS_OK) {
             fprintf(stderr, "terraseg predict: --device %s: %s\n", pr_device, ts_last_error());
             free(bands);
@@ -248,6 +266,8 @@ int run_predict(int argc, char **argv)
         printf("  nodata:    %12lld px\n", (long long)r.nodata_pixels);
         if (strcmp(pr_device, "cpu") != 0) printf("  device:    %s\n", pr_device);
         if (precision != TS_F32) printf("  precision: %s (mixed)\n", pr_precision);
+        if (pr_tf32 && precision == TS_F32) printf("  math:      TF32\n");
+        if (pr_benchmark) printf("  cuDNN:     benchmark (algorithms timed)\n");
         printf("wrote %s%s%s%s%s%s%s\n", argv[2], pr_probs ? ", " : "", pr_probs ? pr_probs : "",
                pr_conf ? ", " : "", pr_conf ? pr_conf : "", pr_quicklook ? ", " : "", pr_quicklook ? pr_quicklook : "");
     } else {

@@ -19,7 +19,7 @@ jobs=$(nproc)
 echo "== CUDA emulator build (build-emu/)"
 cmake -S . -B build-emu -DCMAKE_BUILD_TYPE=Release -DTERRASEG_WERROR=ON -DTERRASEG_CUDA_EMU=ON
 # Only what the GPU tests need (the CPU tests ran in build/).
-cmake --build build-emu -j"$jobs" --target terraseg test_cuda_ops test_cuda_half test_cuda_unet test_cuda_train
+cmake --build build-emu -j"$jobs" --target terraseg test_cuda_ops test_cuda_half test_cuda_unet test_cuda_train test_cuda_trainer
 # -L gpu: the CPU tests ran in build/ already, and some of them (cli) check
 # what a build without a usable GPU says.
 ctest --test-dir build-emu --output-on-failure -L gpu

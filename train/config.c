@@ -74,6 +74,16 @@ static const ts_cfg_key schema[] = {
          "activations: fp32; or mixed precision bf16 / fp16 (channels-last half activations on tensor cores, float32 "
          "master weights and optimizer, as torch.autocast; fp16 adds dynamic loss scaling as GradScaler). On the CPU "
          "the half types are emulated, slower than fp32: use them there to check, on cuda to train"),
+    BOOL("deterministic", deterministic, "false",
+         "with device cuda: deterministic cuDNN algorithms only, so that a run repeated on the same GPU gives the "
+         "same weights bit for bit and a resumed run continues exactly where the stopped one was "
+         "(torch.backends.cudnn.deterministic; a little slower). The CPU always is"),
+    BOOL("tf32", tf32, "false",
+         "with device cuda and precision fp32: TF32 tensor-core math for the convolutions "
+         "(torch.backends.cudnn.allow_tf32): faster, products rounded to 10-bit mantissas"),
+    BOOL("cudnn_benchmark", cudnn_benchmark, "false",
+         "with device cuda: choose each convolution shape's algorithm by timing cuDNN's candidates on its first "
+         "use (torch.backends.cudnn.benchmark); may pick differently from run to run, so off when deterministic"),
     INT("threads", threads, "0", 0, 1024, "CPU threads for the compute kernels (0: TERRASEG_THREADS, else every core)"),
     CLASSES("classes", classes, "[]", TS_CFG_REQUIRED,
             "the classes, ids 0..K-1: a list of names (ids are the positions) or of {id, name}; K >= 2 is the "
@@ -1459,6 +1469,12 @@ ts_status ts_train_config_validate(const ts_train_config *c)
     if (c->ignore_id < K)
         FAIL("'ignore_id' (%s) is %d, which is a class id (0..%d); use an id >= %d, e.g. 255", origin(c, "ignore_id"),
              c->ignore_id, K - 1, K);
+    /* The CPU computes in exact float32 and times nothing: a GPU setting there
+     * would be silently ignored (deterministic is not: the CPU always is). */
+    if (c->device == TS_DEVICE_CPU && (c->tf32 || c->cudnn_benchmark))
+        FAIL("'%s' (%s) is for device cuda, but 'device' (%s) is cpu, which computes in exact float32 and does not "
+             "time algorithms; drop it or train on cuda",
+             c->tf32 ? "tf32" : "cudnn_benchmark", origin(c, c->tf32 ? "tf32" : "cudnn_benchmark"), origin(c, "device"));
     /* data */
     int nimg = c->data.images.n;
     if (c->labels.path.n != 1 && c->labels.path.n != nimg)

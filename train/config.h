@@ -96,6 +96,9 @@ typedef struct ts_train_config {
     int device;        /* ts_train_device */
     int cuda_device;   /* with TS_DEVICE_CUDA: the device index N of cuda:N */
     int precision;     /* ts_dtype of the activations: TS_F32, TS_BF16 or TS_F16 (mixed precision) */
+    int deterministic; /* with TS_DEVICE_CUDA: deterministic cuDNN algorithms (ts_device_math) */
+    int tf32;          /* with TS_DEVICE_CUDA: TF32 math for float32 convolutions */
+    int cudnn_benchmark; /* with TS_DEVICE_CUDA: algorithms chosen by timing */
     int threads;       /* 0: TERRASEG_THREADS or every core */
     ts_cfg_classes classes; /* ids 0..K-1 with names (required); K = model classes */
     int ignore_id;     /* label id the loss and the metrics skip */

@@ -919,6 +919,15 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
             return ts_error(st, "train: device %s: %s", name, msg);
         }
     }
+    if (c->device == TS_DEVICE_CUDA) {
+        /* Process-wide, as torch.backends.cudnn's flags: every plan made from
+         * here on sees them (a plan's key holds them). */
+        const ts_device_math dm = {c->deterministic, c->tf32, c->cudnn_benchmark};
+        if ((st = ts_device_math_set(&dm))) {
+            free(yaml);
+            return st;
+        }
+    }
     ts_threads_init(c->threads);
 
     const int K = c->classes.n;
@@ -1037,10 +1046,13 @@ ts_status ts_train_run(const ts_train_config *c, const ts_train_run_opts *opts, 
                                                 : "fp32";
     if (!st && !silent)
         fprintf(log, "model: U-Net ResNet-34, depth %d, %d -> %d classes, %zu trainable parameters; %zu batches "
-                     "(%" PRId64 " optimizer steps) per epoch; device %s, %s%s\n",
+                     "(%" PRId64 " optimizer steps) per epoch; device %s, %s%s%s%s%s\n",
                 m.cfg.encoder_depth, m.cfg.in_channels, K, ts_unet_count_trainable(&m), batches, steps_per_epoch,
                 B->name, prec,
-                c->precision != TS_F32 && ts_backend_is_host(B) ? " (emulated on the CPU: slower than fp32)" : "");
+                c->precision != TS_F32 && ts_backend_is_host(B) ? " (emulated on the CPU: slower than fp32)" : "",
+                c->device == TS_DEVICE_CUDA && c->tf32 && c->precision == TS_F32 ? ", TF32" : "",
+                c->device == TS_DEVICE_CUDA && c->deterministic ? ", deterministic" : "",
+                c->device == TS_DEVICE_CUDA && c->cudnn_benchmark && !c->deterministic ? ", cuDNN benchmark" : "");
     if (!st && o->install_signals) {
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
