@@ -77,7 +77,7 @@ static const ts_cfg_key schema[] = {
     BOOL("deterministic", deterministic, "false",
          "with device cuda: deterministic cuDNN algorithms only, so that a run repeated on the same GPU gives the "
          "same weights bit for bit and a resumed run continues exactly where the stopped one was "
-         "(torch.backends.cudnn.deterministic; a little slower). The CPU always is"),
+         "(torch.backends.cudnn.deterministic; may be slower). The CPU always is"),
     BOOL("tf32", tf32, "false",
          "with device cuda and precision fp32: TF32 tensor-core math for the convolutions "
          "(torch.backends.cudnn.allow_tf32): faster, products rounded to 10-bit mantissas"),
